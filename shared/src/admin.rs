@@ -1,0 +1,107 @@
+//! The admin HTTP server every usher process runs (`/healthz`, `/v1/...`).
+//!
+//! Each binary supplies a handler from (method, path) to an [`AdminResponse`]; this module
+//! owns the hyper plumbing, so the three admin ports behave the same way.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, Instrument};
+
+/// An admin reply: status, content type and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminResponse {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: Bytes,
+}
+
+impl AdminResponse {
+    /// `200` with `value` as pretty JSON.
+    pub fn json<T: serde::Serialize>(value: &T) -> Self {
+        match serde_json::to_vec_pretty(value) {
+            Ok(mut body) => {
+                body.push(b'\n');
+                Self {
+                    status: StatusCode::OK,
+                    content_type: "application/json",
+                    body: body.into(),
+                }
+            }
+            Err(e) => Self::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        }
+    }
+
+    /// A plain-text reply.
+    pub fn text(status: StatusCode, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: Bytes::from(body.into()),
+        }
+    }
+
+    /// `404` naming the path.
+    pub fn not_found(path: &str) -> Self {
+        Self::text(StatusCode::NOT_FOUND, format!("no admin endpoint {path}\n"))
+    }
+}
+
+/// What answers admin requests: `(method, path)` to a response.
+pub type AdminHandler = Arc<dyn Fn(&Method, &str) -> AdminResponse + Send + Sync>;
+
+/// Serves `handler` on `listener` until `shutdown` fires; connections are tracked by
+/// `tracker` so the caller can wait for them.
+pub async fn serve(
+    listener: TcpListener,
+    handler: AdminHandler,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let handler = handler.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(
+            async move {
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let reply = handler(req.method(), req.uri().path());
+                    async move {
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .status(reply.status)
+                                .header(http::header::CONTENT_TYPE, reply.content_type)
+                                .body(Full::new(reply.body))
+                                .unwrap_or_default(),
+                        )
+                    }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    res = conn.as_mut() => if let Err(e) = res { debug!(error = %e, "admin connection error") },
+                    _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+                }
+            }
+            .instrument(tracing::debug_span!("admin", %peer)),
+        );
+    }
+}

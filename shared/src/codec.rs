@@ -1,0 +1,276 @@
+//! Length-prefixed MessagePack frames.
+//!
+//! A frame is a 4-byte big-endian payload length followed by that many bytes of MessagePack
+//! (rmp-serde, named fields). The length is checked against a maximum *before* anything is
+//! allocated, so a hostile peer cannot make a reader reserve memory it never sends.
+//!
+//! [`decode_frame`] is the pure parser (tested on hostile byte strings); [`read_frame`] and
+//! [`write_frame`] drive it over any tokio stream.
+
+use bytes::{Buf, BytesMut};
+use serde::{de::DeserializeOwned, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Bytes of the length prefix.
+pub const HEADER_LEN: usize = 4;
+
+/// Largest frame the directory accepts from a node (64 KiB): nodes send small messages.
+pub const MAX_NODE_FRAME: usize = 64 * 1024;
+
+/// Largest frame a node accepts from the directory (1 MiB): snapshots are chunked below it.
+pub const MAX_DIRECTORY_FRAME: usize = 1024 * 1024;
+
+/// What can go wrong reading or writing a frame.
+#[derive(Debug, Error)]
+pub enum FrameError {
+    /// The header announced more than the reader accepts; nothing was allocated.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    /// The payload is not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] rmp_serde::decode::Error),
+    /// The message could not be encoded (a bug, never caused by a peer).
+    #[error("cannot encode frame: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame ({got} of {expected} bytes)")]
+    Truncated { got: usize, expected: usize },
+    /// The stream failed.
+    #[error("stream error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes `msg` as one frame (header and payload).
+///
+/// Errors: [`FrameError::TooLarge`] if the payload exceeds `max`, [`FrameError::Encode`].
+pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> {
+    let mut buf = vec![0u8; HEADER_LEN];
+    rmp_serde::encode::write_named(&mut buf, msg)?;
+    let len = buf.len() - HEADER_LEN;
+    if len > max || len > u32::MAX as usize {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    buf[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(buf)
+}
+
+/// Parses one frame from the front of `buf`, consuming it.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame (nothing is consumed), and an
+/// error for an oversized header (checked before waiting for the payload) or a malformed
+/// payload (the frame is consumed, so a caller may answer and go on).
+pub fn decode_frame<T: DeserializeOwned>(
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<T>, FrameError> {
+    let Some(len) = frame_len(buf, max)? else {
+        return Ok(None);
+    };
+    if buf.len() < HEADER_LEN + len {
+        return Ok(None);
+    }
+    buf.advance(HEADER_LEN);
+    let payload = buf.split_to(len);
+    Ok(Some(rmp_serde::from_slice(&payload)?))
+}
+
+/// The payload length announced by the header at the front of `buf`, if the header is there.
+fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
+    let Some(header) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok(Some(len))
+}
+
+/// Reads one frame from `reader`.
+///
+/// Returns `Ok(None)` on a clean end of stream between frames. Errors: the header announces
+/// more than `max` bytes (nothing is allocated), the stream ends inside a frame, the payload
+/// is malformed, or the stream fails.
+pub async fn read_frame<R, T>(reader: &mut R, max: usize) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        let n = reader.read(&mut header[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(FrameError::Truncated {
+                got,
+                expected: HEADER_LEN,
+            });
+        }
+        got += n;
+    }
+    let len = frame_len(&header, max)?.unwrap_or(0);
+    let mut payload = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = reader.read(&mut payload[got..]).await?;
+        if n == 0 {
+            return Err(FrameError::Truncated { got, expected: len });
+        }
+        got += n;
+    }
+    Ok(Some(rmp_serde::from_slice(&payload)?))
+}
+
+/// Writes `msg` as one frame to `writer`. Errors as [`encode_frame`], or the stream fails.
+pub async fn write_frame<W, T>(writer: &mut W, msg: &T, max: usize) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let frame = encode_frame(msg, max)?;
+    writer.write_all(&frame).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Hello, NodeMessage, Role, PROTOCOL_VERSION};
+    use crate::routes::InstanceState;
+
+    fn hello() -> NodeMessage {
+        NodeMessage::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Agent,
+            node: "host-1".into(),
+        })
+    }
+
+    #[test]
+    fn round_trips_a_message() {
+        let frame = encode_frame(&hello(), MAX_NODE_FRAME).unwrap();
+        let mut buf = BytesMut::from(&frame[..]);
+        let got: Option<NodeMessage> = decode_frame(&mut buf, MAX_NODE_FRAME).unwrap();
+        assert_eq!(got, Some(hello()));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn truncated_frames_wait_for_more_bytes() {
+        let frame = encode_frame(&hello(), MAX_NODE_FRAME).unwrap();
+        for cut in 0..frame.len() {
+            let mut buf = BytesMut::from(&frame[..cut]);
+            let got: Option<NodeMessage> = decode_frame(&mut buf, MAX_NODE_FRAME).unwrap();
+            assert!(got.is_none(), "cut at {cut}");
+            assert_eq!(buf.len(), cut, "nothing consumed at {cut}");
+        }
+    }
+
+    #[test]
+    fn oversized_header_is_refused_before_the_payload_arrives() {
+        let mut buf = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
+        let err = decode_frame::<NodeMessage>(&mut buf, MAX_NODE_FRAME).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { len, max } if len == u32::MAX as usize && max == MAX_NODE_FRAME));
+    }
+
+    #[test]
+    fn oversized_message_is_not_encoded() {
+        let big = NodeMessage::Hello(Hello {
+            protocol: 1,
+            role: Role::Sidecar,
+            node: "x".repeat(100),
+        });
+        assert!(matches!(
+            encode_frame(&big, 16),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_payloads_are_errors_not_panics() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..300usize {
+            let mut frame = (len as u32).to_be_bytes().to_vec();
+            for _ in 0..len {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                frame.push(seed as u8);
+            }
+            let mut buf = BytesMut::from(&frame[..]);
+            // Any outcome but a panic is fine; most are Malformed.
+            let _ = decode_frame::<NodeMessage>(&mut buf, MAX_NODE_FRAME);
+        }
+        let mut buf = BytesMut::from(&[0, 0, 0, 3, 0xc1, 0xc1, 0xc1][..]);
+        assert!(matches!(
+            decode_frame::<NodeMessage>(&mut buf, MAX_NODE_FRAME),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(buf.is_empty(), "a malformed frame is consumed");
+    }
+
+    #[test]
+    fn unknown_message_type_is_malformed() {
+        #[derive(serde::Serialize)]
+        enum Other {
+            LaunchMissiles { now: bool },
+        }
+        let frame = encode_frame(&Other::LaunchMissiles { now: true }, MAX_NODE_FRAME).unwrap();
+        let mut buf = BytesMut::from(&frame[..]);
+        assert!(matches!(
+            decode_frame::<NodeMessage>(&mut buf, MAX_NODE_FRAME),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn read_frame_over_a_stream() {
+        let mut bytes = encode_frame(&hello(), MAX_NODE_FRAME).unwrap();
+        bytes.extend(
+            encode_frame(
+                &NodeMessage::Heartbeat {
+                    state: InstanceState::Up,
+                },
+                MAX_NODE_FRAME,
+            )
+            .unwrap(),
+        );
+        let mut reader = &bytes[..];
+        let a: Option<NodeMessage> = read_frame(&mut reader, MAX_NODE_FRAME).await.unwrap();
+        let b: Option<NodeMessage> = read_frame(&mut reader, MAX_NODE_FRAME).await.unwrap();
+        let c: Option<NodeMessage> = read_frame(&mut reader, MAX_NODE_FRAME).await.unwrap();
+        assert_eq!(a, Some(hello()));
+        assert_eq!(
+            b,
+            Some(NodeMessage::Heartbeat {
+                state: InstanceState::Up
+            })
+        );
+        assert_eq!(c, None, "clean end of stream");
+    }
+
+    #[tokio::test]
+    async fn read_frame_reports_truncation_and_size() {
+        let bytes = encode_frame(&hello(), MAX_NODE_FRAME).unwrap();
+        let mut reader = &bytes[..bytes.len() - 1];
+        let err = read_frame::<_, NodeMessage>(&mut reader, MAX_NODE_FRAME)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::Truncated { .. }));
+        let mut reader = &[0u8, 0][..];
+        assert!(matches!(
+            read_frame::<_, NodeMessage>(&mut reader, MAX_NODE_FRAME).await,
+            Err(FrameError::Truncated { got: 2, expected: 4 })
+        ));
+        let huge = [0xffu8, 0xff, 0xff, 0xff];
+        let mut reader = &huge[..];
+        assert!(matches!(
+            read_frame::<_, NodeMessage>(&mut reader, MAX_NODE_FRAME).await,
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+}

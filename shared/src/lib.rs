@@ -1,0 +1,39 @@
+//! What every usher process must agree on: the wire messages, the frame codec, the route
+//! table and how deltas apply to it, name rules, reconnect backoff and the QUIC/TLS settings.
+//!
+//! The protocol modules spawn nothing and bind nothing, so they are tested on byte slices and
+//! plain values. Three small runtime helpers (admin HTTP, logging, signals) live here too,
+//! because all three binaries need them identically and a fourth crate for them would be noise.
+//!
+//! # Layout
+//!
+//! - [`names`]: service and version names are DNS labels.
+//! - [`protocol`]: the messages of the control plane (Baker's discovery protocol over QUIC).
+//! - [`codec`]: length-prefixed MessagePack frames with a hard maximum length.
+//! - [`routes`]: the route table (epoch, revision, instances), snapshots, deltas and the
+//!   directory's change log that lets a subscriber resume.
+//! - [`backoff`]: exponential backoff with full jitter (Baker: retry forever; SwarmKit: jitter).
+//! - [`quic`]: ALPN, transport limits and TLS configuration for both ends of a QUIC connection.
+//! - [`session`]: the node side of connecting to the directory (hello, welcome).
+//! - [`admin`], [`telemetry`], [`signals`]: the admin HTTP server, logging setup and shutdown
+//!   signals every binary uses.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod backoff;
+pub mod codec;
+pub mod names;
+pub mod protocol;
+pub mod quic;
+pub mod routes;
+pub mod session;
+pub mod signals;
+pub mod telemetry;
+
+/// Current wall-clock time in milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,140 @@
+//! The control-plane messages (Baker's discovery protocol, carried over QUIC streams).
+//!
+//! Every stream starts with [`NodeMessage::Hello`] from the node; the directory answers
+//! [`DirectoryMessage::Welcome`] or [`DirectoryMessage::Error`] and closes the stream.
+//!
+//! Agent stream: `Hello`, `Register`, then `Heartbeat` at the interval the directory dictates
+//! in each `HeartbeatAck` (SwarmKit: the manager sets the rate, with jitter), at once on a
+//! health change, and `Deregister` on a clean shutdown.
+//!
+//! Sidecar stream: `Hello`, `Subscribe` with the (epoch, revision) it holds; the directory
+//! answers with the missed `Deltas` or a full snapshot (`SnapshotChunk`s), then batched
+//! `Deltas` (SwarmKit: 100 changes or 100 ms).
+
+use serde::{Deserialize, Serialize};
+
+use crate::routes::{Change, Instance, InstanceState};
+
+/// The protocol version this build speaks; a peer with another version is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// What a node is, as it says in its hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Agent,
+    Sidecar,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Agent => "agent",
+            Role::Sidecar => "sidecar",
+        })
+    }
+}
+
+/// The first frame on every stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u16,
+    pub role: Role,
+    /// A name for logs: host name and process id of the node.
+    pub node: String,
+}
+
+/// What an agent says about its instance when registering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub instance: Instance,
+}
+
+/// Frames from agents and sidecars to the directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeMessage {
+    Hello(Hello),
+    /// Agent: add (or re-add, after a reconnect) this instance to the route table.
+    Register(Registration),
+    /// Agent: "still here", with the instance's current state (a change is sent at once).
+    Heartbeat { state: InstanceState },
+    /// Agent: remove the instance now (clean shutdown).
+    Deregister,
+    /// Sidecar: stream me the route table; I hold `epoch`/`revision` (`None` when empty).
+    Subscribe {
+        epoch: Option<u64>,
+        revision: u64,
+    },
+}
+
+/// Why the directory refused something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The hello carried a protocol version the directory does not speak.
+    UnsupportedProtocol,
+    /// The frame was not the one expected at this point of the conversation.
+    UnexpectedMessage,
+    /// The message was well-formed but its content is invalid (bad name, bad address...).
+    InvalidRequest,
+}
+
+/// Frames from the directory to agents and sidecars.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectoryMessage {
+    /// Hello accepted. `epoch` identifies this directory run.
+    Welcome { protocol: u16, epoch: u64 },
+    /// Agent: the instance is in the table; heartbeat again within `next_heartbeat_ms`.
+    Registered {
+        next_heartbeat_ms: u64,
+        ttl_ms: u64,
+    },
+    /// Agent: heartbeat received; send the next one in `next_heartbeat_ms` (jittered).
+    HeartbeatAck { next_heartbeat_ms: u64 },
+    /// Sidecar: part of a full table. Chunks of one snapshot share `epoch` and `revision`;
+    /// the receiver replaces its table when the chunk with `last` arrives.
+    SnapshotChunk {
+        epoch: u64,
+        revision: u64,
+        instances: Vec<Instance>,
+        last: bool,
+    },
+    /// Sidecar: the changes that take the table from `from_revision` to `to_revision`.
+    Deltas {
+        epoch: u64,
+        from_revision: u64,
+        to_revision: u64,
+        changes: Vec<Change>,
+    },
+    /// A refusal with a reason a person can read; the stream is closed after it.
+    Error { code: ErrorCode, message: String },
+}
+
+impl NodeMessage {
+    /// A short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NodeMessage::Hello(_) => "hello",
+            NodeMessage::Register(_) => "register",
+            NodeMessage::Heartbeat { .. } => "heartbeat",
+            NodeMessage::Deregister => "deregister",
+            NodeMessage::Subscribe { .. } => "subscribe",
+        }
+    }
+}
+
+impl DirectoryMessage {
+    /// A short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DirectoryMessage::Welcome { .. } => "welcome",
+            DirectoryMessage::Registered { .. } => "registered",
+            DirectoryMessage::HeartbeatAck { .. } => "heartbeat_ack",
+            DirectoryMessage::SnapshotChunk { .. } => "snapshot_chunk",
+            DirectoryMessage::Deltas { .. } => "deltas",
+            DirectoryMessage::Error { .. } => "error",
+        }
+    }
+}

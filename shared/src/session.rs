@@ -1,0 +1,130 @@
+//! A node's side of the handshake with the directory, used identically by agents and sidecars:
+//! resolve the directory's address, connect over QUIC, open a stream, say hello, read welcome.
+
+use std::net::SocketAddr;
+
+use thiserror::Error;
+
+use crate::codec::{read_frame, write_frame, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
+use crate::protocol::{DirectoryMessage, Hello, NodeMessage, Role, PROTOCOL_VERSION};
+use crate::quic::SERVER_NAME;
+
+/// Why a session with the directory could not be opened or went away.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error("cannot resolve directory address {addr}: {reason}")]
+    Resolve { addr: String, reason: String },
+    #[error("cannot connect to the directory: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection to the directory failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("directory stream failed: {0}")]
+    Frame(#[from] FrameError),
+    #[error("directory closed the stream")]
+    Closed,
+    #[error("directory refused: {0}")]
+    Refused(String),
+    #[error("directory sent {got} where {expected} was expected")]
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
+}
+
+/// An open conversation with the directory: one QUIC connection and one bidirectional stream.
+pub struct Session {
+    pub connection: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    /// The directory run's epoch, from its welcome.
+    pub epoch: u64,
+}
+
+impl Session {
+    /// Sends one frame to the directory.
+    pub async fn send(&mut self, msg: &NodeMessage) -> Result<(), SessionError> {
+        write_frame(&mut self.send, msg, MAX_NODE_FRAME).await?;
+        Ok(())
+    }
+
+    /// Reads the directory's next frame; `Closed` at end of stream, `Refused` for an error frame.
+    pub async fn recv(&mut self) -> Result<DirectoryMessage, SessionError> {
+        match read_frame(&mut self.recv, MAX_DIRECTORY_FRAME).await? {
+            None => Err(SessionError::Closed),
+            Some(DirectoryMessage::Error { code, message }) => {
+                Err(SessionError::Refused(format!("{code:?}: {message}")))
+            }
+            Some(msg) => Ok(msg),
+        }
+    }
+
+    /// Closes the connection with a reason the directory logs.
+    pub fn close(&self, reason: &str) {
+        self.connection.close(0u32.into(), reason.as_bytes());
+    }
+}
+
+/// Resolves `host:port` (a name or an IP literal) to its first socket address.
+pub async fn resolve(addr: &str) -> Result<SocketAddr, SessionError> {
+    let err = |reason: String| SessionError::Resolve {
+        addr: addr.to_string(),
+        reason,
+    };
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no address found".into()))
+}
+
+/// Connects to the directory at `addr`, opens a stream and exchanges hello/welcome.
+pub async fn open(
+    endpoint: &quinn::Endpoint,
+    addr: &str,
+    role: Role,
+    node: &str,
+) -> Result<Session, SessionError> {
+    let target = resolve(addr).await?;
+    let connection = endpoint.connect(target, SERVER_NAME)?.await?;
+    let (send, recv) = connection.open_bi().await?;
+    let mut session = Session {
+        connection,
+        send,
+        recv,
+        epoch: 0,
+    };
+    session
+        .send(&NodeMessage::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            role,
+            node: node.to_string(),
+        }))
+        .await?;
+    match session.recv().await? {
+        DirectoryMessage::Welcome { epoch, .. } => {
+            session.epoch = epoch;
+            Ok(session)
+        }
+        other => Err(SessionError::Unexpected {
+            expected: "welcome",
+            got: other.kind(),
+        }),
+    }
+}
+
+/// A node name for logs: `<hostname>/<pid>`.
+pub fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}/{}", std::process::id())
+}
+
+/// A client endpoint bound to an ephemeral UDP port, using the CA in `ca_pem`.
+pub fn client_endpoint(ca_pem: &[u8]) -> Result<quinn::Endpoint, std::io::Error> {
+    let config = crate::quic::client_config(ca_pem)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid literal"))?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
