@@ -1,1 +1,419 @@
+//! Harness for usher's end-to-end tests: starts the real `usher-directory`, `usher-agent`,
+//! `usher-sidecar` and `usher-test-server` binaries on loopback, sends real HTTP requests and
+//! reads the admin APIs.
+//!
+//! # Layout
+//!
+//! - [`Process`]: a child process whose output goes to a log file, killed on drop; its log is
+//!   printed when a test fails.
+//! - [`Mesh`]: one test's directory, agents and sidecars, sharing a temporary folder and ports.
+//! - [`http`]: a minimal HTTP/1.1 client (hyper) that can send origin- or absolute-form requests.
+#![forbid(unsafe_code)]
 
+pub mod http;
+
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Heartbeat interval the tests give the directory (the production default).
+pub const HEARTBEAT: &str = "1s";
+
+/// The folder holding the workspace's binaries (`target/debug` or `target/release`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let mut dir = exe.parent().expect("deps dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// The path of a workspace binary; panics with advice if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace` (it builds every binary)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback TCP port (bound, read, released).
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free tcp port")
+}
+
+/// A free loopback UDP port (bound, read, released).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free udp port")
+}
+
+/// A child process of a test. Killed (SIGKILL) on drop; its log is printed if the test failed.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `program args` with stdout and stderr appended to `<dir>/<name>.log`.
+    pub fn start(name: &str, dir: &Path, program: &Path, args: &[String]) -> Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("open {}", log.display()))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .env("USHER_LOG", "info,usher=debug")
+            .env("USHER_LOG_TEXT", "1")
+            .spawn()
+            .with_context(|| format!("start {}", program.display()))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `timeout` for the process to exit; returns its exit code (128+signal if
+    /// killed), or `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(
+                    status
+                        .code()
+                        .or_else(|| status.signal().map(|s| 128 + s))
+                        .unwrap_or(-1),
+                );
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- log of {} -----\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// Ports and folders of one directory.
+#[derive(Debug, Clone)]
+pub struct DirectoryAddrs {
+    pub quic_port: u16,
+    pub admin_port: u16,
+    pub state_dir: PathBuf,
+}
+
+impl DirectoryAddrs {
+    pub fn quic(&self) -> String {
+        format!("127.0.0.1:{}", self.quic_port)
+    }
+    pub fn admin(&self) -> String {
+        format!("127.0.0.1:{}", self.admin_port)
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.state_dir.join("ca.pem")
+    }
+}
+
+/// A sidecar's ports.
+#[derive(Debug, Clone)]
+pub struct SidecarAddrs {
+    pub proxy_port: u16,
+    pub admin_port: u16,
+    pub state_dir: PathBuf,
+}
+
+impl SidecarAddrs {
+    pub fn proxy(&self) -> String {
+        format!("127.0.0.1:{}", self.proxy_port)
+    }
+    pub fn admin(&self) -> String {
+        format!("127.0.0.1:{}", self.admin_port)
+    }
+}
+
+/// One test's mesh: a temporary folder, the directory's addresses, and helpers to start the
+/// three binaries against it.
+pub struct Mesh {
+    pub tmp: tempfile::TempDir,
+    pub directory: DirectoryAddrs,
+}
+
+impl Mesh {
+    pub fn new() -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let directory = DirectoryAddrs {
+            quic_port: free_udp_port(),
+            admin_port: free_tcp_port(),
+            state_dir: tmp.path().join("directory"),
+        };
+        Ok(Self { tmp, directory })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Starts the directory and waits until its admin port answers `/healthz` and `ca.pem`
+    /// exists.
+    pub async fn start_directory(&self, name: &str) -> Result<Process> {
+        let d = &self.directory;
+        let args = vec![
+            "--listen".into(),
+            d.quic(),
+            "--admin".into(),
+            d.admin(),
+            "--state-dir".into(),
+            d.state_dir.display().to_string(),
+            "--heartbeat-interval".into(),
+            HEARTBEAT.into(),
+        ];
+        let process = Process::start(name, self.dir(), &bin("usher-directory"), &args)?;
+        let admin = d.admin();
+        let ca = d.ca();
+        wait_until(Duration::from_secs(20), "directory to serve", || {
+            let admin = admin.clone();
+            let ca = ca.clone();
+            async move { ca.exists() && http::get(&admin, "localhost", "/healthz").await.is_ok() }
+        })
+        .await?;
+        Ok(process)
+    }
+
+    /// Starts an agent supervising a `usher-test-server` named `name` for `service`.
+    pub fn start_agent(&self, name: &str, service: &str, extra: &[&str]) -> Result<Process> {
+        let mut args: Vec<String> = vec![
+            "--directory".into(),
+            self.directory.quic(),
+            "--ca".into(),
+            self.directory.ca().display().to_string(),
+            "--service".into(),
+            service.into(),
+            "--admin".into(),
+            format!("127.0.0.1:{}", free_tcp_port()),
+            "--state-dir".into(),
+            self.dir().join(format!("agent-{name}")).display().to_string(),
+            "--health".into(),
+            "http:/health".into(),
+            "--health-interval".into(),
+            "200ms".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend([
+            "--".into(),
+            bin("usher-test-server").display().to_string(),
+            "--port".into(),
+            "{port}".into(),
+            "--name".into(),
+            name.into(),
+        ]);
+        Process::start(&format!("agent-{name}"), self.dir(), &bin("usher-agent"), &args)
+    }
+
+    /// The agent admin address given to `start_agent` (read back from its command line).
+    pub fn agent_admin(agent: &Process) -> Result<String> {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", agent.pid()))?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        args.windows(2)
+            .find(|w| w[0] == "--admin")
+            .map(|w| w[1].clone())
+            .context("agent has no --admin")
+    }
+
+    /// Ports and state folder for a sidecar called `name` (reused across restarts).
+    pub fn sidecar_addrs(&self, name: &str) -> SidecarAddrs {
+        SidecarAddrs {
+            proxy_port: free_tcp_port(),
+            admin_port: free_tcp_port(),
+            state_dir: self.dir().join(format!("sidecar-{name}")),
+        }
+    }
+
+    /// Starts a sidecar at `addrs` and waits until its admin port answers.
+    pub async fn start_sidecar(&self, name: &str, addrs: &SidecarAddrs) -> Result<Process> {
+        let args = vec![
+            "--directory".into(),
+            self.directory.quic(),
+            "--ca".into(),
+            self.directory.ca().display().to_string(),
+            "--listen".into(),
+            addrs.proxy(),
+            "--admin".into(),
+            addrs.admin(),
+            "--state-dir".into(),
+            addrs.state_dir.display().to_string(),
+            "--queue-timeout".into(),
+            "5s".into(),
+        ];
+        let process = Process::start(name, self.dir(), &bin("usher-sidecar"), &args)?;
+        let admin = addrs.admin();
+        wait_until(Duration::from_secs(20), "sidecar to serve", || {
+            let admin = admin.clone();
+            async move { http::get(&admin, "localhost", "/healthz").await.is_ok() }
+        })
+        .await?;
+        Ok(process)
+    }
+}
+
+/// Polls `check` every 50 ms until it is true; errors after `timeout` naming `what`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GETs `path` from an admin port and parses the JSON.
+pub async fn admin_json(admin: &str, path: &str) -> Result<Value> {
+    let resp = http::get(admin, "localhost", path).await?;
+    if resp.status != 200 {
+        bail!("GET {path} on {admin}: status {}", resp.status);
+    }
+    Ok(serde_json::from_slice(&resp.body)?)
+}
+
+/// The instances in a `/v1/routes` document for `service` whose state is `state`, by id.
+pub fn instances_in(routes: &Value, service: &str, state: &str) -> Vec<String> {
+    let mut ids: Vec<String> = routes["instances"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter(|i| i["service"] == service && i["state"] == state)
+        .filter_map(|i| i["id"].as_str().map(String::from))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Waits until the sidecar at `admin` routes `count` `up` instances of `service`.
+pub async fn wait_for_up(admin: &str, service: &str, count: usize, timeout: Duration) -> Result<Duration> {
+    wait_until(timeout, &format!("{count} up instances of {service} at {admin}"), || async move {
+        admin_json(admin, "/v1/routes")
+            .await
+            .map(|r| instances_in(&r, service, "up").len() == count)
+            .unwrap_or(false)
+    })
+    .await
+}
+
+/// Outcome of a [`Load`]: how many requests succeeded and what the failures were.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    pub ok: usize,
+    pub failures: Vec<String>,
+    pub instances: std::collections::BTreeSet<String>,
+}
+
+/// Requests sent continuously to a sidecar by a few concurrent clients until stopped.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<LoadReport>>,
+}
+
+impl Load {
+    /// Starts `clients` loops each sending `GET /` with `Host: host` to `proxy`, every `pace`.
+    pub fn start(proxy: &str, host: &str, clients: usize, pace: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (proxy, host, stop) = (proxy.to_string(), host.to_string(), stop.clone());
+                tokio::spawn(async move {
+                    let mut report = LoadReport::default();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match http::get(&proxy, &host, "/").await {
+                            Ok(r) if r.status == 200 => {
+                                report.ok += 1;
+                                report.instances.extend(r.instance());
+                            }
+                            Ok(r) => report.failures.push(format!("{} {}", r.status, r.text().trim())),
+                            Err(e) => report.failures.push(format!("{e:#}")),
+                        }
+                        tokio::time::sleep(pace).await;
+                    }
+                    report
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops the clients and sums their reports.
+    pub async fn finish(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = LoadReport::default();
+        for task in self.tasks {
+            if let Ok(r) = task.await {
+                total.ok += r.ok;
+                total.failures.extend(r.failures);
+                total.instances.extend(r.instances);
+            }
+        }
+        total
+    }
+}

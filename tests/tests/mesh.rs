@@ -1,0 +1,315 @@
+//! End-to-end tests of the whole mesh: the real `usher-directory`, `usher-agent` and
+//! `usher-sidecar` binaries on loopback, with `usher-test-server` instances, real requests.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use usher_tests::{admin_json, http, instances_in, wait_for_up, wait_until, Load, Mesh, Process};
+
+/// A mesh with a directory, `n` agents of `web` (instances `web-1`..`web-n`) and one sidecar.
+struct Running {
+    mesh: Mesh,
+    directory: Process,
+    agents: Vec<Process>,
+    sidecar: Process,
+    sidecar_addrs: usher_tests::SidecarAddrs,
+}
+
+async fn mesh_with(n: usize) -> Running {
+    let mesh = Mesh::new().unwrap();
+    let directory = mesh.start_directory("directory").await.unwrap();
+    let agents = (1..=n)
+        .map(|i| mesh.start_agent(&format!("web-{i}"), "web", &[]).unwrap())
+        .collect();
+    let sidecar_addrs = mesh.sidecar_addrs("a");
+    let sidecar = mesh.start_sidecar("sidecar", &sidecar_addrs).await.unwrap();
+    wait_for_up(&sidecar_addrs.admin(), "web", n, Duration::from_secs(20))
+        .await
+        .unwrap();
+    Running {
+        mesh,
+        directory,
+        agents,
+        sidecar,
+        sidecar_addrs,
+    }
+}
+
+async fn instance_child_pid(agent: &Process) -> i32 {
+    let admin = Mesh::agent_admin(agent).unwrap();
+    let doc = admin_json(&admin, "/v1/instance").await.unwrap();
+    doc["child_pid"].as_i64().expect("agent reports its child's pid") as i32
+}
+
+fn kill_pid(pid: i32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+}
+
+/// 1. Requests through the sidecar reach all 3 instances, by `Host` and by `http_proxy`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_reach_every_instance_by_host_and_by_proxy_form() {
+    let m = mesh_with(3).await;
+    let proxy = m.sidecar_addrs.proxy();
+    let mut by_host = BTreeSet::new();
+    let mut by_proxy = BTreeSet::new();
+    for _ in 0..30 {
+        let r = http::get(&proxy, "web", "/").await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        by_host.extend(r.instance());
+        // What curl sends with http_proxy=http://127.0.0.1:7410: an absolute-form target.
+        let r = http::get(&proxy, "web", "http://web/").await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        by_proxy.extend(r.instance());
+    }
+    let all: BTreeSet<String> = ["web-1", "web-2", "web-3"].map(String::from).into();
+    assert_eq!(by_host, all);
+    assert_eq!(by_proxy, all);
+    // Host with the sidecar's port and with an explicit version also route.
+    let r = http::get(&proxy, &format!("web:{}", m.sidecar_addrs.proxy_port), "/").await.unwrap();
+    assert_eq!(r.status, 200);
+    let r = http::get(&proxy, "v1.web", "/").await.unwrap();
+    assert_eq!(r.status, 200);
+    let r = http::get(&proxy, "v9.web", "/").await.unwrap();
+    assert_eq!(r.status, 404, "unknown version: {}", r.text());
+}
+
+/// 2. SIGKILL of an instance's process fails no client request, and it leaves the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_instance_fails_no_request_and_leaves_the_table() {
+    let mut m = mesh_with(3).await;
+    let proxy = m.sidecar_addrs.proxy();
+    let load = Load::start(&proxy, "web", 4, Duration::from_millis(5));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = instance_child_pid(&m.agents[0]).await;
+    kill_pid(pid);
+    // The agent withdraws the instance and exits with its child's status (128 + SIGKILL).
+    let code = tokio::task::block_in_place(|| m.agents[0].wait_exit(Duration::from_secs(5)));
+    assert_eq!(code, Some(128 + 9), "agent exits with the child's status");
+    let admin = m.sidecar_addrs.admin();
+    wait_until(Duration::from_secs(4), "the killed instance to leave the sidecar's table", || async {
+        let routes = admin_json(&admin, "/v1/routes").await.unwrap();
+        routes["instances"].as_array().unwrap().len() == 2
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = load.finish().await;
+    assert!(report.failures.is_empty(), "failed requests: {:?}", report.failures);
+    assert!(report.ok > 50, "load ran: {} requests", report.ok);
+    let directory = admin_json(&m.mesh.directory.admin(), "/v1/routes").await.unwrap();
+    assert_eq!(instances_in(&directory, "web", "up").len(), 2);
+}
+
+/// 3. SIGKILL of an agent and its instance removes it from the sidecar's table within 4 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_is_withdrawn_within_four_seconds() {
+    let mut m = mesh_with(3).await;
+    let pid = instance_child_pid(&m.agents[2]).await;
+    let killed_at = Instant::now();
+    m.agents[2].kill();
+    kill_pid(pid);
+    let admin = m.sidecar_addrs.admin();
+    wait_until(Duration::from_secs(4), "the instance to be withdrawn", || async {
+        let routes = admin_json(&admin, "/v1/routes").await.unwrap();
+        routes["instances"].as_array().unwrap().len() == 2
+    })
+    .await
+    .unwrap();
+    assert!(killed_at.elapsed() < Duration::from_secs(4));
+    // The other two still serve.
+    let r = http::get(&m.sidecar_addrs.proxy(), "web", "/").await.unwrap();
+    assert_eq!(r.status, 200);
+}
+
+/// 4. SIGKILL of the directory fails no request; a restarted directory is rejoined by agents
+///    and sidecars, and no instance is withdrawn meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_restart_fails_no_request_and_withdraws_nothing() {
+    let mut m = mesh_with(3).await;
+    let admin = m.sidecar_addrs.admin();
+    let before = admin_json(&admin, "/v1/routes").await.unwrap();
+    let load = Load::start(&m.sidecar_addrs.proxy(), "web", 2, Duration::from_millis(10));
+
+    // Watch the sidecar's table the whole time: every instance must stay up.
+    let watch_admin = admin.clone();
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let still = watching.clone();
+    let watcher = tokio::spawn(async move {
+        let mut worst = usize::MAX;
+        while still.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(r) = admin_json(&watch_admin, "/v1/routes").await {
+                worst = worst.min(instances_in(&r, "web", "up").len());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        worst
+    });
+
+    m.directory.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = http::get(&m.sidecar_addrs.proxy(), "web", "/").await.unwrap();
+    assert_eq!(r.status, 200, "serves while the directory is down");
+    m.directory = m.mesh.start_directory("directory-restarted").await.unwrap();
+
+    // Agents re-register with the new directory and the sidecar resubscribes to it.
+    let dir_admin = m.mesh.directory.admin();
+    wait_until(Duration::from_secs(15), "agents to rejoin the restarted directory", || async {
+        admin_json(&dir_admin, "/v1/routes")
+            .await
+            .map(|r| instances_in(&r, "web", "up").len() == 3)
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap();
+    let old_epoch = before["epoch"].clone();
+    wait_until(Duration::from_secs(20), "the sidecar to follow the new directory", || async {
+        admin_json(&admin, "/v1/routes")
+            .await
+            .map(|r| r["connected"] == true && r["source"] == "directory" && r["epoch"] != old_epoch)
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let worst = watcher.await.unwrap();
+    let report = load.finish().await;
+    assert_eq!(worst, 3, "an instance was withdrawn from the sidecar during the restart");
+    assert!(report.failures.is_empty(), "failed requests: {:?}", report.failures);
+    assert_eq!(report.instances.len(), 3);
+    let after = admin_json(&admin, "/v1/routes").await.unwrap();
+    assert_eq!(instances_in(&after, "web", "up"), instances_in(&before, "web", "up"));
+}
+
+/// 5. A sidecar restarted while the directory is down serves from its persisted table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_restarted_without_directory_serves_from_disk() {
+    let mut m = mesh_with(3).await;
+    m.directory.kill();
+    m.sidecar.signal(Signal::SIGTERM);
+    let code = tokio::task::block_in_place(|| m.sidecar.wait_exit(Duration::from_secs(15)));
+    assert_eq!(code, Some(0), "sidecar exits cleanly on SIGTERM");
+    let sidecar = m.mesh.start_sidecar("sidecar-restarted", &m.sidecar_addrs).await.unwrap();
+    let routes = admin_json(&m.sidecar_addrs.admin(), "/v1/routes").await.unwrap();
+    assert_eq!(routes["source"], "disk");
+    assert_eq!(routes["connected"], false);
+    assert_eq!(instances_in(&routes, "web", "up").len(), 3);
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        let r = http::get(&m.sidecar_addrs.proxy(), "web", "/").await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        seen.extend(r.instance());
+    }
+    assert_eq!(seen.len(), 3);
+    drop(sidecar);
+}
+
+/// 6. Unknown service gives 404; a client that closes mid-response leaks no slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_service_404_and_abandoned_response_leaks_no_slot() {
+    let m = mesh_with(1).await;
+    let proxy = m.sidecar_addrs.proxy();
+    let r = http::get(&proxy, "nope", "/").await.unwrap();
+    assert_eq!(r.status, 404);
+    assert!(r.text().contains("nope"), "body says which service: {}", r.text());
+    let r = http::get(&proxy, "Bad_Host!", "/").await.unwrap();
+    assert!(r.status == 400 || r.status == 404, "bad host: {}", r.status);
+
+    let admin = m.sidecar_addrs.admin();
+    let in_flight = |routes: &serde_json::Value| -> u64 {
+        routes["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["in_flight"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    // Start a long streaming response, read its first bytes, then hang up.
+    let mut stream = tokio::net::TcpStream::connect(&proxy).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /stream?chunks=200&ms=50 HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let routes = admin_json(&admin, "/v1/routes").await.unwrap();
+    assert_eq!(in_flight(&routes), 1, "the streaming request holds a slot");
+    drop(stream);
+    wait_until(Duration::from_secs(5), "the slot to be released", || async {
+        in_flight(&admin_json(&admin, "/v1/routes").await.unwrap()) == 0
+    })
+    .await
+    .unwrap();
+    // The slot is usable again: with concurrency 1, a leak would make this wait and 503.
+    let r = http::get(&proxy, "web", "/").await.unwrap();
+    assert_eq!(r.status, 200);
+}
+
+/// 7. Garbage and oversized frames sent to the directory's port are refused; it keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_are_refused_and_the_directory_keeps_serving() {
+    let m = mesh_with(1).await;
+    let quic = m.mesh.directory.quic();
+
+    // Raw UDP garbage at the QUIC port.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..200u32 {
+        let junk: Vec<u8> = (0..1200).map(|j| (i * 31 + j * 7) as u8).collect();
+        udp.send_to(&junk, &quic).unwrap();
+    }
+
+    let ca = std::fs::read(m.mesh.directory.ca()).unwrap();
+    let endpoint = usher_shared::session::client_endpoint(&ca).unwrap();
+    let conn = endpoint
+        .connect(quic.parse().unwrap(), usher_shared::quic::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let hostile: Vec<Vec<u8>> = vec![
+        // Garbage payload in a well-formed frame.
+        [&8u32.to_be_bytes()[..], &[0xc1; 8]].concat(),
+        // A header announcing 4 GiB.
+        u32::MAX.to_be_bytes().to_vec(),
+        // Just above the node frame limit.
+        ((usher_shared::codec::MAX_NODE_FRAME as u32) + 1).to_be_bytes().to_vec(),
+        // Random bytes.
+        (0..500u32).map(|i| (i * 131 % 251) as u8).collect(),
+    ];
+    for bytes in hostile {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&bytes).await.unwrap();
+        let _ = send.finish();
+        // The directory answers with an error frame and/or closes the stream, quickly.
+        let read = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(64 * 1024)).await;
+        let Ok(reply) = read else {
+            panic!("directory neither answered nor closed the stream");
+        };
+        // A reset stream is a refusal too; an answer must be an error frame.
+        let reply = reply.unwrap_or_default();
+        if reply.len() > 4 {
+            let mut buf = bytes::BytesMut::from(&reply[..]);
+            let msg: Option<usher_shared::protocol::DirectoryMessage> =
+                usher_shared::codec::decode_frame(&mut buf, usher_shared::codec::MAX_DIRECTORY_FRAME).unwrap();
+            assert!(
+                matches!(msg, Some(usher_shared::protocol::DirectoryMessage::Error { .. })),
+                "expected an error frame, got {msg:?}"
+            );
+        }
+    }
+    conn.close(0u32.into(), b"done");
+
+    // Still serving: health, the admin API, routes, and a new instance joins.
+    let r = http::get(&m.mesh.directory.admin(), "localhost", "/healthz").await.unwrap();
+    assert_eq!(r.status, 200);
+    let _second = m.mesh.start_agent("web-2", "web", &[]).unwrap();
+    wait_for_up(&m.sidecar_addrs.admin(), "web", 2, Duration::from_secs(15))
+        .await
+        .unwrap();
+    let r = http::get(&m.sidecar_addrs.proxy(), "web", "/").await.unwrap();
+    assert_eq!(r.status, 200);
+    let _ = m.directory.pid();
+}
