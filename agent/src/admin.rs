@@ -1,0 +1,114 @@
+//! The agent's admin endpoints: `GET /healthz` and `GET /v1/instance`.
+//!
+//! `/v1/instance` answers
+//! `{"service","version","id","address","state","connected","child_pid"}` where `state` is
+//! `starting|up|draining|unknown`, `connected` says whether the instance is registered with
+//! the directory right now, and `child_pid` is the supervised process id or `null`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use http::{Method, StatusCode};
+use serde::Serialize;
+use tokio::sync::watch;
+use usher_shared::admin::{AdminHandler, AdminResponse};
+use usher_shared::routes::InstanceState;
+
+/// What the admin endpoints report, shared with the running agent.
+#[derive(Debug, Clone)]
+pub struct InstanceStatus {
+    pub service: String,
+    pub version: String,
+    pub id: String,
+    pub address: SocketAddr,
+    pub state: watch::Receiver<InstanceState>,
+    pub connected: Arc<AtomicBool>,
+    pub child_pid: Option<u32>,
+}
+
+/// The JSON body of `GET /v1/instance`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceReport {
+    pub service: String,
+    pub version: String,
+    pub id: String,
+    pub address: SocketAddr,
+    pub state: &'static str,
+    pub connected: bool,
+    pub child_pid: Option<u32>,
+}
+
+impl InstanceStatus {
+    /// A snapshot for `GET /v1/instance`.
+    pub fn report(&self) -> InstanceReport {
+        InstanceReport {
+            service: self.service.clone(),
+            version: self.version.clone(),
+            id: self.id.clone(),
+            address: self.address,
+            state: self.state.borrow().as_str(),
+            connected: self.connected.load(Ordering::Relaxed),
+            child_pid: self.child_pid,
+        }
+    }
+}
+
+/// Answers one admin request: `/healthz` 200 `ok`, `/v1/instance` JSON, other methods on
+/// those paths 405, anything else 404.
+pub fn respond(status: &InstanceStatus, method: &Method, path: &str) -> AdminResponse {
+    let known = matches!(path, "/healthz" | "/v1/instance");
+    if known && method != Method::GET && method != Method::HEAD {
+        return AdminResponse::text(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed\n");
+    }
+    match path {
+        "/healthz" => AdminResponse::text(StatusCode::OK, "ok\n"),
+        "/v1/instance" => AdminResponse::json(&status.report()),
+        _ => AdminResponse::not_found(path),
+    }
+}
+
+/// The handler for [`usher_shared::admin::serve`].
+pub fn handler(status: InstanceStatus) -> AdminHandler {
+    Arc::new(move |method, path| respond(&status, method, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        let (tx, rx) = watch::channel(InstanceState::Starting);
+        let status = InstanceStatus {
+            service: "web".into(),
+            version: "v1".into(),
+            id: "h-web-v1-00000001".into(),
+            address: "127.0.0.1:8080".parse().unwrap(),
+            state: rx,
+            connected: Arc::new(AtomicBool::new(true)),
+            child_pid: None,
+        };
+        let ok = respond(&status, &Method::GET, "/healthz");
+        assert_eq!((ok.status, &ok.body[..]), (StatusCode::OK, &b"ok\n"[..]));
+        tx.send_replace(InstanceState::Up);
+        let r = respond(&status, &Method::GET, "/v1/instance");
+        assert_eq!(r.status, StatusCode::OK);
+        let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "service": "web", "version": "v1", "id": "h-web-v1-00000001",
+                "address": "127.0.0.1:8080", "state": "up", "connected": true, "child_pid": null
+            })
+        );
+        assert_eq!(
+            respond(&status, &Method::GET, "/nope").status,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            respond(&status, &Method::POST, "/v1/instance").status,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+}

@@ -1,0 +1,53 @@
+//! The `usher-agent` binary: parse flags, install logging, bind the admin port, run, and map
+//! the outcome to an exit code (0 after a signal, the child's status if it exited, 1 on a
+//! startup error, 2 on bad flags).
+
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use usher_agent::config::{hostname, Args, Config};
+use usher_shared::{signals, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::from_args(Args::parse(), &hostname()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("usher-agent: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init();
+    match serve(config).await {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // Library errors already carry their cause in their message.
+            error!(error = %e, "usher-agent failed");
+            eprintln!("usher-agent: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<u8> {
+    let admin = TcpListener::bind(config.admin)
+        .await
+        .map_err(|e| anyhow!("cannot bind the admin address {}: {e}", config.admin))?;
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        match signals::shutdown_signal().await {
+            Ok(signal) => {
+                info!(signal, "shutdown requested");
+                on_signal.cancel();
+            }
+            Err(e) => error!(error = %e, "cannot install signal handlers"),
+        }
+    });
+    let exit = usher_agent::run(config, admin, shutdown).await?;
+    Ok(exit.code())
+}

@@ -1,0 +1,352 @@
+//! The agent's conversation with the directory: connect, register the instance, heartbeat at
+//! the rate the directory dictates (SwarmKit), send health changes at once, and deregister on
+//! request. Reconnects forever with [`Backoff::reconnect`] (Baker: retry indefinitely;
+//! SwarmKit: exponential backoff with full jitter).
+//!
+//! One task runs [`run`]; the agent asks it to deregister by sending a close reason on a
+//! oneshot channel, and reads whether it is connected from an [`AtomicBool`].
+
+use std::collections::VecDeque;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+use usher_shared::backoff::Backoff;
+use usher_shared::codec::{
+    read_frame, write_frame, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
+};
+use usher_shared::protocol::{DirectoryMessage, NodeMessage, Registration, Role};
+use usher_shared::routes::{Instance, InstanceState};
+use usher_shared::session::{open, Session, SessionError};
+
+/// A heartbeat not acknowledged within this time means the connection is dead.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Bound on connecting and saying hello (QUIC gives up on a silent peer after its 5 s idle
+/// timeout; this also bounds name resolution).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound on writing one frame (a stalled stream is a dead connection).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Bound on delivering `Deregister` before the connection is closed anyway.
+pub const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Heartbeat intervals from the directory are clamped to this range, so a bad value neither
+/// spins the agent nor lets the TTL lapse unnoticed.
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(50);
+/// See [`MIN_HEARTBEAT`].
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
+
+/// Why a connection to the directory failed or ended.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("no {what} from the directory within {after:?}")]
+    Timeout { what: &'static str, after: Duration },
+    #[error("the stream to the directory is already closed")]
+    StreamClosed,
+}
+
+impl From<FrameError> for LinkError {
+    fn from(e: FrameError) -> Self {
+        LinkError::Session(SessionError::Frame(e))
+    }
+}
+
+/// What the session task needs.
+pub struct SessionContext {
+    pub endpoint: quinn::Endpoint,
+    /// The directory's address, `host:port`.
+    pub directory: String,
+    /// The node name sent in the hello (`<hostname>/<pid>`).
+    pub node: String,
+    /// The instance to register; its `state` is replaced by the current one at each register.
+    pub instance: Instance,
+    /// The instance's current state; a change is sent at once.
+    pub state: watch::Receiver<InstanceState>,
+    /// Set while registered with the directory.
+    pub connected: Arc<AtomicBool>,
+}
+
+/// Runs the session until asked to stop: a close reason on `stop` deregisters the instance (if
+/// connected) and closes the connection with that reason; a dropped sender just closes it.
+/// Returns whether the directory received the `Deregister`.
+pub async fn run(mut ctx: SessionContext, mut stop: oneshot::Receiver<&'static str>) -> bool {
+    let mut backoff = Backoff::reconnect();
+    let mut link_log = LinkLog::default();
+    loop {
+        debug!(attempt = backoff.attempts(), "connecting to the directory");
+        let attempt = tokio::select! {
+            biased;
+            _ = &mut stop => return false,
+            attempt = connect(&mut ctx) => attempt,
+        };
+        let error = match attempt {
+            Ok((session, interval)) => {
+                backoff.reset();
+                link_log.connected(session.epoch);
+                ctx.connected.store(true, Ordering::Relaxed);
+                let end = heartbeat(session, interval, &mut ctx, &mut stop).await;
+                ctx.connected.store(false, Ordering::Relaxed);
+                match end {
+                    Ok(deregistered) => return deregistered,
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        link_log.failed(&error);
+        let delay = backoff.next_delay();
+        tokio::select! {
+            biased;
+            _ = &mut stop => return false,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Logs link changes once per change, not once per retry.
+#[derive(Default)]
+struct LinkLog {
+    /// `None` before the first attempt, then whether the last attempt ended connected.
+    connected: Option<bool>,
+}
+
+impl LinkLog {
+    fn connected(&mut self, epoch: u64) {
+        info!(epoch, "registered with the directory");
+        self.connected = Some(true);
+    }
+
+    fn failed(&mut self, error: &LinkError) {
+        match self.connected {
+            Some(true) => warn!(error = %error, "lost the directory; reconnecting"),
+            None => warn!(error = %error, "cannot reach the directory; retrying"),
+            Some(false) => debug!(error = %error, "directory still unreachable"),
+        }
+        self.connected = Some(false);
+    }
+}
+
+/// Writes one frame, bounded by [`WRITE_TIMEOUT`].
+async fn write_bounded(stream: &mut quinn::SendStream, msg: &NodeMessage) -> Result<(), LinkError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write_frame(stream, msg, MAX_NODE_FRAME)).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(LinkError::Timeout {
+            what: "room to write",
+            after: WRITE_TIMEOUT,
+        }),
+    }
+}
+
+fn clamp_interval(ms: u64) -> Duration {
+    Duration::from_millis(ms).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT)
+}
+
+/// Connects, says hello, registers; returns the session and the first heartbeat interval.
+async fn connect(ctx: &mut SessionContext) -> Result<(Session, Duration), LinkError> {
+    let mut session = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        open(&ctx.endpoint, &ctx.directory, Role::Agent, &ctx.node),
+    )
+    .await
+    .map_err(|_| LinkError::Timeout {
+        what: "welcome",
+        after: CONNECT_TIMEOUT,
+    })??;
+    let mut instance = ctx.instance.clone();
+    instance.state = *ctx.state.borrow_and_update();
+    let registered = async {
+        write_bounded(
+            &mut session.send,
+            &NodeMessage::Register(Registration { instance }),
+        )
+        .await?;
+        let reply = tokio::time::timeout(ACK_TIMEOUT, session.recv())
+            .await
+            .map_err(|_| LinkError::Timeout {
+                what: "registration reply",
+                after: ACK_TIMEOUT,
+            })??;
+        match reply {
+            DirectoryMessage::Registered {
+                next_heartbeat_ms,
+                ttl_ms,
+            } => {
+                debug!(next_heartbeat_ms, ttl_ms, "registered");
+                Ok(clamp_interval(next_heartbeat_ms))
+            }
+            other => Err(LinkError::Session(SessionError::Unexpected {
+                expected: "registered",
+                got: other.kind(),
+            })),
+        }
+    };
+    match registered.await {
+        Ok(interval) => Ok((session, interval)),
+        Err(e) => {
+            session.close("registration failed");
+            Err(e)
+        }
+    }
+}
+
+/// Reads the next frame; owns the stream so the pending read survives `select!` iterations.
+async fn read_next(
+    mut recv: quinn::RecvStream,
+) -> (
+    quinn::RecvStream,
+    Result<Option<DirectoryMessage>, FrameError>,
+) {
+    let result = read_frame(&mut recv, MAX_DIRECTORY_FRAME).await;
+    (recv, result)
+}
+
+/// Heartbeats until the connection fails (`Err`) or `stop` says to leave (`Ok(deregistered)`).
+async fn heartbeat(
+    session: Session,
+    first_interval: Duration,
+    ctx: &mut SessionContext,
+    stop: &mut oneshot::Receiver<&'static str>,
+) -> Result<bool, LinkError> {
+    let Session {
+        connection,
+        send: send_stream,
+        recv,
+        epoch,
+    } = session;
+    let mut writer = Writer {
+        connection: connection.clone(),
+        send: send_stream,
+    };
+    let mut reader = pin!(read_next(recv));
+    let mut next_at = Some(Instant::now() + first_interval);
+    // When each unacknowledged heartbeat was sent, oldest first.
+    let mut unacked: VecDeque<Instant> = VecDeque::new();
+    let result = loop {
+        let ack_deadline = unacked.front().map(|sent| *sent + ACK_TIMEOUT);
+        tokio::select! {
+            biased;
+            reason = &mut *stop => {
+                let delivered = match reason {
+                    Ok(reason) => writer.deregister(reason).await,
+                    Err(_) => {
+                        connection.close(0u32.into(), b"agent stopping");
+                        false
+                    }
+                };
+                return Ok(delivered);
+            }
+            changed = ctx.state.changed() => {
+                if changed.is_err() {
+                    // The agent is gone without asking to deregister.
+                    break Ok(false);
+                }
+                let state = *ctx.state.borrow_and_update();
+                debug!(state = state.as_str(), "state changed; heartbeat now");
+                if let Err(e) = writer.heartbeat(state).await {
+                    break Err(e);
+                }
+                unacked.push_back(Instant::now());
+            }
+            _ = sleep_until_opt(next_at) => {
+                let state = *ctx.state.borrow();
+                if let Err(e) = writer.heartbeat(state).await {
+                    break Err(e);
+                }
+                unacked.push_back(Instant::now());
+                // The next one is scheduled by the acknowledgement.
+                next_at = None;
+            }
+            (recv, frame) = &mut reader => {
+                reader.set(read_next(recv));
+                match frame {
+                    Ok(Some(DirectoryMessage::HeartbeatAck { next_heartbeat_ms })) => {
+                        unacked.pop_front();
+                        next_at = Some(Instant::now() + clamp_interval(next_heartbeat_ms));
+                    }
+                    Ok(Some(DirectoryMessage::Error { code, message })) => {
+                        break Err(SessionError::Refused(format!("{code:?}: {message}")).into());
+                    }
+                    Ok(Some(other)) => {
+                        break Err(SessionError::Unexpected { expected: "heartbeat_ack", got: other.kind() }.into());
+                    }
+                    Ok(None) => break Err(SessionError::Closed.into()),
+                    Err(e) => break Err(e.into()),
+                }
+            }
+            _ = sleep_until_opt(ack_deadline) => {
+                break Err(LinkError::Timeout { what: "heartbeat acknowledgement", after: ACK_TIMEOUT });
+            }
+        }
+    };
+    debug!(epoch, "closing the directory connection");
+    connection.close(0u32.into(), b"agent reconnecting");
+    result
+}
+
+/// Sleeps until `at`, or forever if `None`.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The sending half of a registered connection.
+struct Writer {
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+}
+
+impl Writer {
+    async fn heartbeat(&mut self, state: InstanceState) -> Result<(), LinkError> {
+        write_bounded(&mut self.send, &NodeMessage::Heartbeat { state }).await
+    }
+
+    /// Sends `Deregister`, finishes the stream and waits (bounded) until the directory has
+    /// acknowledged every byte, then closes the connection with `reason`.
+    async fn deregister(&mut self, reason: &str) -> bool {
+        let delivered = tokio::time::timeout(DEREGISTER_TIMEOUT, async {
+            write_bounded(&mut self.send, &NodeMessage::Deregister).await?;
+            self.send.finish().map_err(|_| LinkError::StreamClosed)?;
+            // Resolves once the peer acknowledged all stream data, or stopped the stream, or
+            // the directory closed the connection (after handling the deregistration).
+            let _ = self.send.stopped().await;
+            Ok::<_, LinkError>(())
+        })
+        .await;
+        let delivered = match delivered {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot deregister from the directory");
+                false
+            }
+            Err(_) => {
+                warn!(after = ?DEREGISTER_TIMEOUT, "the directory did not confirm the deregistration in time");
+                false
+            }
+        };
+        self.connection.close(0u32.into(), reason.as_bytes());
+        delivered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_intervals_are_clamped() {
+        assert_eq!(clamp_interval(1000), Duration::from_secs(1));
+        assert_eq!(clamp_interval(0), MIN_HEARTBEAT);
+        assert_eq!(clamp_interval(u64::MAX), MAX_HEARTBEAT);
+    }
+}
