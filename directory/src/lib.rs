@@ -1,1 +1,202 @@
-pub fn x(){}
+//! `usher-directory`: the one directory node of an usher mesh. It collects agent heartbeats,
+//! owns the route table (epoch + revision), and streams it to sidecars over QUIC: the deltas a
+//! sidecar missed, or a full snapshot, then batched deltas (Baker's directory and discovery
+//! protocol; SwarmKit's heartbeat rate control, batching and grace period).
+//!
+//! # Layout
+//!
+//! - [`config`]: flags (`USHER_DIRECTORY_*`) over a TOML file, validated into [`Config`].
+//! - [`pki`]: the cluster CA in the state directory and the server certificate.
+//! - [`registry`]: the route table, registrations and their owners, TTLs, batches.
+//! - [`presence`]: the TTL timer heap; [`batch`]: when a batch is due.
+//! - [`server`]: QUIC accept loops and the hello; [`registration`] (agents) and
+//!   [`subscription`] (sidecars) are the two conversations.
+//! - [`admin`]: `GET /healthz`, `GET /v1/routes`.
+//! - [`run`]: wires them together; `main.rs` only parses, binds and maps the exit code.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod batch;
+pub mod config;
+pub mod pki;
+pub mod presence;
+mod registration;
+pub mod registry;
+pub mod server;
+mod subscription;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, info_span, warn, Instrument};
+
+pub use crate::config::{Config, ConfigError};
+use crate::pki::PkiError;
+use crate::registry::{Registry, Settings};
+
+/// How long shutdown waits for connections to close and tasks to finish.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the directory could not start.
+#[derive(Debug, Error)]
+pub enum DirectoryError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("cannot use the certificates in {state_dir}: {source}")]
+    Tls {
+        state_dir: PathBuf,
+        #[source]
+        source: usher_shared::quic::TlsError,
+    },
+    #[error("cannot start the QUIC endpoint: {0}")]
+    Endpoint(#[source] std::io::Error),
+}
+
+/// Sockets the caller bound (tests bind port 0 and read the real ports back).
+pub struct Listeners {
+    pub quic: std::net::UdpSocket,
+    pub admin: TcpListener,
+}
+
+/// Runs the directory until `shutdown` fires, then closes every connection with a reason and
+/// returns. Errors only at startup (certificates, QUIC endpoint).
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), DirectoryError> {
+    let credentials = pki::load_or_create(&config.state_dir)?;
+    if credentials.created_ca {
+        info!(ca = %config.state_dir.join(pki::CA_CERT_FILE).display(), "created the cluster CA");
+    }
+    let server_config = usher_shared::quic::server_config(
+        credentials.chain_pem.as_bytes(),
+        credentials.key_pem.as_bytes(),
+    )
+    .map_err(|source| DirectoryError::Tls {
+        state_dir: config.state_dir.clone(),
+        source,
+    })?;
+    let quic_addr = listeners
+        .quic
+        .local_addr()
+        .map_err(DirectoryError::Endpoint)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        listeners.quic,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(DirectoryError::Endpoint)?;
+
+    let epoch: u64 = rand::random();
+    let registry = Arc::new(Registry::new(Settings {
+        epoch,
+        heartbeat_interval: config.heartbeat_interval,
+        ttl: config.ttl(),
+        grace_period: config.grace_period,
+        started: Instant::now(),
+    }));
+    let tracker = TaskTracker::new();
+    let tasks = CancellationToken::new();
+
+    tracker.spawn(
+        server::serve(
+            endpoint.clone(),
+            registry.clone(),
+            tasks.clone(),
+            tracker.clone(),
+        )
+        .instrument(info_span!("quic", listen = %quic_addr)),
+    );
+    tracker.spawn(publisher(registry.clone(), tasks.clone()).instrument(info_span!("publisher")));
+    tracker.spawn(expiry(registry.clone(), tasks.clone()).instrument(info_span!("ttl")));
+    let admin_addr = listeners.admin.local_addr().ok();
+    tracker.spawn(
+        usher_shared::admin::serve(
+            listeners.admin,
+            admin::handler(registry.clone()),
+            tasks.clone(),
+            tracker.clone(),
+        )
+        .instrument(info_span!("admin")),
+    );
+    info!(
+        epoch = %format!("{epoch:016x}"),
+        listen = %quic_addr,
+        admin = ?admin_addr,
+        heartbeat_interval = ?config.heartbeat_interval,
+        ttl = ?config.ttl(),
+        grace_period = ?config.grace_period,
+        "usher-directory serving"
+    );
+    notify_systemd(sd_notify::NotifyState::Ready);
+
+    shutdown.cancelled().await;
+    info!("shutting down");
+    notify_systemd(sd_notify::NotifyState::Stopping);
+    tasks.cancel();
+    endpoint.close(server::CLOSE_OK.into(), b"directory shutting down");
+    if tokio::time::timeout(SHUTDOWN_TIMEOUT, endpoint.wait_idle())
+        .await
+        .is_err()
+    {
+        warn!("some QUIC connections did not close in time");
+    }
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("some tasks did not finish in time");
+    }
+    info!("usher-directory stopped");
+    Ok(())
+}
+
+/// Publishes batches of changes when they are due (SwarmKit: 100 changes or 100 ms).
+async fn publisher(registry: Arc<Registry>, shutdown: CancellationToken) {
+    loop {
+        let changed = registry.changed();
+        let due = registry.publish_due(Instant::now());
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = changed => {}
+            _ = sleep_until_opt(due) => {}
+        }
+    }
+}
+
+/// Withdraws instances whose TTL lapsed, checking a few times per heartbeat interval.
+async fn expiry(registry: Arc<Registry>, shutdown: CancellationToken) {
+    let period = (registry.settings().heartbeat_interval / 10)
+        .clamp(Duration::from_millis(10), Duration::from_millis(100));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => { registry.expire(Instant::now()); }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Tells systemd our state (`Type=notify`); a no-op outside systemd.
+fn notify_systemd(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(false, &[state]) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+}

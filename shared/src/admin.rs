@@ -72,7 +72,9 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
+                    // Out of file descriptors, usually: back off instead of spinning.
                     debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -98,7 +100,10 @@ pub async fn serve(
                 tokio::pin!(conn);
                 tokio::select! {
                     res = conn.as_mut() => if let Err(e) = res { debug!(error = %e, "admin connection error") },
-                    _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+                    _ = shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.as_mut().await;
+                    }
                 }
             }
             .instrument(tracing::debug_span!("admin", %peer)),

@@ -174,7 +174,9 @@ mod tests {
     fn oversized_header_is_refused_before_the_payload_arrives() {
         let mut buf = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
         let err = decode_frame::<NodeMessage>(&mut buf, MAX_NODE_FRAME).unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { len, max } if len == u32::MAX as usize && max == MAX_NODE_FRAME));
+        assert!(
+            matches!(err, FrameError::TooLarge { len, max } if len == u32::MAX as usize && max == MAX_NODE_FRAME)
+        );
     }
 
     #[test]
@@ -264,7 +266,10 @@ mod tests {
         let mut reader = &[0u8, 0][..];
         assert!(matches!(
             read_frame::<_, NodeMessage>(&mut reader, MAX_NODE_FRAME).await,
-            Err(FrameError::Truncated { got: 2, expected: 4 })
+            Err(FrameError::Truncated {
+                got: 2,
+                expected: 4
+            })
         ));
         let huge = [0xffu8, 0xff, 0xff, 0xff];
         let mut reader = &huge[..];

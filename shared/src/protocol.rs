@@ -58,7 +58,9 @@ pub enum NodeMessage {
     /// Agent: add (or re-add, after a reconnect) this instance to the route table.
     Register(Registration),
     /// Agent: "still here", with the instance's current state (a change is sent at once).
-    Heartbeat { state: InstanceState },
+    Heartbeat {
+        state: InstanceState,
+    },
     /// Agent: remove the instance now (clean shutdown).
     Deregister,
     /// Sidecar: stream me the route table; I hold `epoch`/`revision` (`None` when empty).
@@ -87,10 +89,7 @@ pub enum DirectoryMessage {
     /// Hello accepted. `epoch` identifies this directory run.
     Welcome { protocol: u16, epoch: u64 },
     /// Agent: the instance is in the table; heartbeat again within `next_heartbeat_ms`.
-    Registered {
-        next_heartbeat_ms: u64,
-        ttl_ms: u64,
-    },
+    Registered { next_heartbeat_ms: u64, ttl_ms: u64 },
     /// Agent: heartbeat received; send the next one in `next_heartbeat_ms` (jittered).
     HeartbeatAck { next_heartbeat_ms: u64 },
     /// Sidecar: part of a full table. Chunks of one snapshot share `epoch` and `revision`;

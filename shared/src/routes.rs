@@ -345,14 +345,24 @@ pub(crate) mod tests {
     #[test]
     fn snapshot_then_deltas_reproduce_the_directory_table() {
         let mut log = RouteLog::new(7, 100);
-        log.update(Change::Upsert(instance("web", "v1", "a", InstanceState::Up)));
+        log.update(Change::Upsert(instance(
+            "web",
+            "v1",
+            "a",
+            InstanceState::Up,
+        )));
         let snap = log.table().clone();
         let mut replica = RouteTable::from_snapshot(
             snap.epoch,
             snap.revision,
             snap.instances().cloned().collect(),
         );
-        log.update(Change::Upsert(instance("web", "v1", "b", InstanceState::Up)));
+        log.update(Change::Upsert(instance(
+            "web",
+            "v1",
+            "b",
+            InstanceState::Up,
+        )));
         log.update(Change::Upsert(instance(
             "web",
             "v1",
@@ -377,16 +387,29 @@ pub(crate) mod tests {
         }
         assert_eq!(log.catch_up(Some(7), 4), CatchUp::Deltas(vec![]));
         assert!(matches!(log.catch_up(Some(7), 2), CatchUp::Deltas(c) if c.len() == 2));
-        assert_eq!(log.catch_up(Some(7), 1), CatchUp::Snapshot, "history trimmed");
+        assert_eq!(
+            log.catch_up(Some(7), 1),
+            CatchUp::Snapshot,
+            "history trimmed"
+        );
         assert_eq!(log.catch_up(Some(8), 4), CatchUp::Snapshot, "other epoch");
         assert_eq!(log.catch_up(None, 0), CatchUp::Snapshot, "empty replica");
-        assert_eq!(log.catch_up(Some(7), 9), CatchUp::Snapshot, "from the future");
+        assert_eq!(
+            log.catch_up(Some(7), 9),
+            CatchUp::Snapshot,
+            "from the future"
+        );
     }
 
     #[test]
     fn deltas_with_a_gap_or_wrong_epoch_are_refused_untouched() {
         let mut replica = RouteTable::new(7);
-        let change = vec![Change::Upsert(instance("web", "v1", "a", InstanceState::Up))];
+        let change = vec![Change::Upsert(instance(
+            "web",
+            "v1",
+            "a",
+            InstanceState::Up,
+        ))];
         assert_eq!(
             replica.apply_deltas(8, 0, 1, change.clone()),
             Err(DeltaError::WrongEpoch { held: 7, got: 8 })
@@ -406,7 +429,12 @@ pub(crate) mod tests {
         for (v, id) in [("v2", "a"), ("v10", "b"), ("v1", "c"), ("v10", "d")] {
             t.apply(Change::Upsert(instance("web", v, id, InstanceState::Up)));
         }
-        t.apply(Change::Upsert(instance("api", "v9", "e", InstanceState::Up)));
+        t.apply(Change::Upsert(instance(
+            "api",
+            "v9",
+            "e",
+            InstanceState::Up,
+        )));
         let versions: Vec<_> = t
             .versions_of("web")
             .into_iter()

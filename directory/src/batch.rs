@@ -1,0 +1,88 @@
+//! When to publish route-table changes to sidecars (SwarmKit: 100 changes or 100 ms, whichever
+//! comes first). Pure: the caller passes the time.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Publish once this many changes are pending (SwarmKit).
+pub const MAX_BATCH_CHANGES: usize = 100;
+/// Publish at most this long after the first pending change (SwarmKit).
+pub const MAX_BATCH_DELAY: Duration = Duration::from_millis(100);
+
+/// Counts unpublished changes and says when they are due.
+#[derive(Debug, Default, Clone)]
+pub struct Batcher {
+    pending: usize,
+    first_at: Option<Instant>,
+}
+
+impl Batcher {
+    /// Records one change made at `now`; returns true when the batch is full and should be
+    /// published at once.
+    pub fn record(&mut self, now: Instant) -> bool {
+        self.pending += 1;
+        self.first_at.get_or_insert(now);
+        self.pending >= MAX_BATCH_CHANGES
+    }
+
+    /// When the pending changes must be published, or `None` when nothing is pending.
+    pub fn due_at(&self) -> Option<Instant> {
+        let first = self.first_at?;
+        Some(if self.pending >= MAX_BATCH_CHANGES {
+            first
+        } else {
+            first + MAX_BATCH_DELAY
+        })
+    }
+
+    /// If the batch is due at `now`, empties it and returns true.
+    pub fn take_if_due(&mut self, now: Instant) -> bool {
+        match self.due_at() {
+            Some(at) if at <= now => {
+                *self = Self::default();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_change_waits_for_the_batch_period() {
+        let t0 = Instant::now();
+        let mut b = Batcher::default();
+        assert_eq!(b.due_at(), None);
+        assert!(!b.take_if_due(t0));
+        assert!(!b.record(t0));
+        assert!(!b.record(t0 + Duration::from_millis(60)));
+        assert_eq!(
+            b.due_at(),
+            Some(t0 + MAX_BATCH_DELAY),
+            "timed from the first change"
+        );
+        assert!(!b.take_if_due(t0 + Duration::from_millis(99)));
+        assert!(b.take_if_due(t0 + MAX_BATCH_DELAY));
+        assert_eq!(b.pending(), 0);
+        assert_eq!(b.due_at(), None);
+    }
+
+    #[test]
+    fn a_full_batch_is_due_at_once() {
+        let t0 = Instant::now();
+        let mut b = Batcher::default();
+        for i in 1..MAX_BATCH_CHANGES {
+            assert!(!b.record(t0), "change {i} does not fill the batch");
+        }
+        assert!(b.record(t0));
+        assert!(b.take_if_due(t0));
+    }
+}

@@ -1,0 +1,275 @@
+//! The directory's command line (clap, every flag also read from `USHER_DIRECTORY_*`) over an
+//! optional TOML file, and the typed, validated [`Config`] built from both by a pure function.
+//!
+//! ```text
+//! usher-directory [--config FILE] [--listen ADDR] [--admin ADDR] [--state-dir DIR]
+//!                 [--heartbeat-interval DURATION] [--grace-period DURATION]
+//! ```
+//!
+//! Precedence: flag (or its environment variable) over the TOML key over the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Default QUIC address (DESIGN.md: udp 0.0.0.0:7400).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7400";
+/// Default admin HTTP address (DESIGN.md: loopback only).
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:7401";
+/// Default state directory (systemd `StateDirectory=usher/directory`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/usher/directory";
+/// Default heartbeat interval dictated to agents (SwarmKit: the manager sets the period).
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// An instance is withdrawn after this many heartbeat intervals of silence (DESIGN.md).
+pub const TTL_INTERVALS: u32 = 3;
+/// Heartbeat intervals outside this range are refused: faster floods the directory, slower
+/// makes a dead host linger for minutes.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
+/// See [`MIN_HEARTBEAT_INTERVAL`].
+pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The directory's flags as clap parses them; unset flags fall back to the TOML file.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "usher-directory",
+    version,
+    about = "The usher directory: collects agent heartbeats, owns the route table and streams \
+             it to sidecars over QUIC."
+)]
+pub struct Args {
+    /// TOML file with the keys `listen`, `admin`, `state_dir`, `heartbeat_interval`,
+    /// `grace_period`; flags and environment variables win over it.
+    #[arg(long, env = "USHER_DIRECTORY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// QUIC (UDP) address agents and sidecars connect to [default: 0.0.0.0:7400].
+    #[arg(long, env = "USHER_DIRECTORY_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Admin HTTP address (`/healthz`, `/v1/routes`) [default: 127.0.0.1:7401].
+    #[arg(long, env = "USHER_DIRECTORY_ADMIN", value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+
+    /// Holds the cluster CA (`ca.pem`, `ca-key.pem`) [default: /var/lib/usher/directory].
+    #[arg(long, env = "USHER_DIRECTORY_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Heartbeat interval dictated to agents (±10% jitter); TTL is 3 intervals [default: 1s].
+    #[arg(long, env = "USHER_DIRECTORY_HEARTBEAT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+
+    /// After a start, sidecars holding a table get no update for this long, so agents can
+    /// rejoin first [default: 2 × TTL].
+    #[arg(long, env = "USHER_DIRECTORY_GRACE_PERIOD", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub grace_period: Option<Duration>,
+}
+
+/// The TOML file: the same keys as the flags, all optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub state_dir: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub grace_period: Option<Duration>,
+}
+
+/// The directory's validated configuration. Tests build it directly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub state_dir: PathBuf,
+    /// The interval told to agents before jitter.
+    pub heartbeat_interval: Duration,
+    /// How long sidecars that hold another epoch's table wait for their first update.
+    pub grace_period: Duration,
+}
+
+/// Why the configuration is refused; the message names the flag or TOML key.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--config {path}: cannot read: {source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--config {path}: {source}")]
+    ParseFile {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("--{flag} {value}: {reason}")]
+    Invalid {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+impl Config {
+    /// The time-to-live of a registration: [`TTL_INTERVALS`] heartbeat intervals.
+    pub fn ttl(&self) -> Duration {
+        self.heartbeat_interval * TTL_INTERVALS
+    }
+
+    /// A configuration for tests: loopback port 0 everywhere, state in `state_dir`, a fast
+    /// heartbeat.
+    pub fn for_tests(state_dir: &Path, heartbeat_interval: Duration) -> Self {
+        Self {
+            listen: "127.0.0.1:0".parse().expect("valid literal"),
+            admin: "127.0.0.1:0".parse().expect("valid literal"),
+            state_dir: state_dir.to_path_buf(),
+            heartbeat_interval,
+            grace_period: heartbeat_interval * TTL_INTERVALS * 2,
+        }
+    }
+
+    /// Reads the `--config` file, if any, and builds the configuration.
+    pub fn load(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                toml::from_str(&text).map_err(|source| ConfigError::ParseFile {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::resolve(args, file)
+    }
+
+    /// Merges flags over the file over defaults and validates the result. Pure.
+    ///
+    /// Errors: a heartbeat interval outside 50ms..=60s, or a grace period shorter than one
+    /// TTL (a restart would then withdraw instances whose agents had no time to rejoin).
+    pub fn resolve(args: Args, file: FileConfig) -> Result<Self, ConfigError> {
+        let heartbeat_interval = args
+            .heartbeat_interval
+            .or(file.heartbeat_interval)
+            .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL);
+        if !(MIN_HEARTBEAT_INTERVAL..=MAX_HEARTBEAT_INTERVAL).contains(&heartbeat_interval) {
+            return Err(ConfigError::Invalid {
+                flag: "heartbeat-interval",
+                value: humantime::format_duration(heartbeat_interval).to_string(),
+                reason: "must be between 50ms and 60s".into(),
+            });
+        }
+        let ttl = heartbeat_interval * TTL_INTERVALS;
+        let grace_period = args.grace_period.or(file.grace_period).unwrap_or(ttl * 2);
+        if grace_period < ttl {
+            return Err(ConfigError::Invalid {
+                flag: "grace-period",
+                value: humantime::format_duration(grace_period).to_string(),
+                reason: format!(
+                    "must be at least one TTL ({})",
+                    humantime::format_duration(ttl)
+                ),
+            });
+        }
+        Ok(Self {
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid literal")),
+            admin: args
+                .admin
+                .or(file.admin)
+                .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("valid literal")),
+            state_dir: args
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            heartbeat_interval,
+            grace_period,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(flags: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("usher-directory").chain(flags.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = Config::resolve(Args::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:7400".parse().unwrap());
+        assert_eq!(c.admin, "127.0.0.1:7401".parse().unwrap());
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/usher/directory"));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(c.ttl(), Duration::from_secs(3));
+        assert_eq!(c.grace_period, Duration::from_secs(6));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file: FileConfig = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\nadmin = \"127.0.0.1:9001\"\nheartbeat_interval = \"2s\"\n",
+        )
+        .unwrap();
+        let args = parse(&["--listen", "127.0.0.1:8000", "--grace-period", "10s"]).unwrap();
+        let c = Config::resolve(args, file).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8000".parse().unwrap());
+        assert_eq!(c.admin, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(c.grace_period, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = Config::resolve(
+            parse(&["--heartbeat-interval", "10ms"]).unwrap(),
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--heartbeat-interval"), "{e}");
+        let e = Config::resolve(
+            parse(&["--heartbeat-interval", "1s", "--grace-period", "1s"]).unwrap(),
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--grace-period"), "{e}");
+        let e = parse(&["--listen", "nowhere"]).unwrap_err().to_string();
+        assert!(e.contains("--listen"), "{e}");
+        let e = parse(&["--heartbeat-interval", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--heartbeat-interval"), "{e}");
+    }
+
+    #[test]
+    fn unknown_or_malformed_file_keys_are_refused() {
+        assert!(toml::from_str::<FileConfig>("listn = \"127.0.0.1:1\"").is_err());
+        assert!(toml::from_str::<FileConfig>("heartbeat_interval = \"often\"").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("directory.toml");
+        std::fs::write(&path, "listen = 5\n").unwrap();
+        let args = Args {
+            config: Some(path),
+            ..Args::default()
+        };
+        let e = Config::load(args).unwrap_err().to_string();
+        assert!(
+            e.contains("--config") && e.contains("directory.toml"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,561 @@
+//! The directory's state: the route table with its change log, registration TTLs, which
+//! session owns each instance, and the batch of changes not yet published to sidecars.
+//!
+//! All mutation goes through [`Registry`], behind one `std::sync::Mutex` that is never held
+//! across an `.await`. Time is a parameter of every method that needs it, so the TTL, batching
+//! and grace-period logic is tested without sleeping. Publication to sidecars is a
+//! `watch` of the published revision: each subscriber wakes on it and asks [`Registry::catch_up`]
+//! for what it misses, so a slow subscriber skips intermediate batches instead of queueing them.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rand::Rng;
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::info;
+use usher_shared::names::{validate_instance_id, validate_label};
+use usher_shared::routes::{
+    CatchUp, Change, Instance, InstanceKey, InstanceState, RouteLog, RouteTable,
+};
+
+use crate::batch::Batcher;
+use crate::presence::Presence;
+
+/// Changes the log remembers, so a sidecar that reconnects within this many changes gets only
+/// deltas (Baker: catch up, then updates).
+pub const HISTORY_LIMIT: usize = 10_000;
+
+/// Most slots one instance may announce.
+pub const MAX_CAPACITY: u32 = 1_000_000;
+
+/// Identifies one agent stream; the newest registration of an instance owns it.
+pub type SessionId = u64;
+
+/// Why an agent's request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RegistryError {
+    #[error("invalid registration: {0}")]
+    Invalid(String),
+    #[error("instance {service}/{version}/{id} is not registered (its TTL lapsed or it was withdrawn); register again")]
+    NotRegistered {
+        service: String,
+        version: String,
+        id: String,
+    },
+    #[error("instance {service}/{version}/{id} was registered again by another session")]
+    Superseded {
+        service: String,
+        version: String,
+        id: String,
+    },
+}
+
+/// What a subscriber must be sent to reach the current revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// The changes from `from` to `to` (`changes[i]` is revision `from + i + 1`).
+    Deltas {
+        epoch: u64,
+        from: u64,
+        to: u64,
+        changes: Vec<Change>,
+    },
+    /// The whole table at `revision`.
+    Snapshot {
+        epoch: u64,
+        revision: u64,
+        instances: Vec<Instance>,
+    },
+}
+
+/// Fixed settings of one directory run.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Random per start; a revision only means something within one epoch.
+    pub epoch: u64,
+    pub heartbeat_interval: Duration,
+    pub ttl: Duration,
+    pub grace_period: Duration,
+    /// When this run started (the grace period counts from here).
+    pub started: Instant,
+}
+
+#[derive(Debug)]
+struct Inner {
+    log: RouteLog,
+    presence: Presence,
+    owners: HashMap<InstanceKey, SessionId>,
+    batch: Batcher,
+}
+
+/// The directory's shared state.
+#[derive(Debug)]
+pub struct Registry {
+    settings: Settings,
+    inner: Mutex<Inner>,
+    /// The revision most recently published to subscribers.
+    published: watch::Sender<u64>,
+    /// Wakes the publisher when a change is recorded.
+    changed: Notify,
+}
+
+/// One instance as `GET /v1/routes` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceReport {
+    pub service: String,
+    pub version: String,
+    pub id: String,
+    pub address: std::net::SocketAddr,
+    pub capacity: u32,
+    pub weight: u32,
+    pub state: &'static str,
+    /// Milliseconds since the instance registered (its `started_at_ms`).
+    pub age_ms: u64,
+    /// Milliseconds since its last heartbeat.
+    pub last_heartbeat_ms_ago: Option<u64>,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// The body of `GET /v1/routes`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoutesReport {
+    pub epoch: u64,
+    pub revision: u64,
+    pub in_grace_period: bool,
+    pub heartbeat_interval_ms: u64,
+    pub ttl_ms: u64,
+    pub instances: Vec<InstanceReport>,
+}
+
+impl Registry {
+    pub fn new(settings: Settings) -> Self {
+        Self {
+            settings,
+            inner: Mutex::new(Inner {
+                log: RouteLog::new(settings.epoch, HISTORY_LIMIT),
+                presence: Presence::default(),
+                owners: HashMap::new(),
+                batch: Batcher::default(),
+            }),
+            published: watch::channel(0).0,
+            changed: Notify::new(),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data (every update is one call),
+        // so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `change`; if it changed the table, records it for the next batch and wakes the
+    /// publisher (which publishes a full batch at once, else after the batch delay).
+    fn update(&self, inner: &mut Inner, change: Change, now: Instant) {
+        if inner.log.update(change).is_some() {
+            inner.batch.record(now);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Adds (or replaces) `instance`, owned by `session`, heard from at `now`.
+    ///
+    /// Errors when the instance is invalid: service or version not a DNS label, a bad id,
+    /// zero or huge capacity, port 0 or an unspecified address.
+    pub fn register(
+        &self,
+        session: SessionId,
+        instance: Instance,
+        now: Instant,
+    ) -> Result<(), RegistryError> {
+        validate_instance(&instance)?;
+        let key = instance.key();
+        let mut inner = self.lock();
+        inner.presence.touch(&key, now, self.settings.ttl);
+        if inner.owners.insert(key.clone(), session) != Some(session) {
+            info!(service = %key.service, version = %key.version, id = %key.id,
+                  address = %instance.address, state = instance.state.as_str(), "instance registered");
+        }
+        self.update(&mut inner, Change::Upsert(instance), now);
+        Ok(())
+    }
+
+    /// Records a heartbeat from `session` for `key` with the instance's current `state`.
+    ///
+    /// Errors when the instance is no longer registered (TTL lapsed) or another session
+    /// registered it since: the agent must register again.
+    pub fn heartbeat(
+        &self,
+        session: SessionId,
+        key: &InstanceKey,
+        state: InstanceState,
+        now: Instant,
+    ) -> Result<(), RegistryError> {
+        let mut inner = self.lock();
+        Self::check_owner(&inner, session, key)?;
+        inner.presence.touch(key, now, self.settings.ttl);
+        let current = inner.log.table().get(key).cloned();
+        if let Some(mut instance) = current {
+            if instance.state != state {
+                info!(service = %key.service, version = %key.version, id = %key.id,
+                      from = instance.state.as_str(), to = state.as_str(), "instance state changed");
+                instance.state = state;
+                self.update(&mut inner, Change::Upsert(instance), now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Withdraws `key` at its agent's request. A deregistration from a superseded session
+    /// changes nothing.
+    pub fn deregister(
+        &self,
+        session: SessionId,
+        key: &InstanceKey,
+        now: Instant,
+    ) -> Result<(), RegistryError> {
+        let mut inner = self.lock();
+        Self::check_owner(&inner, session, key)?;
+        info!(service = %key.service, version = %key.version, id = %key.id, "instance deregistered");
+        self.withdraw(&mut inner, key, now);
+        Ok(())
+    }
+
+    /// Withdraws every instance whose TTL lapsed by `now`; returns their keys.
+    pub fn expire(&self, now: Instant) -> Vec<InstanceKey> {
+        let mut inner = self.lock();
+        let expired = inner.presence.expire(now);
+        for key in &expired {
+            info!(service = %key.service, version = %key.version, id = %key.id,
+                  ttl = ?self.settings.ttl, "instance TTL lapsed; withdrawn");
+            self.withdraw(&mut inner, key, now);
+        }
+        expired
+    }
+
+    fn withdraw(&self, inner: &mut Inner, key: &InstanceKey, now: Instant) {
+        inner.presence.remove(key);
+        inner.owners.remove(key);
+        self.update(inner, Change::Remove(key.clone()), now);
+    }
+
+    fn check_owner(
+        inner: &Inner,
+        session: SessionId,
+        key: &InstanceKey,
+    ) -> Result<(), RegistryError> {
+        match inner.owners.get(key) {
+            Some(owner) if *owner == session => Ok(()),
+            Some(_) => Err(RegistryError::Superseded {
+                service: key.service.clone(),
+                version: key.version.clone(),
+                id: key.id.clone(),
+            }),
+            None => Err(RegistryError::NotRegistered {
+                service: key.service.clone(),
+                version: key.version.clone(),
+                id: key.id.clone(),
+            }),
+        }
+    }
+
+    /// Publishes the pending batch if it is due at `now`. Returns when the next batch is due
+    /// (`None` when nothing is pending).
+    pub fn publish_due(&self, now: Instant) -> Option<Instant> {
+        let mut inner = self.lock();
+        if inner.batch.take_if_due(now) {
+            let revision = inner.log.table().revision;
+            self.published.send_replace(revision);
+        }
+        inner.batch.due_at()
+    }
+
+    /// Resolves when a change has been recorded since the last call (or before it).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// A receiver that changes whenever a batch is published.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+
+    /// Whether `now` is within the grace period after this directory started.
+    pub fn in_grace_period(&self, now: Instant) -> bool {
+        now < self.grace_period_end()
+    }
+
+    /// When the grace period ends.
+    pub fn grace_period_end(&self) -> Instant {
+        self.settings.started + self.settings.grace_period
+    }
+
+    /// What a subscriber holding (`epoch`, `revision`) must be sent to reach the current
+    /// revision (Baker: the missed deltas, or the full table).
+    pub fn catch_up(&self, epoch: Option<u64>, revision: u64) -> Update {
+        let inner = self.lock();
+        let table = inner.log.table();
+        match inner.log.catch_up(epoch, revision) {
+            CatchUp::Deltas(changes) => Update::Deltas {
+                epoch: table.epoch,
+                from: revision,
+                to: table.revision,
+                changes,
+            },
+            CatchUp::Snapshot => Update::Snapshot {
+                epoch: table.epoch,
+                revision: table.revision,
+                instances: table.instances().cloned().collect(),
+            },
+        }
+    }
+
+    /// A copy of the current table.
+    pub fn table(&self) -> RouteTable {
+        self.lock().log.table().clone()
+    }
+
+    /// The table for `GET /v1/routes`, with ages relative to `now` / `now_ms` (Unix ms).
+    pub fn report(&self, now: Instant, now_ms: u64) -> RoutesReport {
+        let inner = self.lock();
+        let table = inner.log.table();
+        RoutesReport {
+            epoch: table.epoch,
+            revision: table.revision,
+            in_grace_period: self.in_grace_period(now),
+            heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u64,
+            ttl_ms: self.settings.ttl.as_millis() as u64,
+            instances: table
+                .instances()
+                .map(|i| InstanceReport {
+                    service: i.service.clone(),
+                    version: i.version.clone(),
+                    id: i.id.clone(),
+                    address: i.address,
+                    capacity: i.capacity,
+                    weight: i.weight,
+                    state: i.state.as_str(),
+                    age_ms: now_ms.saturating_sub(i.started_at_ms),
+                    last_heartbeat_ms_ago: inner
+                        .presence
+                        .last_seen(&i.key())
+                        .map(|seen| now.saturating_duration_since(seen).as_millis() as u64),
+                    labels: i.labels.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The next heartbeat interval to tell an agent: the configured interval ±10% (SwarmKit:
+    /// jitter spreads heartbeats out).
+    pub fn next_heartbeat(&self) -> Duration {
+        jitter(
+            self.settings.heartbeat_interval,
+            rand::rng().random_range(-1.0..=1.0),
+        )
+    }
+}
+
+/// `interval` moved by `unit` (in -1..=1) times 10%.
+pub fn jitter(interval: Duration, unit: f64) -> Duration {
+    interval.mul_f64(1.0 + 0.1 * unit.clamp(-1.0, 1.0))
+}
+
+fn validate_instance(i: &Instance) -> Result<(), RegistryError> {
+    let bad = |what: String| Err(RegistryError::Invalid(what));
+    if let Err(e) = validate_label(&i.service) {
+        return bad(format!("service {:?} {e}", i.service));
+    }
+    if let Err(e) = validate_label(&i.version) {
+        return bad(format!("version {:?} {e}", i.version));
+    }
+    if let Err(e) = validate_instance_id(&i.id) {
+        return bad(format!("instance id {:?} {e}", i.id));
+    }
+    if i.capacity == 0 || i.capacity > MAX_CAPACITY {
+        return bad(format!(
+            "capacity {} must be between 1 and {MAX_CAPACITY}",
+            i.capacity
+        ));
+    }
+    if i.address.port() == 0 || i.address.ip().is_unspecified() {
+        return bad(format!(
+            "address {} is not one sidecars can connect to",
+            i.address
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const HB: Duration = Duration::from_secs(1);
+
+    fn registry(t0: Instant) -> Registry {
+        Registry::new(Settings {
+            epoch: 42,
+            heartbeat_interval: HB,
+            ttl: HB * 3,
+            grace_period: HB * 6,
+            started: t0,
+        })
+    }
+
+    fn instance(id: &str, state: InstanceState) -> Instance {
+        Instance {
+            service: "web".into(),
+            version: "v1".into(),
+            id: id.into(),
+            address: "127.0.0.1:8080".parse().unwrap(),
+            capacity: 4,
+            weight: 1,
+            state,
+            started_at_ms: 1_000,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn register_heartbeat_and_ttl() {
+        let t0 = Instant::now();
+        let r = registry(t0);
+        let a = instance("a", InstanceState::Starting);
+        r.register(1, a.clone(), t0).unwrap();
+        r.heartbeat(1, &a.key(), InstanceState::Up, t0 + HB)
+            .unwrap();
+        assert_eq!(
+            r.table().get(&a.key()).unwrap().state,
+            InstanceState::Up,
+            "a health change is applied at once"
+        );
+        assert!(r
+            .expire(t0 + HB * 3 + Duration::from_millis(999))
+            .is_empty());
+        assert_eq!(r.expire(t0 + HB * 4), vec![a.key()]);
+        assert!(r.table().is_empty());
+        assert!(matches!(
+            r.heartbeat(1, &a.key(), InstanceState::Up, t0 + HB * 5),
+            Err(RegistryError::NotRegistered { .. })
+        ));
+    }
+
+    #[test]
+    fn a_newer_session_owns_the_instance() {
+        let t0 = Instant::now();
+        let r = registry(t0);
+        let a = instance("a", InstanceState::Up);
+        r.register(1, a.clone(), t0).unwrap();
+        r.register(2, a.clone(), t0).unwrap();
+        assert!(matches!(
+            r.deregister(1, &a.key(), t0),
+            Err(RegistryError::Superseded { .. })
+        ));
+        assert_eq!(r.table().len(), 1, "the old session cannot withdraw it");
+        r.deregister(2, &a.key(), t0).unwrap();
+        assert!(r.table().is_empty());
+    }
+
+    #[test]
+    fn invalid_registrations_change_nothing() {
+        let t0 = Instant::now();
+        let r = registry(t0);
+        let mut bad = vec![];
+        let mut i = instance("a", InstanceState::Up);
+        i.service = "Web".into();
+        bad.push(i);
+        let mut i = instance("a", InstanceState::Up);
+        i.version = "v1.2".into();
+        bad.push(i);
+        bad.push(instance("has space", InstanceState::Up));
+        let mut i = instance("a", InstanceState::Up);
+        i.capacity = 0;
+        bad.push(i);
+        let mut i = instance("a", InstanceState::Up);
+        i.address = "0.0.0.0:80".parse().unwrap();
+        bad.push(i);
+        for i in bad {
+            let e = r.register(1, i.clone(), t0).unwrap_err();
+            assert!(matches!(e, RegistryError::Invalid(_)), "{i:?}: {e}");
+        }
+        assert!(r.table().is_empty());
+        assert_eq!(r.table().revision, 0);
+    }
+
+    #[test]
+    fn subscribers_get_deltas_or_a_snapshot() {
+        let t0 = Instant::now();
+        let r = registry(t0);
+        r.register(1, instance("a", InstanceState::Up), t0).unwrap();
+        r.register(2, instance("b", InstanceState::Up), t0).unwrap();
+        match r.catch_up(Some(42), 1) {
+            Update::Deltas {
+                from, to, changes, ..
+            } => {
+                assert_eq!((from, to, changes.len()), (1, 2, 1));
+            }
+            other => panic!("expected deltas, got {other:?}"),
+        }
+        assert!(
+            matches!(r.catch_up(Some(7), 1), Update::Snapshot { revision: 2, ref instances, .. } if instances.len() == 2)
+        );
+        assert!(matches!(r.catch_up(None, 0), Update::Snapshot { .. }));
+    }
+
+    #[test]
+    fn changes_are_published_in_batches() {
+        let t0 = Instant::now();
+        let r = registry(t0);
+        let rx = r.subscribe();
+        r.register(1, instance("a", InstanceState::Up), t0).unwrap();
+        assert_eq!(r.publish_due(t0), Some(t0 + Duration::from_millis(100)));
+        assert_eq!(*rx.borrow(), 0, "not yet published");
+        assert_eq!(r.publish_due(t0 + Duration::from_millis(100)), None);
+        assert_eq!(*rx.borrow(), 1);
+        // A heartbeat without a state change is not a change.
+        r.heartbeat(
+            1,
+            &instance("a", InstanceState::Up).key(),
+            InstanceState::Up,
+            t0,
+        )
+        .unwrap();
+        assert_eq!(r.publish_due(t0), None);
+    }
+
+    #[test]
+    fn grace_period_and_jitter() {
+        let t0 = Instant::now();
+        let r = registry(t0);
+        assert!(r.in_grace_period(t0 + HB * 5));
+        assert!(!r.in_grace_period(t0 + HB * 6));
+        assert_eq!(jitter(HB, -1.0), Duration::from_millis(900));
+        assert_eq!(jitter(HB, 1.0), Duration::from_millis(1100));
+        assert_eq!(jitter(HB, 7.0), Duration::from_millis(1100));
+        for _ in 0..100 {
+            let d = r.next_heartbeat();
+            assert!(d >= Duration::from_millis(900) && d <= Duration::from_millis(1100));
+        }
+    }
+
+    #[test]
+    fn report_shows_ages() {
+        let t0 = Instant::now();
+        let r = registry(t0);
+        r.register(1, instance("a", InstanceState::Up), t0).unwrap();
+        let report = r.report(t0 + Duration::from_millis(500), 3_000);
+        assert_eq!(report.instances.len(), 1);
+        assert_eq!(report.instances[0].age_ms, 2_000);
+        assert_eq!(report.instances[0].last_heartbeat_ms_ago, Some(500));
+        assert!(report.in_grace_period);
+    }
+}

@@ -1,0 +1,214 @@
+//! The QUIC side of the directory: accept connections, accept streams, check the hello, and
+//! hand each stream to the agent ([`crate::registration`]) or sidecar
+//! ([`crate::subscription`]) conversation.
+//!
+//! Every stream starts with a hello carrying the protocol version and role; a version this
+//! directory does not speak, a missing hello, or anything malformed gets an error frame and
+//! the stream is closed. Nothing a peer sends can change state before it is validated.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, Instrument};
+use usher_shared::codec::{
+    read_frame, write_frame, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
+};
+use usher_shared::protocol::{DirectoryMessage, ErrorCode, NodeMessage, Role, PROTOCOL_VERSION};
+
+use crate::registry::Registry;
+
+/// A stream must say hello (and then register or subscribe) within this time.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound on writing one frame to a node; a node that does not read is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// QUIC application close code for a clean close.
+pub const CLOSE_OK: u32 = 0;
+
+/// Hands out a distinct id per stream (the owner of a registration).
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Accepts connections until `shutdown` fires; each connection and stream runs in a task
+/// tracked by `tracker`.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let peer = incoming.remote_address();
+        tracker.spawn(
+            connection(
+                incoming,
+                registry.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            )
+            .instrument(info_span!("connection", %peer)),
+        );
+    }
+}
+
+async fn connection(
+    incoming: quinn::Incoming,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(e) => {
+            debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    debug!("connection established");
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = shutdown.cancelled() => {
+                connection.close(CLOSE_OK.into(), b"directory shutting down");
+                return;
+            }
+            stream = connection.accept_bi() => match stream {
+                Ok(stream) => stream,
+                Err(e) => {
+                    debug!(reason = %e, "connection closed");
+                    return;
+                }
+            },
+        };
+        let span = info_span!("stream", id = %send.id());
+        tracker
+            .spawn(conversation(send, recv, registry.clone(), shutdown.clone()).instrument(span));
+    }
+}
+
+/// One stream: hello, welcome, then the role's conversation.
+async fn conversation(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) {
+    let hello = match read_first(&mut recv).await {
+        Ok(Some(NodeMessage::Hello(hello))) => hello,
+        Ok(Some(other)) => {
+            let message = format!("expected hello first, got {}", other.kind());
+            return refuse(&mut send, ErrorCode::UnexpectedMessage, message).await;
+        }
+        Ok(None) => return,
+        Err(refusal) => return refuse(&mut send, refusal.0, refusal.1).await,
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        let message = format!(
+            "this directory speaks protocol {PROTOCOL_VERSION}; the node speaks {}",
+            hello.protocol
+        );
+        return refuse(&mut send, ErrorCode::UnsupportedProtocol, message).await;
+    }
+    let epoch = registry.settings().epoch;
+    let welcome = DirectoryMessage::Welcome {
+        protocol: PROTOCOL_VERSION,
+        epoch,
+    };
+    if let Err(e) = write_bounded(&mut send, &welcome).await {
+        debug!(error = %e, "cannot send welcome");
+        return;
+    }
+    let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("node", role = %hello.role, node = %hello.node, session);
+    let stream = NodeStream { send, recv };
+    match hello.role {
+        Role::Agent => {
+            crate::registration::run(stream, session, registry, shutdown)
+                .instrument(span)
+                .await
+        }
+        Role::Sidecar => {
+            crate::subscription::run(stream, registry, shutdown)
+                .instrument(span)
+                .await
+        }
+    }
+}
+
+/// A refusal: the error code and a sentence for the node's log.
+pub(crate) struct Refusal(pub ErrorCode, pub String);
+
+impl From<FrameError> for Refusal {
+    fn from(e: FrameError) -> Self {
+        Refusal(ErrorCode::InvalidRequest, e.to_string())
+    }
+}
+
+/// Reads the first frame of a conversation step, bounded by [`HELLO_TIMEOUT`].
+pub(crate) async fn read_first(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<NodeMessage>, Refusal> {
+    match tokio::time::timeout(HELLO_TIMEOUT, read_frame(recv, MAX_NODE_FRAME)).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(Refusal(
+            ErrorCode::UnexpectedMessage,
+            format!("nothing received within {HELLO_TIMEOUT:?}"),
+        )),
+    }
+}
+
+/// The two halves of a node's stream after the welcome.
+pub(crate) struct NodeStream {
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+impl NodeStream {
+    pub async fn write(&mut self, msg: &DirectoryMessage) -> Result<(), FrameError> {
+        write_bounded(&mut self.send, msg).await
+    }
+
+    pub async fn refuse(&mut self, code: ErrorCode, message: impl Into<String>) {
+        refuse(&mut self.send, code, message).await
+    }
+}
+
+/// Writes one frame, bounded by [`WRITE_TIMEOUT`].
+pub(crate) async fn write_bounded(
+    send: &mut quinn::SendStream,
+    msg: &DirectoryMessage,
+) -> Result<(), FrameError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write_frame(send, msg, MAX_DIRECTORY_FRAME)).await {
+        Ok(result) => result,
+        Err(_) => Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the node read nothing for {WRITE_TIMEOUT:?}"),
+        ))),
+    }
+}
+
+/// Sends an error frame and finishes the stream (best effort: the node may be gone).
+pub(crate) async fn refuse(
+    send: &mut quinn::SendStream,
+    code: ErrorCode,
+    message: impl Into<String>,
+) {
+    let message = message.into();
+    info!(code = ?code, reason = %message, "refusing the node");
+    let frame = DirectoryMessage::Error { code, message };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        write_frame(send, &frame, MAX_DIRECTORY_FRAME),
+    )
+    .await;
+    let _ = send.finish();
+}

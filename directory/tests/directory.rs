@@ -1,0 +1,439 @@
+//! In-process tests: `run()` on loopback port 0, with real QUIC clients speaking the protocol.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use usher_directory::{Config, Listeners};
+use usher_shared::codec::{read_frame, write_frame, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
+use usher_shared::protocol::{DirectoryMessage, ErrorCode, Hello, NodeMessage, Registration, Role};
+use usher_shared::routes::{Instance, InstanceState, RouteTable};
+use usher_shared::session::{client_endpoint, open, Session};
+
+const HEARTBEAT: Duration = Duration::from_millis(100);
+
+struct Running {
+    quic: String,
+    admin: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    endpoint: quinn::Endpoint,
+}
+
+async fn start(state_dir: &Path) -> Running {
+    let config = Config::for_tests(state_dir, HEARTBEAT);
+    let quic = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let quic_addr = quic.local_addr().unwrap().to_string();
+    let admin_addr = admin.local_addr().unwrap().to_string();
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        usher_directory::run(config, Listeners { quic, admin }, token)
+            .await
+            .unwrap()
+    });
+    let ca = state_dir.join("ca.pem");
+    for _ in 0..200 {
+        if ca.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let endpoint = client_endpoint(&std::fs::read(&ca).unwrap()).unwrap();
+    Running {
+        quic: quic_addr,
+        admin: admin_addr,
+        shutdown,
+        task,
+        endpoint,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("run returns after shutdown")
+            .unwrap();
+    }
+
+    async fn session(&self, role: Role) -> Session {
+        open(&self.endpoint, &self.quic, role, "test/1")
+            .await
+            .unwrap()
+    }
+}
+
+fn instance(id: &str, state: InstanceState) -> Instance {
+    Instance {
+        service: "web".into(),
+        version: "v1".into(),
+        id: id.into(),
+        address: "127.0.0.1:8080".parse().unwrap(),
+        capacity: 4,
+        weight: 1,
+        state,
+        started_at_ms: usher_shared::unix_millis(),
+        labels: BTreeMap::new(),
+    }
+}
+
+async fn recv(session: &mut Session) -> DirectoryMessage {
+    tokio::time::timeout(Duration::from_secs(5), session.recv())
+        .await
+        .expect("a frame in time")
+        .unwrap()
+}
+
+async fn register(running: &Running, i: Instance) -> Session {
+    let mut agent = running.session(Role::Agent).await;
+    agent
+        .send(&NodeMessage::Register(Registration { instance: i }))
+        .await
+        .unwrap();
+    match recv(&mut agent).await {
+        DirectoryMessage::Registered {
+            next_heartbeat_ms,
+            ttl_ms,
+        } => {
+            assert!(
+                (90..=110).contains(&next_heartbeat_ms),
+                "{next_heartbeat_ms}"
+            );
+            assert_eq!(ttl_ms, 300);
+        }
+        other => panic!("expected registered, got {other:?}"),
+    }
+    agent
+}
+
+/// Reads frames into `table` until `done` holds.
+async fn follow(sidecar: &mut Session, table: &mut RouteTable, done: impl Fn(&RouteTable) -> bool) {
+    let mut chunks: Vec<Instance> = Vec::new();
+    while !done(table) {
+        match recv(sidecar).await {
+            DirectoryMessage::SnapshotChunk {
+                epoch,
+                revision,
+                instances,
+                last,
+            } => {
+                chunks.extend(instances);
+                if last {
+                    *table =
+                        RouteTable::from_snapshot(epoch, revision, std::mem::take(&mut chunks));
+                }
+            }
+            DirectoryMessage::Deltas {
+                epoch,
+                from_revision,
+                to_revision,
+                changes,
+            } => table
+                .apply_deltas(epoch, from_revision, to_revision, changes)
+                .unwrap(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn state_of(table: &RouteTable, id: &str) -> Option<InstanceState> {
+    table.instances().find(|i| i.id == id).map(|i| i.state)
+}
+
+#[tokio::test]
+async fn agents_register_sidecars_follow_and_silence_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path()).await;
+    let mut agent = register(&d, instance("a", InstanceState::Starting)).await;
+
+    let mut sidecar = d.session(Role::Sidecar).await;
+    sidecar
+        .send(&NodeMessage::Subscribe {
+            epoch: None,
+            revision: 0,
+        })
+        .await
+        .unwrap();
+    let mut table = RouteTable::default();
+    follow(&mut sidecar, &mut table, |t| {
+        state_of(t, "a") == Some(InstanceState::Starting)
+    })
+    .await;
+    assert_eq!(table.epoch, sidecar.epoch);
+
+    // A health change reaches the sidecar as a delta.
+    agent
+        .send(&NodeMessage::Heartbeat {
+            state: InstanceState::Up,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        recv(&mut agent).await,
+        DirectoryMessage::HeartbeatAck { .. }
+    ));
+    follow(&mut sidecar, &mut table, |t| {
+        state_of(t, "a") == Some(InstanceState::Up)
+    })
+    .await;
+
+    // The admin API shows it.
+    let body = admin_get(&d.admin, "/v1/routes").await;
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["instances"][0]["state"], "up");
+    assert_eq!(doc["instances"][0]["id"], "a");
+
+    // Silence: the TTL (300 ms) lapses and the instance is withdrawn.
+    let started = std::time::Instant::now();
+    follow(&mut sidecar, &mut table, |t| t.is_empty()).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // Its heartbeat is now refused: it must register again.
+    agent
+        .send(&NodeMessage::Heartbeat {
+            state: InstanceState::Up,
+        })
+        .await
+        .unwrap();
+    assert!(agent.recv().await.is_err());
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn deregister_withdraws_at_once_and_resume_gets_only_deltas() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path()).await;
+    let mut agent = register(&d, instance("a", InstanceState::Up)).await;
+    let mut sidecar = d.session(Role::Sidecar).await;
+    sidecar
+        .send(&NodeMessage::Subscribe {
+            epoch: None,
+            revision: 0,
+        })
+        .await
+        .unwrap();
+    let mut table = RouteTable::default();
+    follow(&mut sidecar, &mut table, |t| t.len() == 1).await;
+    sidecar.close("test");
+
+    // Changes while the sidecar is away.
+    let _b = register(&d, instance("b", InstanceState::Up)).await;
+    agent.send(&NodeMessage::Deregister).await.unwrap();
+    let _ = agent.send.finish();
+
+    let mut sidecar = d.session(Role::Sidecar).await;
+    sidecar
+        .send(&NodeMessage::Subscribe {
+            epoch: Some(table.epoch),
+            revision: table.revision,
+        })
+        .await
+        .unwrap();
+    // Only deltas (a snapshot would panic in apply_deltas' place: follow accepts both, so
+    // check the first frame explicitly).
+    match recv(&mut sidecar).await {
+        DirectoryMessage::Deltas {
+            epoch,
+            from_revision,
+            to_revision,
+            changes,
+        } => {
+            assert_eq!(from_revision, table.revision);
+            table
+                .apply_deltas(epoch, from_revision, to_revision, changes)
+                .unwrap();
+        }
+        other => panic!("expected deltas, got {other:?}"),
+    }
+    follow(&mut sidecar, &mut table, |t| {
+        state_of(t, "a").is_none() && state_of(t, "b").is_some()
+    })
+    .await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_ca_and_holds_updates_for_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path()).await;
+    let _agent = register(&d, instance("a", InstanceState::Up)).await;
+    let mut sidecar = d.session(Role::Sidecar).await;
+    sidecar
+        .send(&NodeMessage::Subscribe {
+            epoch: None,
+            revision: 0,
+        })
+        .await
+        .unwrap();
+    let mut table = RouteTable::default();
+    follow(&mut sidecar, &mut table, |t| t.len() == 1).await;
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    d.stop().await;
+
+    let d = start(dir.path()).await;
+    assert_eq!(
+        std::fs::read(dir.path().join("ca.pem")).unwrap(),
+        ca,
+        "CA reused"
+    );
+    let mut sidecar = d.session(Role::Sidecar).await;
+    assert_ne!(sidecar.epoch, table.epoch);
+    let asked = std::time::Instant::now();
+    sidecar
+        .send(&NodeMessage::Subscribe {
+            epoch: Some(table.epoch),
+            revision: table.revision,
+        })
+        .await
+        .unwrap();
+    // The old table's instance has not rejoined; the sidecar hears nothing until the grace
+    // period (600 ms) ends, then gets the (empty) new table.
+    match recv(&mut sidecar).await {
+        DirectoryMessage::SnapshotChunk {
+            epoch,
+            instances,
+            last: true,
+            ..
+        } => {
+            assert_eq!(epoch, sidecar.epoch);
+            assert!(instances.is_empty());
+        }
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+    let waited = asked.elapsed();
+    assert!(
+        waited >= Duration::from_millis(450),
+        "snapshot after {waited:?}"
+    );
+    d.stop().await;
+}
+
+/// Opens a raw stream (no session helper) to send arbitrary bytes.
+async fn raw_stream(d: &Running) -> (quinn::SendStream, quinn::RecvStream) {
+    let addr = d.quic.parse().unwrap();
+    let conn = d
+        .endpoint
+        .connect(addr, usher_shared::quic::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    conn.open_bi().await.unwrap()
+}
+
+/// What the directory answers: an error frame's code, or `None` if it just closed.
+async fn answer(recv: &mut quinn::RecvStream) -> Option<ErrorCode> {
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        read_frame::<_, DirectoryMessage>(recv, MAX_DIRECTORY_FRAME),
+    )
+    .await
+    .expect("the directory answers in time")
+    {
+        Ok(Some(DirectoryMessage::Error { code, .. })) => Some(code),
+        Ok(Some(other)) => panic!("unexpected {other:?}"),
+        Ok(None) | Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn hostile_input_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path()).await;
+
+    // Garbage instead of a frame.
+    let (mut send, mut recv) = raw_stream(&d).await;
+    send.write_all(b"\x00\x00\x00\x05hello").await.unwrap();
+    assert_eq!(answer(&mut recv).await, Some(ErrorCode::InvalidRequest));
+
+    // An oversized header: refused before anything is allocated.
+    let (mut send, mut recv) = raw_stream(&d).await;
+    send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    assert_eq!(answer(&mut recv).await, Some(ErrorCode::InvalidRequest));
+
+    // A protocol version the directory does not speak.
+    let (mut send, mut recv) = raw_stream(&d).await;
+    let hello = NodeMessage::Hello(Hello {
+        protocol: 99,
+        role: Role::Agent,
+        node: "x".into(),
+    });
+    write_frame(&mut send, &hello, MAX_NODE_FRAME)
+        .await
+        .unwrap();
+    assert_eq!(
+        answer(&mut recv).await,
+        Some(ErrorCode::UnsupportedProtocol)
+    );
+
+    // Register before hello; subscribe as an agent; register as a sidecar.
+    let (mut send, mut recv) = raw_stream(&d).await;
+    let registration = NodeMessage::Register(Registration {
+        instance: instance("x", InstanceState::Up),
+    });
+    write_frame(&mut send, &registration, MAX_NODE_FRAME)
+        .await
+        .unwrap();
+    assert_eq!(answer(&mut recv).await, Some(ErrorCode::UnexpectedMessage));
+    let mut agent = d.session(Role::Agent).await;
+    agent
+        .send(&NodeMessage::Subscribe {
+            epoch: None,
+            revision: 0,
+        })
+        .await
+        .unwrap();
+    assert!(agent.recv().await.is_err());
+    let mut sidecar = d.session(Role::Sidecar).await;
+    sidecar.send(&registration).await.unwrap();
+    assert!(sidecar.recv().await.is_err());
+
+    // An invalid registration.
+    let mut agent = d.session(Role::Agent).await;
+    let mut bad = instance("x", InstanceState::Up);
+    bad.service = "Not A Label".into();
+    agent
+        .send(&NodeMessage::Register(Registration { instance: bad }))
+        .await
+        .unwrap();
+    let e = agent.recv().await.unwrap_err().to_string();
+    assert!(e.contains("service"), "{e}");
+
+    // Raw UDP garbage at the QUIC port.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for size in [1usize, 100, 1200, 1500] {
+        udp.send_to(&vec![0xAB; size], &d.quic).unwrap();
+    }
+
+    // Nothing changed and the directory still serves.
+    let body = admin_get(&d.admin, "/v1/routes").await;
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["revision"], 0);
+    assert!(doc["instances"].as_array().unwrap().is_empty());
+    let _ok = register(&d, instance("good", InstanceState::Up)).await;
+    d.stop().await;
+}
+
+/// A minimal HTTP/1.0 GET against the admin port.
+async fn admin_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
+}
