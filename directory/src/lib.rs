@@ -87,15 +87,17 @@ pub async fn run(
         .quic
         .local_addr()
         .map_err(DirectoryError::Endpoint)?;
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &credentials.reset_secret);
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        quinn::EndpointConfig::new(Arc::new(reset_key)),
         Some(server_config),
         listeners.quic,
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(DirectoryError::Endpoint)?;
 
-    let epoch: u64 = rand::random();
+    // 53 bits, so the epoch survives JSON tools that read numbers as doubles.
+    let epoch: u64 = rand::random::<u64>() >> 11;
     let registry = Arc::new(Registry::new(Settings {
         epoch,
         heartbeat_interval: config.heartbeat_interval,

@@ -65,6 +65,10 @@ pub struct Credentials {
     pub key_pem: String,
     /// Whether the CA was created by this call.
     pub created_ca: bool,
+    /// A secret that is the same on every start with this CA: the QUIC stateless-reset key
+    /// derives from it, so after a restart the directory's resets for its previous run's
+    /// connections are believed and nodes reconnect at once instead of after an idle timeout.
+    pub reset_secret: [u8; 32],
 }
 
 /// Loads the CA from `state_dir` (creating it, and the directory, on first start) and issues a
@@ -115,7 +119,12 @@ pub fn load_or_create(state_dir: &Path) -> Result<Credentials, PkiError> {
         .push(DnType::CommonName, SERVER_NAME);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let server_cert = params.signed_by(&server_key, &ca_cert, &ca_key)?;
+    let mut seed = b"usher stateless reset\0".to_vec();
+    seed.extend_from_slice(ca_key.serialize_der().as_slice());
+    let mut reset_secret = [0u8; 32];
+    reset_secret.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &seed).as_ref());
     Ok(Credentials {
+        reset_secret,
         chain_pem: format!("{}{}", server_cert.pem(), ca_pem),
         ca_pem,
         key_pem: server_key.serialize_pem(),

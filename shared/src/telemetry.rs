@@ -11,10 +11,12 @@ pub fn init() {
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(terminal)
         .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() || std::env::var_os("USHER_LOG_TEXT").is_some() {
+    if terminal || std::env::var_os("USHER_LOG_TEXT").is_some() {
         builder.init();
     } else {
         builder.json().flatten_event(true).init();
