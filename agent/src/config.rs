@@ -16,7 +16,7 @@ use std::time::Duration;
 use clap::Parser;
 use http::uri::PathAndQuery;
 use thiserror::Error;
-use usher_shared::names::{validate_instance_id, validate_label, NameError};
+use usher_shared::names::{validate_host_port, validate_instance_id, validate_label, NameError};
 
 /// The directory's batching period (SwarmKit: 100 changes or 100 ms): `--drain-time` must be
 /// longer, so sidecars learn about `draining` before the instance goes away.
@@ -370,20 +370,7 @@ impl Config {
 
 /// `host:port` with a non-empty host and a numeric port.
 fn validate_directory(addr: &str) -> Result<(), ConfigError> {
-    let Some((host, port)) = addr.rsplit_once(':') else {
-        return Err(invalid("directory", addr, "expected host:port"));
-    };
-    if host.is_empty() || host == "[]" {
-        return Err(invalid("directory", addr, "the host is empty"));
-    }
-    if port.parse::<u16>().map_or(true, |p| p == 0) {
-        return Err(invalid(
-            "directory",
-            addr,
-            "the port must be a number from 1 to 65535",
-        ));
-    }
-    Ok(())
+    validate_host_port(addr).map_err(|reason| invalid("directory", addr, reason))
 }
 
 /// Parses `KEY=VALUE` labels: keys of visible ASCII, 1–253 bytes; values up to 1024 bytes

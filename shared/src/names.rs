@@ -52,6 +52,21 @@ pub fn validate_instance_id(id: &str) -> Result<(), NameError> {
     }
 }
 
+/// Checks a `host:port` address (a name or an IP literal, port 1–65535) without resolving it.
+/// The error is a sentence without the flag name.
+pub fn validate_host_port(addr: &str) -> Result<(), String> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err("expected host:port".into());
+    };
+    if host.is_empty() || host == "[]" {
+        return Err("the host is empty".into());
+    }
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err("the port must be a number from 1 to 65535".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +88,15 @@ mod tests {
         assert_eq!(validate_label("-web"), Err(NameError::EdgeHyphen));
         assert_eq!(validate_label("web-"), Err(NameError::EdgeHyphen));
         assert_eq!(validate_label("wéb"), Err(NameError::BadCharacter('é')));
+    }
+
+    #[test]
+    fn host_ports() {
+        assert!(validate_host_port("directory.internal:7400").is_ok());
+        assert!(validate_host_port("[::1]:7400").is_ok());
+        for bad in ["nohost", ":7400", "host:0", "host:http", "[]:1"] {
+            assert!(validate_host_port(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,1 +1,170 @@
-pub fn x(){}
+//! `usher-sidecar`: runs beside each client process. It keeps a replica of the directory's
+//! route table (persisted, so a directory outage never stops traffic) and proxies the client's
+//! plain HTTP to a reserved, healthy instance (Baker: clients replicate the routes; Waiter:
+//! determine the service, reserve an instance, send, release).
+//!
+//! Shutdown (SIGTERM/SIGINT): stop accepting, let in-flight requests finish (up to
+//! [`DRAIN_TIMEOUT`]), close the directory connection with a reason, persist, exit 0.
+//!
+//! # Layout
+//!
+//! - [`config`]: flags (`USHER_SIDECAR_*`) and the validated [`Config`].
+//! - [`replica`]: the table snapshot, where it came from, `routes.json` persistence.
+//! - [`subscription`]: follow the directory forever (snapshot, deltas, reconnect).
+//! - [`route`]: which service version a request is for (pure).
+//! - [`reserver`]: per service version slots, queueing and ejection (Waiter).
+//! - [`pool`] and [`proxy`]: keep-alive connections to instances and the HTTP proxy.
+//! - [`admin`]: `GET /healthz`, `GET /v1/routes`.
+//! - [`run`]: wires them together; `main.rs` only parses, binds and maps the exit code.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod pool;
+pub mod proxy;
+pub mod replica;
+pub mod reserver;
+pub mod route;
+pub mod subscription;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, info_span, warn, Instrument};
+
+pub use crate::config::{Config, ConfigError};
+use crate::proxy::{Limits, Proxy};
+use crate::replica::Replica;
+
+/// How long in-flight requests get to finish at shutdown.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the sidecar could not start.
+#[derive(Debug, Error)]
+pub enum SidecarError {
+    #[error("cannot read the CA certificate {path}: {source}")]
+    ReadCa {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot use the CA certificate {path}: {source}")]
+    BadCa {
+        path: PathBuf,
+        #[source]
+        source: usher_shared::quic::TlsError,
+    },
+    #[error("cannot open a QUIC endpoint: {0}")]
+    Endpoint(#[source] std::io::Error),
+}
+
+/// Sockets the caller bound (tests bind port 0 and read the real ports back).
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+}
+
+/// Runs the sidecar until `shutdown` fires, then drains and returns. Errors only at startup
+/// (the CA cannot be read or used, no UDP socket).
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), SidecarError> {
+    let ca = std::fs::read(&config.ca).map_err(|source| SidecarError::ReadCa {
+        path: config.ca.clone(),
+        source,
+    })?;
+    usher_shared::quic::client_config(&ca).map_err(|source| SidecarError::BadCa {
+        path: config.ca.clone(),
+        source,
+    })?;
+    let endpoint = usher_shared::session::client_endpoint(&ca).map_err(SidecarError::Endpoint)?;
+    let replica = Arc::new(Replica::new(Arc::default()));
+    replica.load_from_disk(&config.state_dir);
+    let proxy = Arc::new(Proxy::new(
+        replica.clone(),
+        Limits {
+            queue_timeout: config.queue_timeout,
+            max_queued: config.max_queued,
+            instance_timeout: config.instance_timeout,
+            connect_timeout: config.connect_timeout,
+        },
+    ));
+    serve(config, listeners, shutdown, endpoint, replica, proxy).await;
+    Ok(())
+}
+
+/// Runs every task of a started sidecar until `shutdown`.
+async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    endpoint: quinn::Endpoint,
+    replica: Arc<Replica>,
+    proxy: Arc<Proxy>,
+) {
+    let tracker = TaskTracker::new();
+    let background = CancellationToken::new();
+    let proxy_addr = listeners.proxy.local_addr().ok();
+    let admin_addr = listeners.admin.local_addr().ok();
+    let requests = TaskTracker::new();
+    tracker.spawn(
+        proxy::serve(listeners.proxy, proxy, shutdown.clone(), requests.clone())
+            .instrument(info_span!("proxy")),
+    );
+    tracker.spawn(
+        usher_shared::admin::serve(
+            listeners.admin,
+            admin::handler(replica.clone()),
+            background.clone(),
+            tracker.clone(),
+        )
+        .instrument(info_span!("admin")),
+    );
+    tracker.spawn(
+        subscription::run(
+            endpoint.clone(),
+            config.directory.clone(),
+            replica.clone(),
+            background.clone(),
+        )
+        .instrument(info_span!("directory", directory = %config.directory)),
+    );
+    tracker.spawn(
+        replica::persist(
+            replica.clone(),
+            config.state_dir.clone(),
+            background.clone(),
+        )
+        .instrument(info_span!("persist")),
+    );
+    info!(proxy = ?proxy_addr, admin = ?admin_addr, directory = %config.directory,
+          source = replica.source().as_str(), "usher-sidecar serving");
+
+    shutdown.cancelled().await;
+    info!("shutting down: finishing in-flight requests");
+    requests.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, requests.wait())
+        .await
+        .is_err()
+    {
+        warn!(after = ?DRAIN_TIMEOUT, "some requests did not finish in time");
+    }
+    background.cancel();
+    endpoint.close(0u32.into(), b"sidecar shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(3), tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("some tasks did not finish in time");
+    }
+    info!("usher-sidecar stopped");
+}

@@ -1,0 +1,200 @@
+//! The sidecar's command line (clap, every flag also read from `USHER_SIDECAR_*`) and the
+//! typed, validated [`Config`] built from it by a pure function.
+//!
+//! ```text
+//! usher-sidecar --directory ADDR --ca FILE [--listen ADDR] [--admin ADDR] [--state-dir DIR]
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use thiserror::Error;
+use usher_shared::names::validate_host_port;
+
+/// The sidecar's flags as clap parses them; see [`Config::from_args`] for the checks.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "usher-sidecar",
+    version,
+    about = "Proxies a client's plain HTTP to healthy service instances, with a replica of the \
+             usher directory's route table."
+)]
+pub struct Args {
+    /// The directory's QUIC address, `host:port`.
+    #[arg(long, env = "USHER_SIDECAR_DIRECTORY", value_name = "ADDR")]
+    pub directory: String,
+
+    /// The cluster CA certificate (PEM; the directory's `ca.pem`).
+    #[arg(long, env = "USHER_SIDECAR_CA", value_name = "FILE")]
+    pub ca: PathBuf,
+
+    /// The HTTP proxy address clients send to.
+    #[arg(
+        long,
+        env = "USHER_SIDECAR_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:7410"
+    )]
+    pub listen: SocketAddr,
+
+    /// Admin HTTP address (`/healthz`, `/v1/routes`).
+    #[arg(
+        long,
+        env = "USHER_SIDECAR_ADMIN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:7411"
+    )]
+    pub admin: SocketAddr,
+
+    /// Where the last route table is persisted (`routes.json`); created if missing.
+    #[arg(
+        long,
+        env = "USHER_SIDECAR_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/usher/sidecar"
+    )]
+    pub state_dir: PathBuf,
+
+    /// How long a request waits for a free instance before `503`.
+    #[arg(long, env = "USHER_SIDECAR_QUEUE_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub queue_timeout: Duration,
+
+    /// Requests that may wait per service version before `503 queue full`.
+    #[arg(
+        long,
+        env = "USHER_SIDECAR_MAX_QUEUED",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub max_queued: usize,
+
+    /// Time to an instance's response headers before `504`.
+    #[arg(long, env = "USHER_SIDECAR_INSTANCE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub instance_timeout: Duration,
+
+    /// Bound on a TCP connect to an instance.
+    #[arg(long, env = "USHER_SIDECAR_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+}
+
+/// The sidecar's validated configuration. Tests build it directly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The directory's QUIC address, `host:port` (resolved at each connect).
+    pub directory: String,
+    pub ca: PathBuf,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub state_dir: PathBuf,
+    pub queue_timeout: Duration,
+    pub max_queued: usize,
+    pub instance_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// A flag with a value the sidecar refuses; the message names the flag.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("--{flag} {value}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+fn positive(flag: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError {
+            flag,
+            value: "0s".into(),
+            reason: "must be more than zero".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Builds and validates the configuration from parsed flags. Pure.
+    ///
+    /// Errors name the flag: a directory address that is not `host:port`, a zero duration or
+    /// a zero `--max-queued`.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        validate_host_port(&args.directory).map_err(|reason| ConfigError {
+            flag: "directory",
+            value: args.directory.clone(),
+            reason,
+        })?;
+        positive("queue-timeout", args.queue_timeout)?;
+        positive("instance-timeout", args.instance_timeout)?;
+        positive("connect-timeout", args.connect_timeout)?;
+        if args.max_queued == 0 {
+            return Err(ConfigError {
+                flag: "max-queued",
+                value: "0".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            directory: args.directory,
+            ca: args.ca,
+            listen: args.listen,
+            admin: args.admin,
+            state_dir: args.state_dir,
+            queue_timeout: args.queue_timeout,
+            max_queued: args.max_queued,
+            instance_timeout: args.instance_timeout,
+            connect_timeout: args.connect_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, String> {
+        let args = [
+            "usher-sidecar",
+            "--directory",
+            "127.0.0.1:7400",
+            "--ca",
+            "ca.pem",
+        ]
+        .iter()
+        .chain(extra);
+        let args = Args::try_parse_from(args).map_err(|e| e.to_string())?;
+        Config::from_args(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7410".parse().unwrap());
+        assert_eq!(c.admin, "127.0.0.1:7411".parse().unwrap());
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/usher/sidecar"));
+        assert_eq!(c.queue_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_queued, 1000);
+        assert_eq!(c.instance_timeout, Duration::from_secs(60));
+        assert_eq!(c.connect_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for (flags, named) in [
+            (&["--queue-timeout", "0s"][..], "--queue-timeout"),
+            (&["--queue-timeout", "later"][..], "--queue-timeout"),
+            (&["--max-queued", "0"][..], "--max-queued"),
+            (&["--instance-timeout", "0ms"][..], "--instance-timeout"),
+            (&["--connect-timeout", "0s"][..], "--connect-timeout"),
+            (&["--listen", "localhost"][..], "--listen"),
+        ] {
+            let e = parse(flags).unwrap_err();
+            assert!(e.contains(named), "{flags:?}: {e}");
+        }
+        let args =
+            Args::try_parse_from(["usher-sidecar", "--directory", "nowhere", "--ca", "x"]).unwrap();
+        let e = Config::from_args(args).unwrap_err().to_string();
+        assert!(e.contains("--directory"), "{e}");
+    }
+}

@@ -1,0 +1,62 @@
+//! The `usher-sidecar` binary: parse flags, install logging, bind the proxy and admin ports,
+//! run until SIGTERM/SIGINT, and map the outcome to an exit code (0 after a signal, 1 on a
+//! startup error, 2 on bad flags).
+
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use usher_shared::{signals, telemetry};
+use usher_sidecar::config::{Args, Config};
+use usher_sidecar::Listeners;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::from_args(Args::parse()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("usher-sidecar: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init();
+    match serve(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "usher-sidecar failed");
+            eprintln!("usher-sidecar: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let proxy = TcpListener::bind(config.listen).await.map_err(|e| {
+        anyhow!(
+            "cannot bind the proxy address {} (--listen): {e}",
+            config.listen
+        )
+    })?;
+    let admin = TcpListener::bind(config.admin).await.map_err(|e| {
+        anyhow!(
+            "cannot bind the admin address {} (--admin): {e}",
+            config.admin
+        )
+    })?;
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        match signals::shutdown_signal().await {
+            Ok(signal) => {
+                info!(signal, "shutdown requested");
+                on_signal.cancel();
+            }
+            Err(e) => error!(error = %e, "cannot install signal handlers"),
+        }
+    });
+    usher_sidecar::run(config, Listeners { proxy, admin }, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,307 @@
+//! The sidecar's replica of the route table (Baker: clients replicate the routes).
+//!
+//! The table is an immutable snapshot swapped atomically, so the request path reads it without
+//! a lock. It comes from the directory (snapshot, then deltas), or at startup from
+//! `routes.json` in the state directory when the directory is unreachable; every table from
+//! the directory is persisted there (temp file + rename), off the request path.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+use usher_shared::routes::{Instance, RouteTable};
+
+use crate::reserver::Reservers;
+
+/// File name of the persisted table in the state directory.
+pub const ROUTES_FILE: &str = "routes.json";
+
+/// Where the table the sidecar routes with came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// No table yet.
+    None = 0,
+    /// Loaded from `routes.json` at startup.
+    Disk = 1,
+    /// Received from the directory.
+    Directory = 2,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::None => "none",
+            Source::Disk => "disk",
+            Source::Directory => "directory",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Source::Disk,
+            2 => Source::Directory,
+            _ => Source::None,
+        }
+    }
+}
+
+/// Why the persisted table could not be read or written.
+#[derive(Debug, Error)]
+pub enum PersistError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a route table: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `routes.json`: the table as a list (JSON keys must be strings, table keys are not).
+#[derive(Debug, Serialize, Deserialize)]
+struct Persisted {
+    epoch: u64,
+    revision: u64,
+    instances: Vec<Instance>,
+}
+
+/// Reads `routes.json` from `dir`; `Ok(None)` if there is none.
+pub fn load(dir: &Path) -> Result<Option<RouteTable>, PersistError> {
+    let path = dir.join(ROUTES_FILE);
+    let data = match std::fs::read(&path) {
+        Ok(data) => data,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(PersistError::Read { path, source }),
+    };
+    let persisted: Persisted =
+        serde_json::from_slice(&data).map_err(|source| PersistError::Parse { path, source })?;
+    Ok(Some(RouteTable::from_snapshot(
+        persisted.epoch,
+        persisted.revision,
+        persisted.instances,
+    )))
+}
+
+/// Writes `table` to `routes.json` in `dir` atomically: a temp file, fsync, rename.
+pub fn save(dir: &Path, table: &RouteTable) -> Result<(), PersistError> {
+    use std::io::Write;
+    let path = dir.join(ROUTES_FILE);
+    let tmp = dir.join(format!("{ROUTES_FILE}.tmp"));
+    let err = |at: &Path| {
+        let path = at.to_path_buf();
+        move |source| PersistError::Write { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(err(dir))?;
+    let persisted = Persisted {
+        epoch: table.epoch,
+        revision: table.revision,
+        instances: table.instances().cloned().collect(),
+    };
+    let data = serde_json::to_vec(&persisted).map_err(|e| err(&path)(e.into()))?;
+    let mut file = std::fs::File::create(&tmp).map_err(err(&tmp))?;
+    file.write_all(&data).map_err(err(&tmp))?;
+    file.sync_all().map_err(err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(err(&path))
+}
+
+/// The current table, where it came from, and whether the directory is connected.
+#[derive(Debug)]
+pub struct Replica {
+    table: ArcSwap<RouteTable>,
+    source: AtomicU8,
+    connected: AtomicBool,
+    reservers: Arc<Reservers>,
+    /// Bumped on every table from the directory; the persister follows it.
+    received: watch::Sender<u64>,
+}
+
+impl Replica {
+    /// An empty replica (source `none`) whose changes are pushed to `reservers`.
+    pub fn new(reservers: Arc<Reservers>) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(RouteTable::default()),
+            source: AtomicU8::new(Source::None as u8),
+            connected: AtomicBool::new(false),
+            reservers,
+            received: watch::channel(0).0,
+        }
+    }
+
+    /// The table to route with (lock-free).
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    pub fn source(&self) -> Source {
+        Source::from_u8(self.source.load(Ordering::Acquire))
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Release);
+    }
+
+    pub fn reservers(&self) -> &Arc<Reservers> {
+        &self.reservers
+    }
+
+    /// What to send in `Subscribe`: the held epoch (`None` without a table) and revision.
+    pub fn held(&self) -> (Option<u64>, u64) {
+        let table = self.table();
+        match self.source() {
+            Source::None => (None, 0),
+            _ => (Some(table.epoch), table.revision),
+        }
+    }
+
+    /// Routes with `table` from now on.
+    pub fn set(&self, table: RouteTable, source: Source) {
+        self.reservers.sync(&table);
+        self.table.store(Arc::new(table));
+        self.source.store(source as u8, Ordering::Release);
+        if source == Source::Directory {
+            self.received.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Loads `routes.json` from `dir` into an empty replica. A missing or unreadable file is
+    /// not an error: the sidecar then waits for the directory.
+    pub fn load_from_disk(&self, dir: &Path) {
+        match load(dir) {
+            Ok(Some(table)) => {
+                info!(
+                    instances = table.len(),
+                    epoch = table.epoch,
+                    revision = table.revision,
+                    "loaded the persisted route table"
+                );
+                self.set(table, Source::Disk);
+            }
+            Ok(None) => debug!("no persisted route table"),
+            Err(e) => warn!(error = %e, "ignoring the persisted route table"),
+        }
+    }
+}
+
+/// Persists every table received from the directory to `dir`, coalescing bursts, until
+/// `shutdown`; then writes the last one.
+pub async fn persist(replica: Arc<Replica>, dir: PathBuf, shutdown: CancellationToken) {
+    let mut received = replica.received.subscribe();
+    let mut saved = 0u64;
+    let mut stop = false;
+    loop {
+        let current = *received.borrow_and_update();
+        if current != saved {
+            saved = current;
+            let table = replica.table();
+            let dir = dir.clone();
+            match tokio::task::spawn_blocking(move || save(&dir, &table)).await {
+                Ok(Ok(())) => debug!("persisted the route table"),
+                Ok(Err(e)) => warn!(error = %e, "cannot persist the route table"),
+                Err(e) => warn!(error = %e, "the persisting task failed"),
+            }
+        }
+        if stop {
+            return;
+        }
+        stop = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            changed = received.changed() => changed.is_err(),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use usher_shared::routes::{Change, InstanceState};
+
+    fn table() -> RouteTable {
+        let mut t = RouteTable::new(77);
+        t.apply(Change::Upsert(Instance {
+            service: "web".into(),
+            version: "v1".into(),
+            id: "a".into(),
+            address: "127.0.0.1:9".parse().unwrap(),
+            capacity: 2,
+            weight: 1,
+            state: InstanceState::Up,
+            started_at_ms: 5,
+            labels: BTreeMap::new(),
+        }));
+        t.revision = 3;
+        t
+    }
+
+    #[test]
+    fn the_table_round_trips_through_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        assert!(load(&state).unwrap().is_none());
+        save(&state, &table()).unwrap();
+        assert_eq!(load(&state).unwrap(), Some(table()));
+        assert!(!state.join("routes.json.tmp").exists());
+
+        let replica = Replica::new(Arc::default());
+        assert_eq!(replica.held(), (None, 0));
+        replica.load_from_disk(&state);
+        assert_eq!(replica.source(), Source::Disk);
+        assert_eq!(replica.held(), (Some(77), 3));
+        assert_eq!(replica.table().len(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(ROUTES_FILE), b"{ not json").unwrap();
+        let e = load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("routes.json"), "{e}");
+        let replica = Replica::new(Arc::default());
+        replica.load_from_disk(dir.path());
+        assert_eq!(replica.source(), Source::None);
+        assert!(replica.table().is_empty());
+    }
+
+    #[tokio::test]
+    async fn tables_from_the_directory_are_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let replica = Arc::new(Replica::new(Arc::default()));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(persist(
+            replica.clone(),
+            dir.path().to_path_buf(),
+            shutdown.clone(),
+        ));
+        replica.set(table(), Source::Directory);
+        for _ in 0..100 {
+            if load(dir.path()).unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(load(dir.path()).unwrap(), Some(table()));
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}

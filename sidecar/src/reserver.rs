@@ -1,0 +1,606 @@
+//! Instance reservation (Waiter): one [`Reserver`] per service version, holding per instance
+//! its slots (the instance's capacity) and how many are in use.
+//!
+//! A request reserves a slot before it is sent and releases it when its [`Reservation`] is
+//! dropped (the response body ended, or the client went away), so a slot cannot leak. With no
+//! free slot the request waits in a bounded queue up to the queue timeout. An instance whose
+//! connection fails is ejected locally with backoff (Waiter: 10 s doubling to 300 s), cleared
+//! by a success. If every routable instance is ejected, they are used anyway ("panic mode"),
+//! so a blip never black-holes a service.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rand::Rng;
+use thiserror::Error;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use usher_shared::routes::{Instance, InstanceKey, RouteTable};
+
+/// First ejection after a connection failure (Waiter).
+pub const EJECTION_BASE: Duration = Duration::from_secs(10);
+/// Longest ejection (Waiter).
+pub const EJECTION_MAX: Duration = Duration::from_secs(300);
+
+/// Why no instance was reserved.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ReserveError {
+    #[error("no instance of {service}/{version} available within {waited:?}")]
+    Timeout {
+        service: String,
+        version: String,
+        waited: Duration,
+    },
+    #[error("queue full: {queued} requests already wait for {service}/{version}")]
+    QueueFull {
+        service: String,
+        version: String,
+        queued: usize,
+    },
+    #[error("no other instance of {service}/{version} to retry on")]
+    NoOtherInstance { service: String, version: String },
+}
+
+/// Consecutive connection failures and the resulting ejection deadline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ejection {
+    failures: u32,
+    until: Option<Instant>,
+}
+
+impl Ejection {
+    /// Records a failure at `now`: ejected for 10 s, doubling per consecutive failure, at most
+    /// 300 s.
+    pub fn fail(&mut self, now: Instant) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let factor = 1u32 << (self.failures - 1).min(16);
+        let period = (EJECTION_BASE * factor).min(EJECTION_MAX);
+        self.until = Some(now + period);
+        period
+    }
+
+    /// A success clears the ejection and the failure count.
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    pub fn active(&self, now: Instant) -> bool {
+        self.until.is_some_and(|until| now < until)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    address: SocketAddr,
+    capacity: u32,
+    in_use: u32,
+    routable: bool,
+    /// Still in the route table; a withdrawn slot lingers until its last reservation ends.
+    present: bool,
+    ejection: Ejection,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    slots: HashMap<String, Slot>,
+}
+
+impl State {
+    /// Picks an instance for a request that already tried `exclude`. `Err(true)` when no
+    /// routable instance outside `exclude` exists at all, `Err(false)` when all are busy.
+    fn pick(&self, exclude: &[String], now: Instant) -> Result<String, bool> {
+        let routable: Vec<(&String, &Slot)> = self
+            .slots
+            .iter()
+            .filter(|(id, s)| s.present && s.routable && !exclude.contains(id))
+            .collect();
+        if routable.is_empty() {
+            return Err(true);
+        }
+        let healthy: Vec<_> = routable
+            .iter()
+            .filter(|(_, s)| !s.ejection.active(now))
+            .copied()
+            .collect();
+        // Panic mode: when every routable instance is ejected, use them all.
+        let pool = if healthy.is_empty() {
+            routable
+        } else {
+            healthy
+        };
+        let free: Vec<_> = pool
+            .into_iter()
+            .filter(|(_, s)| s.in_use < s.capacity)
+            .collect();
+        choose(&free).map(|id| id.clone()).ok_or(false)
+    }
+}
+
+/// `a` is less loaded than `b` (in-use slots over capacity, compared without division).
+fn less_loaded(a: &Slot, b: &Slot) -> bool {
+    (a.in_use as u64) * (b.capacity as u64) < (b.in_use as u64) * (a.capacity as u64)
+}
+
+/// Least loaded of few candidates; power of two random choices when there are more than two.
+fn choose<'a>(free: &[(&'a String, &'a Slot)]) -> Option<&'a String> {
+    match free.len() {
+        0 => None,
+        1 => Some(free[0].0),
+        2 => Some(if less_loaded(free[1].1, free[0].1) {
+            free[1].0
+        } else {
+            free[0].0
+        }),
+        n => {
+            let mut rng = rand::rng();
+            let a = rng.random_range(0..n);
+            let mut b = rng.random_range(0..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            Some(if less_loaded(free[b].1, free[a].1) {
+                free[b].0
+            } else {
+                free[a].0
+            })
+        }
+    }
+}
+
+/// The instance reserver of one service version.
+#[derive(Debug)]
+pub struct Reserver {
+    service: String,
+    version: String,
+    state: Mutex<State>,
+    /// Woken when a slot is released or the instances change.
+    freed: Notify,
+    queued: AtomicUsize,
+}
+
+impl Reserver {
+    pub fn new(service: &str, version: &str) -> Self {
+        Self {
+            service: service.into(),
+            version: version.into(),
+            state: Mutex::new(State::default()),
+            freed: Notify::new(),
+            queued: AtomicUsize::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the known instances with `instances` (this version's entries of the route
+    /// table). In-use counts survive; withdrawn instances linger until released.
+    pub fn sync<'a>(&self, instances: impl IntoIterator<Item = &'a Instance>) {
+        let mut state = self.lock();
+        for slot in state.slots.values_mut() {
+            slot.present = false;
+        }
+        for i in instances {
+            let slot = state.slots.entry(i.id.clone()).or_insert(Slot {
+                address: i.address,
+                capacity: i.capacity,
+                in_use: 0,
+                routable: false,
+                present: true,
+                ejection: Ejection::default(),
+            });
+            if slot.address != i.address {
+                slot.ejection.clear();
+            }
+            slot.address = i.address;
+            slot.capacity = i.capacity;
+            slot.routable = i.state.routable();
+            slot.present = true;
+        }
+        state.slots.retain(|_, s| s.present || s.in_use > 0);
+        drop(state);
+        self.freed.notify_waiters();
+    }
+
+    /// Reserves a slot on an instance not in `exclude`, waiting up to `timeout` for one.
+    ///
+    /// Errors: the queue already holds `max_queued` requests, nothing was free in time, or
+    /// (with a non-empty `exclude`, i.e. a retry) no other routable instance exists.
+    pub async fn reserve(
+        self: &Arc<Self>,
+        exclude: &[String],
+        timeout: Duration,
+        max_queued: usize,
+    ) -> Result<Reservation, ReserveError> {
+        let deadline = Instant::now() + timeout;
+        let mut queued: Option<QueueTicket<'_>> = None;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(reservation) = self.try_reserve(exclude)? {
+                return Ok(reservation);
+            }
+            if queued.is_none() {
+                let now_queued = self.queued.fetch_add(1, Ordering::AcqRel);
+                let ticket = QueueTicket(&self.queued);
+                if now_queued >= max_queued {
+                    return Err(ReserveError::QueueFull {
+                        service: self.service.clone(),
+                        version: self.version.clone(),
+                        queued: now_queued,
+                    });
+                }
+                queued = Some(ticket);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                // One last look: a slot may have been freed just at the deadline.
+                if let Some(reservation) = self.try_reserve(exclude)? {
+                    return Ok(reservation);
+                }
+                return Err(ReserveError::Timeout {
+                    service: self.service.clone(),
+                    version: self.version.clone(),
+                    waited: timeout,
+                });
+            }
+        }
+    }
+
+    /// Reserves at once if a slot is free.
+    fn try_reserve(
+        self: &Arc<Self>,
+        exclude: &[String],
+    ) -> Result<Option<Reservation>, ReserveError> {
+        let mut state = self.lock();
+        match state.pick(exclude, Instant::now()) {
+            Ok(id) => {
+                let slot = state.slots.get_mut(&id).expect("picked from the map");
+                slot.in_use += 1;
+                let address = slot.address;
+                Ok(Some(Reservation {
+                    reserver: self.clone(),
+                    id,
+                    address,
+                }))
+            }
+            Err(true) if !exclude.is_empty() => Err(ReserveError::NoOtherInstance {
+                service: self.service.clone(),
+                version: self.version.clone(),
+            }),
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn release(&self, id: &str) {
+        let mut state = self.lock();
+        if let Some(slot) = state.slots.get_mut(id) {
+            slot.in_use = slot.in_use.saturating_sub(1);
+            if !slot.present && slot.in_use == 0 {
+                state.slots.remove(id);
+            }
+        }
+        drop(state);
+        self.freed.notify_waiters();
+    }
+
+    fn with_slot(&self, id: &str, f: impl FnOnce(&mut Slot)) {
+        if let Some(slot) = self.lock().slots.get_mut(id) {
+            f(slot);
+        }
+    }
+
+    /// Slots in use on instance `id` (0 if unknown).
+    pub fn in_use(&self, id: &str) -> u32 {
+        self.lock().slots.get(id).map_or(0, |s| s.in_use)
+    }
+
+    /// Whether instance `id` is ejected now.
+    pub fn ejected(&self, id: &str) -> bool {
+        self.lock()
+            .slots
+            .get(id)
+            .is_some_and(|s| s.ejection.active(Instant::now()))
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+}
+
+/// Counts a waiting request while it lives.
+struct QueueTicket<'a>(&'a AtomicUsize);
+
+impl Drop for QueueTicket<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One reserved slot; dropping it releases the slot and wakes a waiting request.
+#[derive(Debug)]
+pub struct Reservation {
+    reserver: Arc<Reserver>,
+    id: String,
+    address: SocketAddr,
+}
+
+impl Reservation {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The instance answered: clear any ejection.
+    pub fn succeeded(&self) {
+        self.reserver.with_slot(&self.id, |s| s.ejection.clear());
+    }
+
+    /// The connection to the instance failed: eject it; returns for how long.
+    pub fn failed(&self) -> Duration {
+        let mut period = Duration::ZERO;
+        self.reserver
+            .with_slot(&self.id, |s| period = s.ejection.fail(Instant::now()));
+        period
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.reserver.release(&self.id);
+    }
+}
+
+/// Every service version's reserver, created on first use and kept in step with the table.
+#[derive(Debug, Default)]
+pub struct Reservers {
+    by_version: Mutex<HashMap<(String, String), Arc<Reserver>>>,
+}
+
+impl Reservers {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(String, String), Arc<Reserver>>> {
+        self.by_version.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reserver of `service`/`version`, created from `table` if new.
+    pub fn get(&self, service: &str, version: &str, table: &RouteTable) -> Arc<Reserver> {
+        let mut map = self.lock();
+        if let Some(r) = map.get(&(service.to_string(), version.to_string())) {
+            return r.clone();
+        }
+        let reserver = Arc::new(Reserver::new(service, version));
+        reserver.sync(
+            table
+                .instances()
+                .filter(|i| i.service == service && i.version == version),
+        );
+        map.insert((service.into(), version.into()), reserver.clone());
+        reserver
+    }
+
+    /// Brings every reserver in step with a new table.
+    pub fn sync(&self, table: &RouteTable) {
+        let reservers: Vec<_> = self.lock().values().cloned().collect();
+        for r in reservers {
+            r.sync(
+                table
+                    .instances()
+                    .filter(|i| i.service == r.service && i.version == r.version),
+            );
+        }
+    }
+
+    /// In-use slots and ejection of one instance, for the admin API.
+    pub fn load_of(&self, key: &InstanceKey) -> (u32, bool) {
+        let reserver = self
+            .lock()
+            .get(&(key.service.clone(), key.version.clone()))
+            .cloned();
+        reserver.map_or((0, false), |r| (r.in_use(&key.id), r.ejected(&key.id)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use usher_shared::routes::InstanceState;
+
+    fn instance(id: &str, port: u16, capacity: u32, state: InstanceState) -> Instance {
+        Instance {
+            service: "web".into(),
+            version: "v1".into(),
+            id: id.into(),
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            capacity,
+            weight: 1,
+            state,
+            started_at_ms: 0,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn reserver(instances: &[Instance]) -> Arc<Reserver> {
+        let r = Arc::new(Reserver::new("web", "v1"));
+        r.sync(instances);
+        r
+    }
+
+    const SHORT: Duration = Duration::from_millis(50);
+
+    #[tokio::test]
+    async fn least_loaded_first_and_no_slot_leaks() {
+        let r = reserver(&[
+            instance("a", 1, 2, InstanceState::Up),
+            instance("b", 2, 2, InstanceState::Up),
+        ]);
+        let first = r.reserve(&[], SHORT, 10).await.unwrap();
+        let second = r.reserve(&[], SHORT, 10).await.unwrap();
+        assert_ne!(first.id(), second.id(), "the idle instance wins");
+        let third = r.reserve(&[], SHORT, 10).await.unwrap();
+        let fourth = r.reserve(&[], SHORT, 10).await.unwrap();
+        assert!(matches!(
+            r.reserve(&[], SHORT, 10).await,
+            Err(ReserveError::Timeout { .. })
+        ));
+        drop((first, second, third, fourth));
+        assert_eq!(r.in_use("a") + r.in_use("b"), 0);
+        assert_eq!(r.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn only_up_instances_are_reserved() {
+        let r = reserver(&[
+            instance("a", 1, 5, InstanceState::Starting),
+            instance("b", 2, 5, InstanceState::Draining),
+            instance("c", 3, 5, InstanceState::Up),
+        ]);
+        for _ in 0..5 {
+            assert_eq!(r.reserve(&[], SHORT, 10).await.unwrap().id(), "c");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gets_the_released_slot() {
+        let r = reserver(&[instance("a", 1, 1, InstanceState::Up)]);
+        let held = r.reserve(&[], SHORT, 10).await.unwrap();
+        let waiter = {
+            let r = r.clone();
+            tokio::spawn(async move {
+                r.reserve(&[], Duration::from_secs(5), 10)
+                    .await
+                    .map(|g| g.id().to_string())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(r.queued(), 1);
+        drop(held);
+        assert_eq!(waiter.await.unwrap().unwrap(), "a");
+        assert_eq!(r.in_use("a"), 0);
+        assert_eq!(r.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_new_instance_wakes_waiters() {
+        let r = reserver(&[]);
+        let waiter = {
+            let r = r.clone();
+            tokio::spawn(async move { r.reserve(&[], Duration::from_secs(5), 10).await.is_ok() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        r.sync(&[instance("a", 1, 1, InstanceState::Up)]);
+        assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded() {
+        let r = reserver(&[instance("a", 1, 1, InstanceState::Up)]);
+        let _held = r.reserve(&[], SHORT, 1).await.unwrap();
+        let waiter = {
+            let r = r.clone();
+            tokio::spawn(async move { r.reserve(&[], Duration::from_millis(300), 1).await.is_ok() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(matches!(
+            r.reserve(&[], SHORT, 1).await,
+            Err(ReserveError::QueueFull { .. })
+        ));
+        assert!(!waiter.await.unwrap());
+        assert_eq!(r.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn withdrawn_instances_release_without_underflow() {
+        let r = reserver(&[instance("a", 1, 1, InstanceState::Up)]);
+        let held = r.reserve(&[], SHORT, 10).await.unwrap();
+        r.sync(&[]);
+        assert_eq!(r.in_use("a"), 1, "lingers while reserved");
+        assert!(
+            r.reserve(&[], SHORT, 10).await.is_err(),
+            "but takes no new requests"
+        );
+        drop(held);
+        assert_eq!(r.in_use("a"), 0);
+        assert!(r.lock().slots.is_empty());
+    }
+
+    #[tokio::test]
+    async fn ejected_instances_are_avoided_then_used_in_panic_mode() {
+        let r = reserver(&[
+            instance("a", 1, 5, InstanceState::Up),
+            instance("b", 2, 5, InstanceState::Up),
+        ]);
+        let g = r.reserve(&["b".into()], SHORT, 10).await.unwrap();
+        assert_eq!(g.id(), "a");
+        assert_eq!(g.failed(), EJECTION_BASE);
+        drop(g);
+        assert!(r.ejected("a"));
+        for _ in 0..5 {
+            assert_eq!(r.reserve(&[], SHORT, 10).await.unwrap().id(), "b");
+        }
+        // b fails too: both are ejected, so both are used rather than nothing.
+        let g = r.reserve(&[], SHORT, 10).await.unwrap();
+        g.failed();
+        drop(g);
+        assert!(r.reserve(&[], SHORT, 10).await.is_ok(), "panic mode");
+        // A success clears the ejection.
+        let g = r.reserve(&["b".into()], SHORT, 10).await.unwrap();
+        g.succeeded();
+        assert!(!r.ejected("a"));
+    }
+
+    #[tokio::test]
+    async fn a_retry_with_no_other_instance_fails_at_once() {
+        let r = reserver(&[instance("a", 1, 5, InstanceState::Up)]);
+        let started = Instant::now();
+        assert!(matches!(
+            r.reserve(&["a".into()], Duration::from_secs(5), 10).await,
+            Err(ReserveError::NoOtherInstance { .. })
+        ));
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn ejection_backs_off_to_the_cap() {
+        let t0 = Instant::now();
+        let mut e = Ejection::default();
+        let periods: Vec<u64> = (0..8).map(|_| e.fail(t0).as_secs()).collect();
+        assert_eq!(periods, vec![10, 20, 40, 80, 160, 300, 300, 300]);
+        assert!(e.active(t0 + Duration::from_secs(299)));
+        assert!(!e.active(t0 + Duration::from_secs(300)));
+        e.clear();
+        assert!(!e.active(t0));
+        assert_eq!(e.fail(t0), EJECTION_BASE);
+    }
+
+    #[test]
+    fn power_of_two_choices_prefers_the_less_loaded() {
+        let mut state = State::default();
+        for (i, in_use) in [9u32, 9, 9, 0].iter().enumerate() {
+            state.slots.insert(
+                format!("i{i}"),
+                Slot {
+                    address: SocketAddr::from(([127, 0, 0, 1], 1)),
+                    capacity: 10,
+                    in_use: *in_use,
+                    routable: true,
+                    present: true,
+                    ejection: Ejection::default(),
+                },
+            );
+        }
+        let now = Instant::now();
+        let idle = (0..400)
+            .filter(|_| state.pick(&[], now).unwrap() == "i3")
+            .count();
+        // i3 wins whenever it is one of the two choices: half the draws.
+        assert!(idle > 120, "idle instance chosen {idle} times of 400");
+    }
+}

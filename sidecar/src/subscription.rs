@@ -1,0 +1,244 @@
+//! The sidecar's subscription to the directory: connect, `Subscribe` with the (epoch,
+//! revision) held, apply the snapshot or deltas that come back, forever. Reconnects with
+//! [`Backoff::reconnect`] (Baker: retry indefinitely; SwarmKit: backoff with full jitter) and
+//! logs link changes once, not once per try.
+//!
+//! After a directory restart the directory may say nothing for its grace period: the sidecar
+//! keeps routing with the table it holds, connected, until the new table arrives.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use usher_shared::backoff::Backoff;
+use usher_shared::protocol::{DirectoryMessage, NodeMessage, Role};
+use usher_shared::routes::{DeltaError, Instance, RouteTable};
+use usher_shared::session::{open, Session, SessionError};
+
+use crate::replica::{Replica, Source};
+
+/// Bound on connecting and saying hello.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a subscription ended.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("no welcome from the directory within {0:?}")]
+    Timeout(Duration),
+    #[error("the directory's deltas do not apply: {0}")]
+    Delta(#[from] DeltaError),
+    #[error("the directory sent {0} on a subscription")]
+    Unexpected(&'static str),
+}
+
+/// Follows the directory until `shutdown` fires.
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    directory: String,
+    replica: Arc<Replica>,
+    shutdown: CancellationToken,
+) {
+    let node = usher_shared::session::node_name();
+    let mut backoff = Backoff::reconnect();
+    // `None` before the first attempt, then whether the last attempt got connected.
+    let mut was_connected: Option<bool> = None;
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            attempt = tokio::time::timeout(CONNECT_TIMEOUT, open(&endpoint, &directory, Role::Sidecar, &node)) => attempt,
+        };
+        let error = match attempt {
+            Ok(Ok(session)) => {
+                info!(epoch = session.epoch, "subscribed to the directory");
+                backoff.reset();
+                replica.set_connected(true);
+                was_connected = Some(true);
+                let connection = session.connection.clone();
+                let result = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        connection.close(0u32.into(), b"sidecar shutting down");
+                        replica.set_connected(false);
+                        return;
+                    }
+                    result = follow(session, &replica) => result,
+                };
+                replica.set_connected(false);
+                connection.close(0u32.into(), b"sidecar resubscribing");
+                result
+            }
+            Ok(Err(e)) => e.into(),
+            Err(_) => LinkError::Timeout(CONNECT_TIMEOUT),
+        };
+        match was_connected {
+            Some(true) => {
+                warn!(error = %error, "lost the directory; routing with the table held, reconnecting")
+            }
+            None => {
+                warn!(error = %error, "cannot reach the directory; routing with the table held, retrying")
+            }
+            Some(false) => debug!(error = %error, "directory still unreachable"),
+        }
+        // The first retry after a lost connection comes within 100 ms (the backoff was reset).
+        was_connected = Some(false);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// Subscribes and applies what the directory sends until the session fails.
+async fn follow(mut session: Session, replica: &Replica) -> LinkError {
+    let (epoch, revision) = replica.held();
+    if let Err(e) = session
+        .send(&NodeMessage::Subscribe { epoch, revision })
+        .await
+    {
+        return e.into();
+    }
+    let mut snapshot = SnapshotBuilder::default();
+    loop {
+        let message = match session.recv().await {
+            Ok(message) => message,
+            Err(e) => return e.into(),
+        };
+        if let Err(e) = apply(message, replica, &mut snapshot) {
+            return e;
+        }
+    }
+}
+
+/// Assembles a snapshot from its chunks.
+#[derive(Debug, Default)]
+struct SnapshotBuilder {
+    at: Option<(u64, u64)>,
+    instances: Vec<Instance>,
+}
+
+fn apply(
+    message: DirectoryMessage,
+    replica: &Replica,
+    snapshot: &mut SnapshotBuilder,
+) -> Result<(), LinkError> {
+    match message {
+        DirectoryMessage::SnapshotChunk {
+            epoch,
+            revision,
+            instances,
+            last,
+        } => {
+            if snapshot.at != Some((epoch, revision)) {
+                *snapshot = SnapshotBuilder {
+                    at: Some((epoch, revision)),
+                    instances: Vec::new(),
+                };
+            }
+            snapshot.instances.extend(instances);
+            if last {
+                let instances = std::mem::take(&mut snapshot.instances);
+                snapshot.at = None;
+                info!(
+                    epoch,
+                    revision,
+                    instances = instances.len(),
+                    "received the route table"
+                );
+                replica.set(
+                    RouteTable::from_snapshot(epoch, revision, instances),
+                    Source::Directory,
+                );
+            }
+            Ok(())
+        }
+        DirectoryMessage::Deltas {
+            epoch,
+            from_revision,
+            to_revision,
+            changes,
+        } => {
+            let mut table = RouteTable::clone(&replica.table());
+            let count = changes.len();
+            table.apply_deltas(epoch, from_revision, to_revision, changes)?;
+            debug!(
+                from_revision,
+                to_revision,
+                changes = count,
+                "applied deltas"
+            );
+            replica.set(table, Source::Directory);
+            Ok(())
+        }
+        other => Err(LinkError::Unexpected(other.kind())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use usher_shared::routes::{Change, InstanceState};
+
+    fn instance(id: &str) -> Instance {
+        Instance {
+            service: "web".into(),
+            version: "v1".into(),
+            id: id.into(),
+            address: "127.0.0.1:9".parse().unwrap(),
+            capacity: 2,
+            weight: 1,
+            state: InstanceState::Up,
+            started_at_ms: 5,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn chunks_then_deltas_build_the_table() {
+        let replica = Replica::new(Arc::default());
+        let mut snapshot = SnapshotBuilder::default();
+        let chunk = |ids: &[&str], last| DirectoryMessage::SnapshotChunk {
+            epoch: 5,
+            revision: 2,
+            instances: ids.iter().map(|i| instance(i)).collect(),
+            last,
+        };
+        apply(chunk(&["a"], false), &replica, &mut snapshot).unwrap();
+        assert_eq!(
+            replica.source(),
+            Source::None,
+            "not applied before the last chunk"
+        );
+        apply(chunk(&["b"], true), &replica, &mut snapshot).unwrap();
+        assert_eq!(replica.source(), Source::Directory);
+        assert_eq!(replica.table().len(), 2);
+        apply(
+            DirectoryMessage::Deltas {
+                epoch: 5,
+                from_revision: 2,
+                to_revision: 3,
+                changes: vec![Change::Remove(instance("a").key())],
+            },
+            &replica,
+            &mut snapshot,
+        )
+        .unwrap();
+        assert_eq!(replica.held(), (Some(5), 3));
+        // A gap is refused and leaves the table alone.
+        let gap = DirectoryMessage::Deltas {
+            epoch: 5,
+            from_revision: 7,
+            to_revision: 8,
+            changes: vec![],
+        };
+        assert!(matches!(
+            apply(gap, &replica, &mut snapshot),
+            Err(LinkError::Delta(_))
+        ));
+        assert_eq!(replica.held(), (Some(5), 3));
+        assert_eq!(replica.table().len(), 1);
+    }
+}
