@@ -91,7 +91,7 @@ enum Failure {
     /// Nothing was sent (the instance is unreachable): the request, body included, comes
     /// back for the next instance.
     NotSent {
-        request: Request<Body>,
+        request: Box<Request<Body>>,
         reason: String,
     },
     /// The request was sent and the instance failed before answering.
@@ -154,7 +154,7 @@ impl Proxy {
                     warn!(instance = reservation.id(), address = %reservation.address(), reason = %reason,
                           ejected_for = ?period, "instance unreachable; retrying elsewhere");
                     last_failure = reason;
-                    pending = Some(request);
+                    pending = Some(*request);
                 }
                 Err(Failure::Failed(reason)) => {
                     let period = reservation.failed();
@@ -203,7 +203,7 @@ impl Proxy {
                     Ok(sender) => sender,
                     Err(e) => {
                         return Err(Failure::NotSent {
-                            request,
+                            request: Box::new(request),
                             reason: e.to_string(),
                         })
                     }
@@ -222,7 +222,7 @@ impl Proxy {
                     Some(unsent) if !fresh => request = unsent,
                     Some(unsent) => {
                         return Err(Failure::NotSent {
-                            request: unsent,
+                            request: Box::new(unsent),
                             reason: e.into_error().to_string(),
                         })
                     }

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 use usher_shared::routes::{Instance, RouteTable};
 

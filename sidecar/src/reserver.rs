@@ -115,7 +115,7 @@ impl State {
             .into_iter()
             .filter(|(_, s)| s.in_use < s.capacity)
             .collect();
-        choose(&free).map(|id| id.clone()).ok_or(false)
+        choose(&free).cloned().ok_or(false)
     }
 }
 
@@ -124,16 +124,13 @@ fn less_loaded(a: &Slot, b: &Slot) -> bool {
     (a.in_use as u64) * (b.capacity as u64) < (b.in_use as u64) * (a.capacity as u64)
 }
 
-/// Least loaded of few candidates; power of two random choices when there are more than two.
+/// Power of two random choices: the less loaded of two distinct random candidates, so with
+/// two candidates the least loaded always wins, and ties go either way (sequential traffic
+/// still spreads).
 fn choose<'a>(free: &[(&'a String, &'a Slot)]) -> Option<&'a String> {
     match free.len() {
         0 => None,
         1 => Some(free[0].0),
-        2 => Some(if less_loaded(free[1].1, free[0].1) {
-            free[1].0
-        } else {
-            free[0].0
-        }),
         n => {
             let mut rng = rand::rng();
             let a = rng.random_range(0..n);
@@ -578,6 +575,19 @@ mod tests {
         e.clear();
         assert!(!e.active(t0));
         assert_eq!(e.fail(t0), EJECTION_BASE);
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_spread_over_idle_instances() {
+        let r = reserver(&[
+            instance("a", 1, 2, InstanceState::Up),
+            instance("b", 2, 2, InstanceState::Up),
+        ]);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            seen.insert(r.reserve(&[], SHORT, 10).await.unwrap().id().to_string());
+        }
+        assert_eq!(seen.len(), 2);
     }
 
     #[test]

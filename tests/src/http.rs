@@ -42,7 +42,8 @@ pub async fn request(addr: &str, method: &str, host: &str, target: &str) -> Resu
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connect {addr}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         let req = http::Request::builder()
             .method(method)

@@ -243,7 +243,10 @@ impl Mesh {
             "--admin".into(),
             format!("127.0.0.1:{}", free_tcp_port()),
             "--state-dir".into(),
-            self.dir().join(format!("agent-{name}")).display().to_string(),
+            self.dir()
+                .join(format!("agent-{name}"))
+                .display()
+                .to_string(),
             "--health".into(),
             "http:/health".into(),
             "--health-interval".into(),
@@ -258,7 +261,12 @@ impl Mesh {
             "--name".into(),
             name.into(),
         ]);
-        Process::start(&format!("agent-{name}"), self.dir(), &bin("usher-agent"), &args)
+        Process::start(
+            &format!("agent-{name}"),
+            self.dir(),
+            &bin("usher-agent"),
+            &args,
+        )
     }
 
     /// The agent admin address given to `start_agent` (read back from its command line).
@@ -352,13 +360,22 @@ pub fn instances_in(routes: &Value, service: &str, state: &str) -> Vec<String> {
 }
 
 /// Waits until the sidecar at `admin` routes `count` `up` instances of `service`.
-pub async fn wait_for_up(admin: &str, service: &str, count: usize, timeout: Duration) -> Result<Duration> {
-    wait_until(timeout, &format!("{count} up instances of {service} at {admin}"), || async move {
-        admin_json(admin, "/v1/routes")
-            .await
-            .map(|r| instances_in(&r, service, "up").len() == count)
-            .unwrap_or(false)
-    })
+pub async fn wait_for_up(
+    admin: &str,
+    service: &str,
+    count: usize,
+    timeout: Duration,
+) -> Result<Duration> {
+    wait_until(
+        timeout,
+        &format!("{count} up instances of {service} at {admin}"),
+        || async move {
+            admin_json(admin, "/v1/routes")
+                .await
+                .map(|r| instances_in(&r, service, "up").len() == count)
+                .unwrap_or(false)
+        },
+    )
     .await
 }
 
@@ -391,7 +408,11 @@ impl Load {
                                 report.ok += 1;
                                 report.instances.extend(r.instance());
                             }
-                            Ok(r) => report.failures.push(format!("{} {}", r.status, r.text().trim())),
+                            Ok(r) => {
+                                report
+                                    .failures
+                                    .push(format!("{} {}", r.status, r.text().trim()))
+                            }
                             Err(e) => report.failures.push(format!("{e:#}")),
                         }
                         tokio::time::sleep(pace).await;

@@ -9,11 +9,12 @@ use usher_tests::{admin_json, http, instances_in, wait_for_up, wait_until, Load,
 
 /// A mesh with a directory, `n` agents of `web` (instances `web-1`..`web-n`) and one sidecar.
 struct Running {
-    mesh: Mesh,
     directory: Process,
     agents: Vec<Process>,
     sidecar: Process,
     sidecar_addrs: usher_tests::SidecarAddrs,
+    /// Last: its folder (with the logs) outlives the processes, which print them on failure.
+    mesh: Mesh,
 }
 
 async fn mesh_with(n: usize) -> Running {
@@ -39,7 +40,9 @@ async fn mesh_with(n: usize) -> Running {
 async fn instance_child_pid(agent: &Process) -> i32 {
     let admin = Mesh::agent_admin(agent).unwrap();
     let doc = admin_json(&admin, "/v1/instance").await.unwrap();
-    doc["child_pid"].as_i64().expect("agent reports its child's pid") as i32
+    doc["child_pid"]
+        .as_i64()
+        .expect("agent reports its child's pid") as i32
 }
 
 fn kill_pid(pid: i32) {
@@ -66,7 +69,9 @@ async fn requests_reach_every_instance_by_host_and_by_proxy_form() {
     assert_eq!(by_host, all);
     assert_eq!(by_proxy, all);
     // Host with the sidecar's port and with an explicit version also route.
-    let r = http::get(&proxy, &format!("web:{}", m.sidecar_addrs.proxy_port), "/").await.unwrap();
+    let r = http::get(&proxy, &format!("web:{}", m.sidecar_addrs.proxy_port), "/")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     let r = http::get(&proxy, "v1.web", "/").await.unwrap();
     assert_eq!(r.status, 200);
@@ -87,17 +92,27 @@ async fn killed_instance_fails_no_request_and_leaves_the_table() {
     let code = tokio::task::block_in_place(|| m.agents[0].wait_exit(Duration::from_secs(5)));
     assert_eq!(code, Some(128 + 9), "agent exits with the child's status");
     let admin = m.sidecar_addrs.admin();
-    wait_until(Duration::from_secs(4), "the killed instance to leave the sidecar's table", || async {
-        let routes = admin_json(&admin, "/v1/routes").await.unwrap();
-        routes["instances"].as_array().unwrap().len() == 2
-    })
+    wait_until(
+        Duration::from_secs(4),
+        "the killed instance to leave the sidecar's table",
+        || async {
+            let routes = admin_json(&admin, "/v1/routes").await.unwrap();
+            routes["instances"].as_array().unwrap().len() == 2
+        },
+    )
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = load.finish().await;
-    assert!(report.failures.is_empty(), "failed requests: {:?}", report.failures);
+    assert!(
+        report.failures.is_empty(),
+        "failed requests: {:?}",
+        report.failures
+    );
     assert!(report.ok > 50, "load ran: {} requests", report.ok);
-    let directory = admin_json(&m.mesh.directory.admin(), "/v1/routes").await.unwrap();
+    let directory = admin_json(&m.mesh.directory.admin(), "/v1/routes")
+        .await
+        .unwrap();
     assert_eq!(instances_in(&directory, "web", "up").len(), 2);
 }
 
@@ -110,15 +125,21 @@ async fn killed_agent_is_withdrawn_within_four_seconds() {
     m.agents[2].kill();
     kill_pid(pid);
     let admin = m.sidecar_addrs.admin();
-    wait_until(Duration::from_secs(4), "the instance to be withdrawn", || async {
-        let routes = admin_json(&admin, "/v1/routes").await.unwrap();
-        routes["instances"].as_array().unwrap().len() == 2
-    })
+    wait_until(
+        Duration::from_secs(4),
+        "the instance to be withdrawn",
+        || async {
+            let routes = admin_json(&admin, "/v1/routes").await.unwrap();
+            routes["instances"].as_array().unwrap().len() == 2
+        },
+    )
     .await
     .unwrap();
     assert!(killed_at.elapsed() < Duration::from_secs(4));
     // The other two still serve.
-    let r = http::get(&m.sidecar_addrs.proxy(), "web", "/").await.unwrap();
+    let r = http::get(&m.sidecar_addrs.proxy(), "web", "/")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
 }
 
@@ -129,7 +150,12 @@ async fn directory_restart_fails_no_request_and_withdraws_nothing() {
     let mut m = mesh_with(3).await;
     let admin = m.sidecar_addrs.admin();
     let before = admin_json(&admin, "/v1/routes").await.unwrap();
-    let load = Load::start(&m.sidecar_addrs.proxy(), "web", 2, Duration::from_millis(10));
+    let load = Load::start(
+        &m.sidecar_addrs.proxy(),
+        "web",
+        2,
+        Duration::from_millis(10),
+    );
 
     // Watch the sidecar's table the whole time: every instance must stay up.
     let watch_admin = admin.clone();
@@ -148,27 +174,39 @@ async fn directory_restart_fails_no_request_and_withdraws_nothing() {
 
     m.directory.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let r = http::get(&m.sidecar_addrs.proxy(), "web", "/").await.unwrap();
+    let r = http::get(&m.sidecar_addrs.proxy(), "web", "/")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "serves while the directory is down");
     m.directory = m.mesh.start_directory("directory-restarted").await.unwrap();
 
     // Agents re-register with the new directory and the sidecar resubscribes to it.
     let dir_admin = m.mesh.directory.admin();
-    wait_until(Duration::from_secs(15), "agents to rejoin the restarted directory", || async {
-        admin_json(&dir_admin, "/v1/routes")
-            .await
-            .map(|r| instances_in(&r, "web", "up").len() == 3)
-            .unwrap_or(false)
-    })
+    wait_until(
+        Duration::from_secs(15),
+        "agents to rejoin the restarted directory",
+        || async {
+            admin_json(&dir_admin, "/v1/routes")
+                .await
+                .map(|r| instances_in(&r, "web", "up").len() == 3)
+                .unwrap_or(false)
+        },
+    )
     .await
     .unwrap();
     let old_epoch = before["epoch"].clone();
-    wait_until(Duration::from_secs(20), "the sidecar to follow the new directory", || async {
-        admin_json(&admin, "/v1/routes")
-            .await
-            .map(|r| r["connected"] == true && r["source"] == "directory" && r["epoch"] != old_epoch)
-            .unwrap_or(false)
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "the sidecar to follow the new directory",
+        || async {
+            admin_json(&admin, "/v1/routes")
+                .await
+                .map(|r| {
+                    r["connected"] == true && r["source"] == "directory" && r["epoch"] != old_epoch
+                })
+                .unwrap_or(false)
+        },
+    )
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -176,11 +214,21 @@ async fn directory_restart_fails_no_request_and_withdraws_nothing() {
     watching.store(false, std::sync::atomic::Ordering::Relaxed);
     let worst = watcher.await.unwrap();
     let report = load.finish().await;
-    assert_eq!(worst, 3, "an instance was withdrawn from the sidecar during the restart");
-    assert!(report.failures.is_empty(), "failed requests: {:?}", report.failures);
+    assert_eq!(
+        worst, 3,
+        "an instance was withdrawn from the sidecar during the restart"
+    );
+    assert!(
+        report.failures.is_empty(),
+        "failed requests: {:?}",
+        report.failures
+    );
     assert_eq!(report.instances.len(), 3);
     let after = admin_json(&admin, "/v1/routes").await.unwrap();
-    assert_eq!(instances_in(&after, "web", "up"), instances_in(&before, "web", "up"));
+    assert_eq!(
+        instances_in(&after, "web", "up"),
+        instances_in(&before, "web", "up")
+    );
 }
 
 /// 5. A sidecar restarted while the directory is down serves from its persisted table.
@@ -191,14 +239,22 @@ async fn sidecar_restarted_without_directory_serves_from_disk() {
     m.sidecar.signal(Signal::SIGTERM);
     let code = tokio::task::block_in_place(|| m.sidecar.wait_exit(Duration::from_secs(15)));
     assert_eq!(code, Some(0), "sidecar exits cleanly on SIGTERM");
-    let sidecar = m.mesh.start_sidecar("sidecar-restarted", &m.sidecar_addrs).await.unwrap();
-    let routes = admin_json(&m.sidecar_addrs.admin(), "/v1/routes").await.unwrap();
+    let sidecar = m
+        .mesh
+        .start_sidecar("sidecar-restarted", &m.sidecar_addrs)
+        .await
+        .unwrap();
+    let routes = admin_json(&m.sidecar_addrs.admin(), "/v1/routes")
+        .await
+        .unwrap();
     assert_eq!(routes["source"], "disk");
     assert_eq!(routes["connected"], false);
     assert_eq!(instances_in(&routes, "web", "up").len(), 3);
     let mut seen = BTreeSet::new();
     for _ in 0..20 {
-        let r = http::get(&m.sidecar_addrs.proxy(), "web", "/").await.unwrap();
+        let r = http::get(&m.sidecar_addrs.proxy(), "web", "/")
+            .await
+            .unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
         seen.extend(r.instance());
     }
@@ -213,7 +269,11 @@ async fn unknown_service_404_and_abandoned_response_leaks_no_slot() {
     let proxy = m.sidecar_addrs.proxy();
     let r = http::get(&proxy, "nope", "/").await.unwrap();
     assert_eq!(r.status, 404);
-    assert!(r.text().contains("nope"), "body says which service: {}", r.text());
+    assert!(
+        r.text().contains("nope"),
+        "body says which service: {}",
+        r.text()
+    );
     let r = http::get(&proxy, "Bad_Host!", "/").await.unwrap();
     assert!(r.status == 400 || r.status == 404, "bad host: {}", r.status);
 
@@ -239,9 +299,11 @@ async fn unknown_service_404_and_abandoned_response_leaks_no_slot() {
     let routes = admin_json(&admin, "/v1/routes").await.unwrap();
     assert_eq!(in_flight(&routes), 1, "the streaming request holds a slot");
     drop(stream);
-    wait_until(Duration::from_secs(5), "the slot to be released", || async {
-        in_flight(&admin_json(&admin, "/v1/routes").await.unwrap()) == 0
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "the slot to be released",
+        || async { in_flight(&admin_json(&admin, "/v1/routes").await.unwrap()) == 0 },
+    )
     .await
     .unwrap();
     // The slot is usable again: with concurrency 1, a leak would make this wait and 503.
@@ -275,7 +337,9 @@ async fn hostile_frames_are_refused_and_the_directory_keeps_serving() {
         // A header announcing 4 GiB.
         u32::MAX.to_be_bytes().to_vec(),
         // Just above the node frame limit.
-        ((usher_shared::codec::MAX_NODE_FRAME as u32) + 1).to_be_bytes().to_vec(),
+        ((usher_shared::codec::MAX_NODE_FRAME as u32) + 1)
+            .to_be_bytes()
+            .to_vec(),
         // Random bytes.
         (0..500u32).map(|i| (i * 131 % 251) as u8).collect(),
     ];
@@ -293,9 +357,16 @@ async fn hostile_frames_are_refused_and_the_directory_keeps_serving() {
         if reply.len() > 4 {
             let mut buf = bytes::BytesMut::from(&reply[..]);
             let msg: Option<usher_shared::protocol::DirectoryMessage> =
-                usher_shared::codec::decode_frame(&mut buf, usher_shared::codec::MAX_DIRECTORY_FRAME).unwrap();
+                usher_shared::codec::decode_frame(
+                    &mut buf,
+                    usher_shared::codec::MAX_DIRECTORY_FRAME,
+                )
+                .unwrap();
             assert!(
-                matches!(msg, Some(usher_shared::protocol::DirectoryMessage::Error { .. })),
+                matches!(
+                    msg,
+                    Some(usher_shared::protocol::DirectoryMessage::Error { .. })
+                ),
                 "expected an error frame, got {msg:?}"
             );
         }
@@ -303,13 +374,17 @@ async fn hostile_frames_are_refused_and_the_directory_keeps_serving() {
     conn.close(0u32.into(), b"done");
 
     // Still serving: health, the admin API, routes, and a new instance joins.
-    let r = http::get(&m.mesh.directory.admin(), "localhost", "/healthz").await.unwrap();
+    let r = http::get(&m.mesh.directory.admin(), "localhost", "/healthz")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     let _second = m.mesh.start_agent("web-2", "web", &[]).unwrap();
     wait_for_up(&m.sidecar_addrs.admin(), "web", 2, Duration::from_secs(15))
         .await
         .unwrap();
-    let r = http::get(&m.sidecar_addrs.proxy(), "web", "/").await.unwrap();
+    let r = http::get(&m.sidecar_addrs.proxy(), "web", "/")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     let _ = m.directory.pid();
 }

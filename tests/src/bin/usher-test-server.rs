@@ -100,7 +100,9 @@ async fn main() -> anyhow::Result<()> {
         match arg.as_str() {
             "--port" => port = args.next().and_then(|p| p.parse().ok()),
             "--name" => name = args.next(),
-            other => anyhow::bail!("unknown argument {other:?}; usage: usher-test-server [--port P] [--name NAME]"),
+            other => anyhow::bail!(
+                "unknown argument {other:?}; usage: usher-test-server [--port P] [--name NAME]"
+            ),
         }
     }
     let port = port.ok_or_else(|| anyhow::anyhow!("no port: pass --port or set PORT"))?;

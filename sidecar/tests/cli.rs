@@ -1,0 +1,56 @@
+//! The binary refuses bad flags with a message that names the flag or file.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_usher-sidecar"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_flag() {
+    let base = [
+        "--directory",
+        "127.0.0.1:7400",
+        "--ca",
+        "/nonexistent/ca.pem",
+    ];
+    for (extra, named) in [
+        (&["--queue-timeout", "0s"][..], "--queue-timeout"),
+        (&["--max-queued", "none"][..], "--max-queued"),
+        (&["--listen", "everywhere"][..], "--listen"),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let (code, err) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(named), "{args:?} should name {named}: {err}");
+    }
+    let (code, err) = run(&["--directory", "no-port", "--ca", "x"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--directory"), "{err}");
+}
+
+#[test]
+fn a_missing_ca_is_a_startup_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = run(&[
+        "--directory",
+        "127.0.0.1:7400",
+        "--ca",
+        "/nonexistent/ca.pem",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}
