@@ -12,7 +12,7 @@ use std::sync::Arc;
 use http::{Method, StatusCode};
 use serde::Serialize;
 use tokio::sync::watch;
-use usher_shared::admin::{AdminHandler, AdminResponse};
+use usher_shared::admin::{refuse, AdminHandler, AdminResponse};
 use usher_shared::routes::InstanceState;
 
 /// What the admin endpoints report, shared with the running agent.
@@ -57,14 +57,12 @@ impl InstanceStatus {
 /// Answers one admin request: `/healthz` 200 `ok`, `/v1/instance` JSON, other methods on
 /// those paths 405, anything else 404.
 pub fn respond(status: &InstanceStatus, method: &Method, path: &str) -> AdminResponse {
-    let known = matches!(path, "/healthz" | "/v1/instance");
-    if known && method != Method::GET && method != Method::HEAD {
-        return AdminResponse::text(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed\n");
+    if let Some(refusal) = refuse(method, path, &["/healthz", "/v1/instance"]) {
+        return refusal;
     }
     match path {
         "/healthz" => AdminResponse::text(StatusCode::OK, "ok\n"),
-        "/v1/instance" => AdminResponse::json(&status.report()),
-        _ => AdminResponse::not_found(path),
+        _ => AdminResponse::json(&status.report()),
     }
 }
 

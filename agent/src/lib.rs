@@ -28,7 +28,7 @@ pub mod health;
 pub mod session;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
 use usher_shared::routes::{Instance, InstanceState};
+use usher_shared::session::{endpoint_for_ca_file, EndpointError};
 
 pub use crate::child::ChildError;
 use crate::child::Supervised;
@@ -56,20 +57,8 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Why the agent could not start.
 #[derive(Debug, Error)]
 pub enum AgentError {
-    #[error("cannot read the CA certificate {path}: {source}")]
-    ReadCa {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot use the CA certificate {path}: {source}")]
-    BadCa {
-        path: PathBuf,
-        #[source]
-        source: usher_shared::quic::TlsError,
-    },
-    #[error("cannot open a QUIC endpoint: {0}")]
-    Endpoint(#[source] std::io::Error),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
     #[error(transparent)]
     Child(#[from] ChildError),
 }
@@ -109,15 +98,7 @@ pub async fn run(
     let started_at_ms = usher_shared::unix_millis();
     prepare_state_dir(&config.state_dir);
 
-    let ca = std::fs::read(&config.ca).map_err(|source| AgentError::ReadCa {
-        path: config.ca.clone(),
-        source,
-    })?;
-    usher_shared::quic::client_config(&ca).map_err(|source| AgentError::BadCa {
-        path: config.ca.clone(),
-        source,
-    })?;
-    let endpoint = usher_shared::session::client_endpoint(&ca).map_err(AgentError::Endpoint)?;
+    let endpoint = endpoint_for_ca_file(&config.ca)?;
 
     let address: SocketAddr = match config.address {
         AddressSpec::Fixed(address) => address,

@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use anyhow::anyhow;
 use clap::Parser;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::error;
 use usher_agent::config::{hostname, Args, Config};
 use usher_shared::{signals, telemetry};
 
@@ -37,17 +36,7 @@ async fn serve(config: Config) -> anyhow::Result<u8> {
     let admin = TcpListener::bind(config.admin)
         .await
         .map_err(|e| anyhow!("cannot bind the admin address {}: {e}", config.admin))?;
-    let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        match signals::shutdown_signal().await {
-            Ok(signal) => {
-                info!(signal, "shutdown requested");
-                on_signal.cancel();
-            }
-            Err(e) => error!(error = %e, "cannot install signal handlers"),
-        }
-    });
+    let shutdown = signals::shutdown_token();
     let exit = usher_agent::run(config, admin, shutdown).await?;
     Ok(exit.code())
 }

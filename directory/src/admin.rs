@@ -8,21 +8,15 @@ use std::sync::Arc;
 
 use http::{Method, StatusCode};
 use tokio::time::Instant;
-use usher_shared::admin::{AdminHandler, AdminResponse};
+use usher_shared::admin::{refuse, AdminHandler, AdminResponse};
 
 use crate::registry::Registry;
 
 /// Answers one admin request: `/healthz` 200 `ok`, `/v1/routes` JSON, other methods on those
 /// paths 405, anything else 404.
 pub fn respond(registry: &Registry, method: &Method, path: &str) -> AdminResponse {
-    if !matches!(path, "/healthz" | "/v1/routes") {
-        return AdminResponse::not_found(path);
-    }
-    if method != Method::GET && method != Method::HEAD {
-        return AdminResponse::text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{path} answers GET only\n"),
-        );
+    if let Some(refusal) = refuse(method, path, &["/healthz", "/v1/routes"]) {
+        return refusal;
     }
     match path {
         "/healthz" => AdminResponse::text(StatusCode::OK, "ok\n"),

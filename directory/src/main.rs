@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, Context};
 use clap::Parser;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::error;
 use usher_directory::config::{Args, Config};
 use usher_directory::Listeners;
 use usher_shared::{signals, telemetry};
@@ -42,17 +41,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             config.admin
         )
     })?;
-    let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        match signals::shutdown_signal().await {
-            Ok(signal) => {
-                info!(signal, "shutdown requested");
-                on_signal.cancel();
-            }
-            Err(e) => error!(error = %e, "cannot install signal handlers"),
-        }
-    });
+    let shutdown = signals::shutdown_token();
     usher_directory::run(config, Listeners { quic, admin }, shutdown).await?;
     Ok(())
 }

@@ -55,6 +55,21 @@ impl AdminResponse {
     }
 }
 
+/// The 404 or 405 for a request outside `known` paths or not a `GET`/`HEAD`; `None` when the
+/// request may be answered.
+pub fn refuse(method: &Method, path: &str, known: &[&str]) -> Option<AdminResponse> {
+    if !known.contains(&path) {
+        return Some(AdminResponse::not_found(path));
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return Some(AdminResponse::text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{path} answers GET only\n"),
+        ));
+    }
+    None
+}
+
 /// What answers admin requests: `(method, path)` to a response.
 pub type AdminHandler = Arc<dyn Fn(&Method, &str) -> AdminResponse + Send + Sync>;
 

@@ -120,11 +120,48 @@ pub fn node_name() -> String {
     format!("{host}/{}", std::process::id())
 }
 
-/// A client endpoint bound to an ephemeral UDP port, using the CA in `ca_pem`.
-pub fn client_endpoint(ca_pem: &[u8]) -> Result<quinn::Endpoint, std::io::Error> {
-    let config = crate::quic::client_config(ca_pem)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid literal"))?;
+/// Why a node cannot open its QUIC endpoint.
+#[derive(Debug, Error)]
+pub enum EndpointError {
+    #[error("cannot read the CA certificate {path}: {source}")]
+    ReadCa {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot use the CA certificate {path}: {source}")]
+    BadCa {
+        path: std::path::PathBuf,
+        #[source]
+        source: crate::quic::TlsError,
+    },
+    #[error("cannot open a QUIC endpoint: {0}")]
+    Socket(#[source] std::io::Error),
+}
+
+/// A client endpoint that trusts the CA in the PEM file `ca` (the directory's `ca.pem`).
+pub fn endpoint_for_ca_file(ca: &std::path::Path) -> Result<quinn::Endpoint, EndpointError> {
+    let pem = std::fs::read(ca).map_err(|source| EndpointError::ReadCa {
+        path: ca.to_path_buf(),
+        source,
+    })?;
+    client_endpoint(&pem).map_err(|e| match e {
+        EndpointError::BadCa { source, .. } => EndpointError::BadCa {
+            path: ca.to_path_buf(),
+            source,
+        },
+        other => other,
+    })
+}
+
+/// A client endpoint bound to an ephemeral UDP port, trusting the CA in `ca_pem`.
+pub fn client_endpoint(ca_pem: &[u8]) -> Result<quinn::Endpoint, EndpointError> {
+    let config = crate::quic::client_config(ca_pem).map_err(|source| EndpointError::BadCa {
+        path: "<memory>".into(),
+        source,
+    })?;
+    let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid literal"))
+        .map_err(EndpointError::Socket)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

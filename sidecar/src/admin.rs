@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use http::{Method, StatusCode};
 use serde::Serialize;
-use usher_shared::admin::{AdminHandler, AdminResponse};
+use usher_shared::admin::{refuse, AdminHandler, AdminResponse};
 
 use crate::replica::{Replica, Source};
 
@@ -65,14 +65,8 @@ fn routes(replica: &Replica) -> RoutesReport {
 /// Answers one admin request: `/healthz` 200 `ok`, `/v1/routes` JSON, other methods on those
 /// paths 405, anything else 404.
 pub fn respond(replica: &Replica, method: &Method, path: &str) -> AdminResponse {
-    if !matches!(path, "/healthz" | "/v1/routes") {
-        return AdminResponse::not_found(path);
-    }
-    if method != Method::GET && method != Method::HEAD {
-        return AdminResponse::text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{path} answers GET only\n"),
-        );
+    if let Some(refusal) = refuse(method, path, &["/healthz", "/v1/routes"]) {
+        return refusal;
     }
     match path {
         "/healthz" => AdminResponse::text(StatusCode::OK, "ok\n"),

@@ -27,7 +27,6 @@ pub mod reserver;
 pub mod route;
 pub mod subscription;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
+use usher_shared::session::{endpoint_for_ca_file, EndpointError};
 
 pub use crate::config::{Config, ConfigError};
 use crate::proxy::{Limits, Proxy};
@@ -47,20 +47,8 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why the sidecar could not start.
 #[derive(Debug, Error)]
 pub enum SidecarError {
-    #[error("cannot read the CA certificate {path}: {source}")]
-    ReadCa {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot use the CA certificate {path}: {source}")]
-    BadCa {
-        path: PathBuf,
-        #[source]
-        source: usher_shared::quic::TlsError,
-    },
-    #[error("cannot open a QUIC endpoint: {0}")]
-    Endpoint(#[source] std::io::Error),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
 }
 
 /// Sockets the caller bound (tests bind port 0 and read the real ports back).
@@ -76,15 +64,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), SidecarError> {
-    let ca = std::fs::read(&config.ca).map_err(|source| SidecarError::ReadCa {
-        path: config.ca.clone(),
-        source,
-    })?;
-    usher_shared::quic::client_config(&ca).map_err(|source| SidecarError::BadCa {
-        path: config.ca.clone(),
-        source,
-    })?;
-    let endpoint = usher_shared::session::client_endpoint(&ca).map_err(SidecarError::Endpoint)?;
+    let endpoint = endpoint_for_ca_file(&config.ca)?;
     let replica = Arc::new(Replica::new(Arc::default()));
     replica.load_from_disk(&config.state_dir);
     let proxy = Arc::new(Proxy::new(

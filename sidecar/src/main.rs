@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use anyhow::anyhow;
 use clap::Parser;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::error;
 use usher_shared::{signals, telemetry};
 use usher_sidecar::config::{Args, Config};
 use usher_sidecar::Listeners;
@@ -46,17 +45,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             config.admin
         )
     })?;
-    let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        match signals::shutdown_signal().await {
-            Ok(signal) => {
-                info!(signal, "shutdown requested");
-                on_signal.cancel();
-            }
-            Err(e) => error!(error = %e, "cannot install signal handlers"),
-        }
-    });
+    let shutdown = signals::shutdown_token();
     usher_sidecar::run(config, Listeners { proxy, admin }, shutdown).await?;
     Ok(())
 }
