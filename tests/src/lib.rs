@@ -104,10 +104,15 @@ impl Process {
         let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
     }
 
-    /// SIGKILL and reap.
+    /// SIGKILL and reap. Processes it started (an agent's instance, which lives in its own
+    /// process group) are killed too, so no test leaves a process behind.
     pub fn kill(&mut self) {
+        let descendants = descendants(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for pid in descendants {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
     }
 
     /// Waits up to `timeout` for the process to exit; returns its exit code (128+signal if
@@ -135,6 +140,25 @@ impl Process {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// Every process below `pid`, children first (from `/proc/<pid>/task/*/children`).
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| dir.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for task in tasks {
+        let children = std::fs::read_to_string(task.join("children")).unwrap_or_default();
+        for child in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            found.push(child);
+            found.extend(descendants(child));
+        }
+    }
+    found
 }
 
 impl Drop for Process {
