@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, Instrument};
 
+/// A client must send a request's headers within this time.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An admin reply: status, content type and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminResponse {
@@ -111,6 +114,8 @@ pub async fn serve(
                     }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
                 tokio::pin!(conn);
                 tokio::select! {

@@ -36,6 +36,9 @@ use crate::route::{decide, request_host};
 /// The body type on both sides of the proxy: streamed, never buffered whole.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// A client must send a request's headers within this time (slow-loris defence).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Instances one request may try.
 pub const MAX_ATTEMPTS: usize = 3;
 
@@ -420,6 +423,8 @@ pub async fn serve(
                         .instrument(span)
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service);
                 tokio::pin!(connection);
                 let result = tokio::select! {
