@@ -12,10 +12,13 @@
 //! - [`server`]: QUIC accept loops and the hello; [`registration`] (agents) and
 //!   [`subscription`] (sidecars) are the two conversations.
 //! - [`admin`]: `GET /healthz`, `GET /v1/routes`.
+//! - [`autoscale`]: the autoscaler's pure decision per service version (not yet driven:
+//!   load reports and schedulers come next).
 //! - [`run`]: wires them together; `main.rs` only parses, binds and maps the exit code.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod autoscale;
 pub mod batch;
 pub mod config;
 pub mod pki;
