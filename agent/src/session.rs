@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use usher_shared::backoff::Backoff;
 use usher_shared::codec::{
-    read_frame, write_frame, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
+    read_frame_owned, write_frame, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
 };
 use usher_shared::protocol::{DirectoryMessage, NodeMessage, Registration, Role};
 use usher_shared::routes::{Instance, InstanceState};
@@ -198,17 +198,6 @@ async fn connect(ctx: &mut SessionContext) -> Result<(Session, Duration), LinkEr
     }
 }
 
-/// Reads the next frame; owns the stream so the pending read survives `select!` iterations.
-async fn read_next(
-    mut recv: quinn::RecvStream,
-) -> (
-    quinn::RecvStream,
-    Result<Option<DirectoryMessage>, FrameError>,
-) {
-    let result = read_frame(&mut recv, MAX_DIRECTORY_FRAME).await;
-    (recv, result)
-}
-
 /// Heartbeats until the connection fails (`Err`) or `stop` says to leave (`Ok(deregistered)`).
 async fn heartbeat(
     session: Session,
@@ -226,7 +215,7 @@ async fn heartbeat(
         connection: connection.clone(),
         send: send_stream,
     };
-    let mut reader = pin!(read_next(recv));
+    let mut reader = pin!(read_frame_owned(recv, MAX_DIRECTORY_FRAME));
     let mut next_at = Some(Instant::now() + first_interval);
     // When each unacknowledged heartbeat was sent, oldest first.
     let mut unacked: VecDeque<Instant> = VecDeque::new();
@@ -266,7 +255,7 @@ async fn heartbeat(
                 next_at = None;
             }
             (recv, frame) = &mut reader => {
-                reader.set(read_next(recv));
+                reader.set(read_frame_owned(recv, MAX_DIRECTORY_FRAME));
                 match frame {
                     Ok(Some(DirectoryMessage::HeartbeatAck { next_heartbeat_ms })) => {
                         unacked.pop_front();

@@ -1,4 +1,8 @@
-//! The directory's admin endpoints: `GET /healthz` and `GET /v1/routes`.
+//! The directory's admin endpoints: `GET /healthz`, `GET /v1/routes` and `GET /v1/services`.
+//!
+//! `/v1/services` answers `{"services":[{"service","version","instances","up","in_flight",
+//! "queued","outstanding","sidecars"}]}`: per service version its instances and the load the
+//! sidecars report (outstanding = in-flight + queued, the autoscaler's signal).
 //!
 //! `/v1/routes` answers `{"epoch","revision","in_grace_period","heartbeat_interval_ms",
 //! "ttl_ms","instances":[{"service","version","id","address","capacity","weight","state",
@@ -6,7 +10,10 @@
 
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+
 use http::{Method, StatusCode};
+use serde::Serialize;
 use tokio::time::Instant;
 use usher_shared::admin::{refuse, AdminHandler, AdminResponse};
 
@@ -15,15 +22,69 @@ use crate::registry::Registry;
 /// Answers one admin request: `/healthz` 200 `ok`, `/v1/routes` JSON, other methods on those
 /// paths 405, anything else 404.
 pub fn respond(registry: &Registry, method: &Method, path: &str) -> AdminResponse {
-    if let Some(refusal) = refuse(method, path, &["/healthz", "/v1/routes"]) {
+    if let Some(refusal) = refuse(method, path, &["/healthz", "/v1/routes", "/v1/services"]) {
         return refusal;
     }
     match path {
         "/healthz" => AdminResponse::text(StatusCode::OK, "ok\n"),
+        "/v1/services" => AdminResponse::json(&services(registry, Instant::now())),
         _ => AdminResponse::json(&registry.report(Instant::now(), usher_shared::unix_millis())),
     }
 }
 
+/// One service version in `GET /v1/services`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServiceReport {
+    pub service: String,
+    pub version: String,
+    /// Instances in the route table, and how many of them are `up`.
+    pub instances: u32,
+    pub up: u32,
+    pub in_flight: u64,
+    pub queued: u64,
+    pub outstanding: u64,
+    /// Sidecars whose current load report names this version.
+    pub sidecars: u32,
+}
+
+/// The body of `GET /v1/services`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServicesReport {
+    pub services: Vec<ServiceReport>,
+}
+
+/// Every service version in the table or in a load report, with its instances and load.
+pub fn services(registry: &Registry, now: Instant) -> ServicesReport {
+    let mut by_version: BTreeMap<(String, String), ServiceReport> = BTreeMap::new();
+    for instance in registry.table().instances() {
+        let r = version_entry(&mut by_version, &instance.service, &instance.version);
+        r.instances += 1;
+        r.up += u32::from(instance.state.routable());
+    }
+    for ((service, version), totals) in registry.load().totals(now) {
+        let r = version_entry(&mut by_version, &service, &version);
+        r.in_flight = totals.in_flight;
+        r.queued = totals.queued;
+        r.outstanding = totals.outstanding();
+        r.sidecars = totals.sidecars;
+    }
+    ServicesReport {
+        services: by_version.into_values().collect(),
+    }
+}
+
+fn version_entry<'a>(
+    map: &'a mut BTreeMap<(String, String), ServiceReport>,
+    service: &str,
+    version: &str,
+) -> &'a mut ServiceReport {
+    map.entry((service.to_string(), version.to_string()))
+        .or_insert_with(|| ServiceReport {
+            service: service.to_string(),
+            version: version.to_string(),
+            ..ServiceReport::default()
+        })
+}
 /// The handler given to [`usher_shared::admin::serve`].
 pub fn handler(registry: Arc<Registry>) -> AdminHandler {
     Arc::new(move |method, path| respond(&registry, method, path))

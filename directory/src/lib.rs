@@ -21,6 +21,7 @@ pub mod admin;
 pub mod autoscale;
 pub mod batch;
 pub mod config;
+pub mod load;
 pub mod pki;
 pub mod presence;
 mod registration;

@@ -23,6 +23,7 @@ use usher_shared::routes::{
 };
 
 use crate::batch::Batcher;
+use crate::load::LoadBoard;
 use crate::presence::Presence;
 
 /// Changes the log remembers, so a sidecar that reconnects within this many changes gets only
@@ -101,6 +102,8 @@ pub struct Registry {
     published: watch::Sender<u64>,
     /// Wakes the publisher when a change is recorded.
     changed: Notify,
+    /// What sidecars report of their load.
+    load: LoadBoard,
 }
 
 /// One instance as `GET /v1/routes` shows it.
@@ -143,11 +146,17 @@ impl Registry {
             }),
             published: watch::channel(0).0,
             changed: Notify::new(),
+            load: LoadBoard::default(),
         }
     }
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The sidecars' load reports.
+    pub fn load(&self) -> &LoadBoard {
+        &self.load
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -137,7 +137,7 @@ async fn conversation(
                 .await
         }
         Role::Sidecar => {
-            crate::subscription::run(stream, registry, shutdown)
+            crate::subscription::run(stream, session, registry, shutdown)
                 .instrument(span)
                 .await
         }

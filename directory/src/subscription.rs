@@ -15,11 +15,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 use usher_shared::codec::{
-    encode_frame, read_frame, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
+    encode_frame, read_frame_owned, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
 };
 use usher_shared::protocol::{DirectoryMessage, ErrorCode, NodeMessage};
 
-use crate::registry::{Registry, Update};
+use crate::registry::{Registry, SessionId, Update};
 use crate::server::{read_first, NodeStream};
 
 /// Most entries in one snapshot chunk or delta frame.
@@ -32,6 +32,7 @@ pub const FRAME_BUDGET: usize = MAX_DIRECTORY_FRAME / 2;
 /// fires.
 pub(crate) async fn run(
     mut stream: NodeStream,
+    session: SessionId,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) {
@@ -45,15 +46,29 @@ pub(crate) async fn run(
         Err(refusal) => return stream.refuse(refusal.0, refusal.1).await,
     };
     let NodeStream { mut send, recv } = stream;
-    let mut reader = pin!(read_next(recv));
+    let mut reader = pin!(read_frame_owned(recv, MAX_NODE_FRAME));
     let current = registry.settings().epoch;
+    // The sidecar's load counts while its stream lives.
+    let _reporting = Reporting {
+        registry: &registry,
+        session,
+    };
 
     if epoch.is_some_and(|e| e != current) && registry.in_grace_period(Instant::now()) {
         info!(held_epoch = ?epoch, "sidecar holds an earlier table; it keeps it until the grace period ends");
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(registry.grace_period_end()) => {}
-            (_, frame) = &mut reader => return unexpected(&mut send, frame).await,
+        let grace_end = tokio::time::sleep_until(registry.grace_period_end());
+        tokio::pin!(grace_end);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = &mut grace_end => break,
+                (recv, frame) = &mut reader => {
+                    if let Err(ended) = on_frame(&registry, session, frame) {
+                        return finish(&mut send, ended).await;
+                    }
+                    reader.set(read_frame_owned(recv, MAX_NODE_FRAME));
+                }
+            }
         }
     }
 
@@ -81,36 +96,79 @@ pub(crate) async fn run(
             }
         }
         held = reached;
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = published.changed() => if changed.is_err() { return },
-            (_, frame) = &mut reader => return unexpected(&mut send, frame).await,
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = published.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                (recv, frame) = &mut reader => {
+                    if let Err(ended) = on_frame(&registry, session, frame) {
+                        return finish(&mut send, ended).await;
+                    }
+                    reader.set(read_frame_owned(recv, MAX_NODE_FRAME));
+                }
+            }
         }
+    }
+}
+
+/// Forgets the sidecar's load when its subscription ends, however it ends.
+struct Reporting<'a> {
+    registry: &'a Registry,
+    session: SessionId,
+}
+
+impl Drop for Reporting<'_> {
+    fn drop(&mut self) {
+        self.registry.load().forget(self.session);
+    }
+}
+
+/// How a subscription ends because of what the sidecar sent.
+enum Ended {
+    /// The sidecar closed its stream.
+    Closed,
+    /// Refused with an error frame.
+    Refused(ErrorCode, String),
+}
+
+/// Handles a frame from a subscribed sidecar: a load report is recorded; anything else ends
+/// the subscription.
+fn on_frame(
+    registry: &Registry,
+    session: SessionId,
+    frame: Result<Option<NodeMessage>, FrameError>,
+) -> Result<(), Ended> {
+    match frame {
+        Ok(Some(NodeMessage::LoadReport { versions })) => registry
+            .load()
+            .report(session, Instant::now(), versions)
+            .map_err(|reason| Ended::Refused(ErrorCode::InvalidRequest, reason)),
+        Ok(Some(message)) => Err(Ended::Refused(
+            ErrorCode::UnexpectedMessage,
+            format!(
+                "a subscribed sidecar sends load reports only, got {}",
+                message.kind()
+            ),
+        )),
+        Ok(None) => Err(Ended::Closed),
+        Err(e) => Err(Ended::Refused(ErrorCode::InvalidRequest, e.to_string())),
+    }
+}
+
+async fn finish(send: &mut quinn::SendStream, ended: Ended) {
+    match ended {
+        Ended::Closed => debug!("sidecar closed its stream"),
+        Ended::Refused(code, reason) => crate::server::refuse(send, code, reason).await,
     }
 }
 
 async fn send_error(send: &mut quinn::SendStream, e: FrameError) {
     crate::server::refuse(send, ErrorCode::InvalidRequest, e.to_string()).await
-}
-
-/// Reads the next frame; owns the stream so the pending read survives `select!` iterations.
-async fn read_next(
-    mut recv: quinn::RecvStream,
-) -> (quinn::RecvStream, Result<Option<NodeMessage>, FrameError>) {
-    let result = read_frame(&mut recv, MAX_NODE_FRAME).await;
-    (recv, result)
-}
-
-/// A subscribed sidecar sends nothing more; its stream ending is the end of the subscription.
-async fn unexpected(send: &mut quinn::SendStream, frame: Result<Option<NodeMessage>, FrameError>) {
-    match frame {
-        Ok(None) => debug!("sidecar closed its stream"),
-        Ok(Some(message)) => {
-            let reason = format!("a subscribed sidecar sends nothing, got {}", message.kind());
-            crate::server::refuse(send, ErrorCode::UnexpectedMessage, reason).await
-        }
-        Err(e) => send_error(send, e).await,
-    }
 }
 
 async fn write_raw(send: &mut quinn::SendStream, frame: &[u8]) -> Result<(), FrameError> {

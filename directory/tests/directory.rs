@@ -437,3 +437,92 @@ async fn admin_get(addr: &str, path: &str) -> String {
     );
     body.to_string()
 }
+
+#[tokio::test]
+async fn sidecar_load_reports_add_up_until_the_sidecar_leaves() {
+    use usher_shared::protocol::VersionLoad;
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path()).await;
+    let _agent = register(&d, instance("a", InstanceState::Up)).await;
+    let report = |in_flight, queued| NodeMessage::LoadReport {
+        versions: vec![VersionLoad {
+            service: "web".into(),
+            version: "v1".into(),
+            in_flight,
+            queued,
+        }],
+    };
+    let mut sidecars = Vec::new();
+    for (in_flight, queued) in [(3, 1), (2, 0)] {
+        let mut s = d.session(Role::Sidecar).await;
+        s.send(&NodeMessage::Subscribe {
+            epoch: None,
+            revision: 0,
+        })
+        .await
+        .unwrap();
+        s.send(&report(in_flight, queued)).await.unwrap();
+        sidecars.push(s);
+    }
+    let web = |doc: &serde_json::Value| doc["services"][0].clone();
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..100 {
+        seen = web(&serde_json::from_str(&admin_get(&d.admin, "/v1/services").await).unwrap());
+        if seen["outstanding"] == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen["service"], "web");
+    assert_eq!(
+        (seen["in_flight"].clone(), seen["queued"].clone()),
+        (5.into(), 1.into()),
+        "{seen}"
+    );
+    assert_eq!(seen["sidecars"], 2);
+    assert_eq!(
+        (seen["instances"].clone(), seen["up"].clone()),
+        (1.into(), 1.into())
+    );
+
+    // A sidecar that leaves stops counting at once.
+    let gone = sidecars.remove(0);
+    gone.close("test");
+    let mut outstanding = serde_json::Value::Null;
+    for _ in 0..100 {
+        outstanding =
+            web(&serde_json::from_str(&admin_get(&d.admin, "/v1/services").await).unwrap())
+                ["outstanding"]
+                .clone();
+        if outstanding == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(outstanding, 2);
+
+    // An oversized report is refused.
+    let huge = NodeMessage::LoadReport {
+        versions: (0..=usher_shared::protocol::MAX_REPORTED_VERSIONS)
+            .map(|i| VersionLoad {
+                service: "web".into(),
+                version: format!("v{i}"),
+                in_flight: 1,
+                queued: 0,
+            })
+            .collect(),
+    };
+    let s = &mut sidecars[0];
+    s.send(&huge).await.unwrap();
+    let refused = loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.recv())
+            .await
+            .unwrap()
+        {
+            Err(e) => break e.to_string(),
+            Ok(_) => continue,
+        }
+    };
+    assert!(refused.contains("at most"), "{refused}");
+    d.stop().await;
+}

@@ -125,6 +125,17 @@ where
     Ok(Some(rmp_serde::from_slice(&payload)?))
 }
 
+/// Reads one frame from an owned `reader` and hands the reader back with the result, so a
+/// pending read can be kept across `select!` iterations instead of being cancelled mid-frame.
+pub async fn read_frame_owned<R, T>(mut reader: R, max: usize) -> (R, Result<Option<T>, FrameError>)
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let result = read_frame(&mut reader, max).await;
+    (reader, result)
+}
+
 /// Writes `msg` as one frame to `writer`. Errors as [`encode_frame`], or the stream fails.
 pub async fn write_frame<W, T>(writer: &mut W, msg: &T, max: usize) -> Result<(), FrameError>
 where

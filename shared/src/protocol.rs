@@ -9,7 +9,8 @@
 //!
 //! Sidecar stream: `Hello`, `Subscribe` with the (epoch, revision) it holds; the directory
 //! answers with the missed `Deltas` or a full snapshot (`SnapshotChunk`s), then batched
-//! `Deltas` (SwarmKit: 100 changes or 100 ms).
+//! `Deltas` (SwarmKit: 100 changes or 100 ms). On the same stream the sidecar sends a
+//! `LoadReport` every second (Waiter/WSO2: the autoscaler's signal).
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,20 @@ pub struct Registration {
     pub instance: Instance,
 }
 
+/// The requests of one service version at one sidecar (WSO2: requests in flight).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionLoad {
+    pub service: String,
+    pub version: String,
+    /// Requests sent to an instance and not yet finished.
+    pub in_flight: u32,
+    /// Requests waiting for a free slot.
+    pub queued: u32,
+}
+
+/// Most versions one load report may carry (keeps the frame far below 64 KiB).
+pub const MAX_REPORTED_VERSIONS: usize = 512;
+
 /// Frames from agents and sidecars to the directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -67,6 +82,12 @@ pub enum NodeMessage {
     Subscribe {
         epoch: Option<u64>,
         revision: u64,
+    },
+    /// Sidecar, on its subscription stream: its load per service version, every second and at
+    /// once when a request waits for a version with no instance (cold start). Each report
+    /// replaces the sidecar's previous one; versions it leaves out have no load.
+    LoadReport {
+        versions: Vec<VersionLoad>,
     },
 }
 
@@ -120,6 +141,7 @@ impl NodeMessage {
             NodeMessage::Heartbeat { .. } => "heartbeat",
             NodeMessage::Deregister => "deregister",
             NodeMessage::Subscribe { .. } => "subscribe",
+            NodeMessage::LoadReport { .. } => "load_report",
         }
     }
 }

@@ -18,6 +18,7 @@ use rand::Rng;
 use thiserror::Error;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use usher_shared::protocol::{VersionLoad, MAX_REPORTED_VERSIONS};
 use usher_shared::routes::{Instance, InstanceKey, RouteTable};
 
 /// First ejection after a connection failure (Waiter).
@@ -156,16 +157,21 @@ pub struct Reserver {
     /// Woken when a slot is released or the instances change.
     freed: Notify,
     queued: AtomicUsize,
+    /// Told when a request starts waiting for a version with no routable instance (cold
+    /// start), so the load report goes out at once.
+    demand: Arc<Notify>,
 }
 
 impl Reserver {
-    pub fn new(service: &str, version: &str) -> Self {
+    /// A reserver that signals cold-start demand on `demand`.
+    pub fn new(service: &str, version: &str, demand: Arc<Notify>) -> Self {
         Self {
             service: service.into(),
             version: version.into(),
             state: Mutex::new(State::default()),
             freed: Notify::new(),
             queued: AtomicUsize::new(0),
+            demand,
         }
     }
 
@@ -218,9 +224,10 @@ impl Reserver {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(reservation) = self.try_reserve(exclude)? {
-                return Ok(reservation);
-            }
+            let no_instance = match self.try_reserve(exclude)? {
+                Ok(reservation) => return Ok(reservation),
+                Err(no_instance) => no_instance,
+            };
             if queued.is_none() {
                 let now_queued = self.queued.fetch_add(1, Ordering::AcqRel);
                 let ticket = QueueTicket(&self.queued);
@@ -232,10 +239,13 @@ impl Reserver {
                     });
                 }
                 queued = Some(ticket);
+                if no_instance {
+                    self.demand.notify_one();
+                }
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 // One last look: a slot may have been freed just at the deadline.
-                if let Some(reservation) = self.try_reserve(exclude)? {
+                if let Ok(reservation) = self.try_reserve(exclude)? {
                     return Ok(reservation);
                 }
                 return Err(ReserveError::Timeout {
@@ -247,18 +257,19 @@ impl Reserver {
         }
     }
 
-    /// Reserves at once if a slot is free.
+    /// Reserves at once if a slot is free: `Ok(Ok(_))`; `Ok(Err(no_instance))` when the
+    /// request must wait (`no_instance`: no routable instance at all, so not just busy).
     fn try_reserve(
         self: &Arc<Self>,
         exclude: &[String],
-    ) -> Result<Option<Reservation>, ReserveError> {
+    ) -> Result<Result<Reservation, bool>, ReserveError> {
         let mut state = self.lock();
         match state.pick(exclude, Instant::now()) {
             Ok(id) => {
                 let slot = state.slots.get_mut(&id).expect("picked from the map");
                 slot.in_use += 1;
                 let address = slot.address;
-                Ok(Some(Reservation {
+                Ok(Ok(Reservation {
                     reserver: self.clone(),
                     id,
                     address,
@@ -268,7 +279,7 @@ impl Reserver {
                 service: self.service.clone(),
                 version: self.version.clone(),
             }),
-            Err(_) => Ok(None),
+            Err(no_instance) => Ok(Err(no_instance)),
         }
     }
 
@@ -306,6 +317,17 @@ impl Reserver {
     /// Requests waiting for a slot now.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
+    }
+
+    /// In-flight and queued requests of this version, for the load report.
+    pub fn load(&self) -> VersionLoad {
+        let in_flight: u32 = self.lock().slots.values().map(|s| s.in_use).sum();
+        VersionLoad {
+            service: self.service.clone(),
+            version: self.version.clone(),
+            in_flight,
+            queued: u32::try_from(self.queued()).unwrap_or(u32::MAX),
+        }
     }
 }
 
@@ -359,6 +381,7 @@ impl Drop for Reservation {
 #[derive(Debug, Default)]
 pub struct Reservers {
     by_version: Mutex<HashMap<(String, String), Arc<Reserver>>>,
+    demand: Arc<Notify>,
 }
 
 impl Reservers {
@@ -372,7 +395,7 @@ impl Reservers {
         if let Some(r) = map.get(&(service.to_string(), version.to_string())) {
             return r.clone();
         }
-        let reserver = Arc::new(Reserver::new(service, version));
+        let reserver = Arc::new(Reserver::new(service, version, self.demand.clone()));
         reserver.sync(
             table
                 .instances()
@@ -380,6 +403,25 @@ impl Reservers {
         );
         map.insert((service.into(), version.into()), reserver.clone());
         reserver
+    }
+
+    /// Resolves when a request starts waiting for a version with no routable instance.
+    pub async fn demand(&self) {
+        self.demand.notified().await
+    }
+
+    /// The load of every version with requests in flight or queued, busiest first, at most
+    /// [`MAX_REPORTED_VERSIONS`] (Waiter/WSO2: the autoscaler's signal).
+    pub fn loads(&self) -> Vec<VersionLoad> {
+        let reservers: Vec<_> = self.lock().values().cloned().collect();
+        let mut loads: Vec<VersionLoad> = reservers
+            .iter()
+            .map(|r| r.load())
+            .filter(|l| l.in_flight > 0 || l.queued > 0)
+            .collect();
+        loads.sort_by_key(|l| std::cmp::Reverse(u64::from(l.in_flight) + u64::from(l.queued)));
+        loads.truncate(MAX_REPORTED_VERSIONS);
+        loads
     }
 
     /// Brings every reserver in step with a new table.
@@ -425,7 +467,7 @@ mod tests {
     }
 
     fn reserver(instances: &[Instance]) -> Arc<Reserver> {
-        let r = Arc::new(Reserver::new("web", "v1"));
+        let r = Arc::new(Reserver::new("web", "v1", Arc::default()));
         r.sync(instances);
         r
     }
@@ -562,6 +604,31 @@ mod tests {
             Err(ReserveError::NoOtherInstance { .. })
         ));
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_version_without_instances_signals_demand_and_load() {
+        let reservers = Arc::new(Reservers::default());
+        let r = reservers.get("web", "v1", &RouteTable::new(1));
+        let waiter =
+            tokio::spawn(
+                async move { r.reserve(&[], Duration::from_millis(500), 10).await.is_ok() },
+            );
+        tokio::time::timeout(Duration::from_secs(1), reservers.demand())
+            .await
+            .expect("cold-start demand is signalled");
+        let expected = VersionLoad {
+            service: "web".into(),
+            version: "v1".into(),
+            in_flight: 0,
+            queued: 1,
+        };
+        assert_eq!(reservers.loads(), vec![expected]);
+        assert!(!waiter.await.unwrap(), "times out with no instance");
+        assert!(
+            reservers.loads().is_empty(),
+            "idle versions are not reported"
+        );
     }
 
     #[test]

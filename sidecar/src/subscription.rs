@@ -6,6 +6,7 @@
 //! After a directory restart the directory may say nothing for its grace period: the sidecar
 //! keeps routing with the table it holds, connected, until the new table arrives.
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use usher_shared::backoff::Backoff;
+use usher_shared::codec::{read_frame_owned, write_frame, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
 use usher_shared::protocol::{DirectoryMessage, NodeMessage, Role};
 use usher_shared::routes::{DeltaError, Instance, RouteTable};
 use usher_shared::session::{open, Session, SessionError};
@@ -22,12 +24,18 @@ use crate::replica::{Replica, Source};
 /// Bound on connecting and saying hello.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often the sidecar reports its load (the directory's autoscaler signal).
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Bound on writing one frame to the directory.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Why a subscription ended.
 #[derive(Debug, Error)]
 pub enum LinkError {
     #[error(transparent)]
     Session(#[from] SessionError),
-    #[error("no welcome from the directory within {0:?}")]
+    #[error("the directory did not answer or read within {0:?}")]
     Timeout(Duration),
     #[error("the directory's deltas do not apply: {0}")]
     Delta(#[from] DeltaError),
@@ -91,24 +99,64 @@ pub async fn run(
     }
 }
 
-/// Subscribes and applies what the directory sends until the session fails.
-async fn follow(mut session: Session, replica: &Replica) -> LinkError {
+/// Subscribes, applies what the directory sends and reports this sidecar's load (every
+/// [`REPORT_INTERVAL`], and at once on cold-start demand) until the session fails.
+async fn follow(session: Session, replica: &Replica) -> LinkError {
+    let Session { mut send, recv, .. } = session;
     let (epoch, revision) = replica.held();
-    if let Err(e) = session
-        .send(&NodeMessage::Subscribe { epoch, revision })
-        .await
+    if let Err(e) = write_frame(
+        &mut send,
+        &NodeMessage::Subscribe { epoch, revision },
+        MAX_NODE_FRAME,
+    )
+    .await
     {
-        return e.into();
+        return SessionError::from(e).into();
     }
+    let mut reader = pin!(read_frame_owned(recv, MAX_DIRECTORY_FRAME));
+    let mut report = tokio::time::interval(REPORT_INTERVAL);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut snapshot = SnapshotBuilder::default();
     loop {
-        let message = match session.recv().await {
-            Ok(message) => message,
-            Err(e) => return e.into(),
-        };
-        if let Err(e) = apply(message, replica, &mut snapshot) {
-            return e;
+        tokio::select! {
+            (recv, frame) = &mut reader => {
+                let message = match frame {
+                    Ok(Some(DirectoryMessage::Error { code, message })) => {
+                        return SessionError::Refused(format!("{code:?}: {message}")).into()
+                    }
+                    Ok(Some(message)) => message,
+                    Ok(None) => return SessionError::Closed.into(),
+                    Err(e) => return SessionError::from(e).into(),
+                };
+                if let Err(e) = apply(message, replica, &mut snapshot) {
+                    return e;
+                }
+                reader.set(read_frame_owned(recv, MAX_DIRECTORY_FRAME));
+            }
+            _ = report.tick() => {
+                if let Err(e) = send_load(&mut send, replica).await {
+                    return e;
+                }
+            }
+            _ = replica.reservers().demand() => {
+                debug!("a request waits for a version with no instance; reporting at once");
+                if let Err(e) = send_load(&mut send, replica).await {
+                    return e;
+                }
+            }
         }
+    }
+}
+
+/// Sends the current load, bounded by [`WRITE_TIMEOUT`].
+async fn send_load(send: &mut quinn::SendStream, replica: &Replica) -> Result<(), LinkError> {
+    let report = NodeMessage::LoadReport {
+        versions: replica.reservers().loads(),
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write_frame(send, &report, MAX_NODE_FRAME)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(SessionError::from(e).into()),
+        Err(_) => Err(LinkError::Timeout(WRITE_TIMEOUT)),
     }
 }
 

@@ -262,7 +262,8 @@ async fn sidecar_restarted_without_directory_serves_from_disk() {
     drop(sidecar);
 }
 
-/// 6. Unknown service gives 404; a client that closes mid-response leaks no slot.
+/// 6. Unknown service gives 404; a client that closes mid-response leaks no slot; the
+///    directory sees the request in flight through the sidecar's load report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_service_404_and_abandoned_response_leaks_no_slot() {
     let m = mesh_with(1).await;
@@ -298,6 +299,22 @@ async fn unknown_service_404_and_abandoned_response_leaks_no_slot() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let routes = admin_json(&admin, "/v1/routes").await.unwrap();
     assert_eq!(in_flight(&routes), 1, "the streaming request holds a slot");
+    // The sidecar reports it to the directory (the autoscaler's signal) within a report period.
+    let dir_admin = m.mesh.directory.admin();
+    wait_until(
+        Duration::from_secs(3),
+        "the directory to see the request in flight",
+        || async {
+            admin_json(&dir_admin, "/v1/services")
+                .await
+                .map(|doc| {
+                    doc["services"][0]["service"] == "web" && doc["services"][0]["in_flight"] == 1
+                })
+                .unwrap_or(false)
+        },
+    )
+    .await
+    .unwrap();
     drop(stream);
     wait_until(
         Duration::from_secs(5),
