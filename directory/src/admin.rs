@@ -1,8 +1,10 @@
 //! The directory's admin endpoints: `GET /healthz`, `GET /v1/routes` and `GET /v1/services`.
 //!
 //! `/v1/services` answers `{"services":[{"service","version","instances","up","in_flight",
-//! "queued","outstanding","sidecars"}]}`: per service version its instances and the load the
-//! sidecars report (outstanding = in-flight + queued, the autoscaler's signal).
+//! "queued","outstanding","sidecars","scaling"}]}`: per service version its instances, the
+//! load the sidecars report (outstanding = in-flight + queued, the autoscaler's signal) and,
+//! for versions the directory scales, `scaling`: `{"target","ideal","started","scheduler",
+//! "decisions":[{"at_ms","from","to","outstanding","reasons"}]}`.
 //!
 //! `/v1/routes` answers `{"epoch","revision","in_grace_period","heartbeat_interval_ms",
 //! "ttl_ms","instances":[{"service","version","id","address","capacity","weight","state",
@@ -17,6 +19,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use usher_shared::admin::{refuse, AdminHandler, AdminResponse};
 
+use crate::autoscaler::VersionStatus;
 use crate::registry::Registry;
 
 /// Answers one admin request: `/healthz` 200 `ok`, `/v1/routes` JSON, other methods on those
@@ -45,6 +48,9 @@ pub struct ServiceReport {
     pub outstanding: u64,
     /// Sidecars whose current load report names this version.
     pub sidecars: u32,
+    /// For a version the directory scales: its target, ideal, started instances, scheduler
+    /// and latest decisions with their reasons; `null` otherwise.
+    pub scaling: Option<VersionStatus>,
 }
 
 /// The body of `GET /v1/services`.
@@ -67,6 +73,10 @@ pub fn services(registry: &Registry, now: Instant) -> ServicesReport {
         r.queued = totals.queued;
         r.outstanding = totals.outstanding();
         r.sidecars = totals.sidecars;
+    }
+    for (service, version) in registry.autoscale().managed() {
+        let status = registry.autoscale().get(&service, &version);
+        version_entry(&mut by_version, &service, &version).scaling = status;
     }
     ServicesReport {
         services: by_version.into_values().collect(),

@@ -16,6 +16,8 @@ use clap::Parser;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::services::{ServiceEntry, ServiceError, ServiceSpec};
+
 /// Default QUIC address (DESIGN.md: udp 0.0.0.0:7400).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7400";
 /// Default admin HTTP address (DESIGN.md: loopback only).
@@ -69,7 +71,7 @@ pub struct Args {
 }
 
 /// The TOML file: the same keys as the flags, all optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
@@ -79,10 +81,16 @@ pub struct FileConfig {
     pub heartbeat_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub grace_period: Option<Duration>,
+    /// The `usher-agent` the `process` scheduler starts (default: beside this binary, else
+    /// from `PATH`).
+    pub agent_binary: Option<PathBuf>,
+    /// Services the directory scales (see [`crate::services`]).
+    #[serde(default)]
+    pub services: Vec<ServiceEntry>,
 }
 
 /// The directory's validated configuration. Tests build it directly.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
@@ -91,6 +99,10 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// How long sidecars that hold another epoch's table wait for their first update.
     pub grace_period: Duration,
+    /// The `usher-agent` binary the `process` scheduler starts; `None`: find it.
+    pub agent_binary: Option<PathBuf>,
+    /// Services the directory scales (none: it only routes what agents register).
+    pub services: Vec<ServiceSpec>,
 }
 
 /// Why the configuration is refused; the message names the flag or TOML key.
@@ -108,6 +120,8 @@ pub enum ConfigError {
         #[source]
         source: Box<toml::de::Error>,
     },
+    #[error("--config: {0}")]
+    Service(#[from] ServiceError),
     #[error("--{flag} {value}: {reason}")]
     Invalid {
         flag: &'static str,
@@ -131,6 +145,8 @@ impl Config {
             state_dir: state_dir.to_path_buf(),
             heartbeat_interval,
             grace_period: heartbeat_interval * TTL_INTERVALS * 2,
+            agent_binary: None,
+            services: Vec::new(),
         }
     }
 
@@ -196,6 +212,8 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             heartbeat_interval,
             grace_period,
+            agent_binary: file.agent_binary,
+            services: crate::services::validate(&file.services)?,
         })
     }
 }

@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod autoscale;
+pub mod autoscaler;
 pub mod batch;
 pub mod config;
 pub mod load;
@@ -26,7 +27,9 @@ pub mod pki;
 pub mod presence;
 mod registration;
 pub mod registry;
+pub mod scheduler;
 pub mod server;
+pub mod services;
 mod subscription;
 
 use std::path::PathBuf;
@@ -43,6 +46,7 @@ use tracing::{info, info_span, warn, Instrument};
 pub use crate::config::{Config, ConfigError};
 use crate::pki::PkiError;
 use crate::registry::{Registry, Settings};
+use crate::scheduler::AgentContext;
 
 /// How long shutdown waits for connections to close and tasks to finish.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -123,6 +127,22 @@ pub async fn run(
     );
     tracker.spawn(publisher(registry.clone(), tasks.clone()).instrument(info_span!("publisher")));
     tracker.spawn(expiry(registry.clone(), tasks.clone()).instrument(info_span!("ttl")));
+    let scaling = CancellationToken::new();
+    let agents = AgentContext {
+        agent: AgentContext::find_agent(config.agent_binary.as_deref()),
+        directory: dialable(quic_addr),
+        ca: config.state_dir.join(pki::CA_CERT_FILE),
+        state_dir: config.state_dir.join("instances"),
+    };
+    let autoscaler = tokio::spawn(
+        autoscaler::run(
+            config.services.clone(),
+            agents,
+            registry.clone(),
+            scaling.clone(),
+        )
+        .instrument(info_span!("autoscaler")),
+    );
     let admin_addr = listeners.admin.local_addr().ok();
     tracker.spawn(
         usher_shared::admin::serve(
@@ -147,6 +167,17 @@ pub async fn run(
     shutdown.cancelled().await;
     info!("shutting down");
     notify_systemd(sd_notify::NotifyState::Stopping);
+    // Instances the directory started drain and deregister while it still serves.
+    scaling.cancel();
+    if tokio::time::timeout(
+        scheduler::SHUTDOWN_GRACE + Duration::from_secs(1),
+        autoscaler,
+    )
+    .await
+    .is_err()
+    {
+        warn!("the instances the directory started did not all stop in time");
+    }
     tasks.cancel();
     endpoint.close(server::CLOSE_OK.into(), b"directory shutting down");
     if tokio::time::timeout(SHUTDOWN_TIMEOUT, endpoint.wait_idle())
@@ -191,6 +222,19 @@ async fn expiry(registry: Arc<Registry>, shutdown: CancellationToken) {
             _ = tick.tick() => { registry.expire(Instant::now()); }
         }
     }
+}
+
+/// The address agents on this host dial: the QUIC address, with loopback for "any".
+fn dialable(listen: std::net::SocketAddr) -> std::net::SocketAddr {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    addr
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

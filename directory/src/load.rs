@@ -47,6 +47,8 @@ struct Report {
 #[derive(Debug, Default)]
 pub struct LoadBoard {
     reports: Mutex<HashMap<SessionId, Report>>,
+    /// Told when a report shows queued requests, so a version at zero starts at once.
+    demand: tokio::sync::Notify,
 }
 
 impl LoadBoard {
@@ -68,8 +70,17 @@ impl LoadBoard {
                 versions.len()
             ));
         }
+        let queued = versions.iter().any(|v| v.queued > 0);
         self.lock().insert(session, Report { at: now, versions });
+        if queued {
+            self.demand.notify_one();
+        }
         Ok(())
+    }
+
+    /// Resolves when a report shows queued requests (cold-start demand).
+    pub async fn demand(&self) {
+        self.demand.notified().await
     }
 
     /// Forgets sidecar `session` (its stream ended).

@@ -22,6 +22,7 @@ use usher_shared::routes::{
     CatchUp, Change, Instance, InstanceKey, InstanceState, RouteLog, RouteTable,
 };
 
+use crate::autoscaler::AutoscaleStatus;
 use crate::batch::Batcher;
 use crate::load::LoadBoard;
 use crate::presence::Presence;
@@ -104,6 +105,8 @@ pub struct Registry {
     changed: Notify,
     /// What sidecars report of their load.
     load: LoadBoard,
+    /// What the autoscaler decided per managed version.
+    autoscale: AutoscaleStatus,
 }
 
 /// One instance as `GET /v1/routes` shows it.
@@ -147,6 +150,7 @@ impl Registry {
             published: watch::channel(0).0,
             changed: Notify::new(),
             load: LoadBoard::default(),
+            autoscale: AutoscaleStatus::default(),
         }
     }
 
@@ -157,6 +161,11 @@ impl Registry {
     /// The sidecars' load reports.
     pub fn load(&self) -> &LoadBoard {
         &self.load
+    }
+
+    /// The autoscaler's decisions.
+    pub fn autoscale(&self) -> &AutoscaleStatus {
+        &self.autoscale
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
