@@ -191,6 +191,7 @@ pub fn decide(
         }
     }
     if outstanding == 0 && idle_for >= settings.idle_timeout {
+        reasons.retain(|r| !matches!(r, Reason::DownDelayed { .. }));
         if previous.target > min {
             reasons.push(Reason::Idle);
         }

@@ -47,6 +47,7 @@ pub use crate::config::{Config, ConfigError};
 use crate::pki::PkiError;
 use crate::registry::{Registry, Settings};
 use crate::scheduler::AgentContext;
+use usher_shared::routes::ServiceVersion;
 
 /// How long shutdown waits for connections to close and tasks to finish.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -127,6 +128,13 @@ pub async fn run(
     );
     tracker.spawn(publisher(registry.clone(), tasks.clone()).instrument(info_span!("publisher")));
     tracker.spawn(expiry(registry.clone(), tasks.clone()).instrument(info_span!("ttl")));
+    registry.declare(
+        config.services.iter().map(|s| ServiceVersion {
+            service: s.name.clone(),
+            version: s.version.clone(),
+        }),
+        Instant::now(),
+    );
     let scaling = CancellationToken::new();
     let agents = AgentContext {
         agent: AgentContext::find_agent(config.agent_binary.as_deref()),

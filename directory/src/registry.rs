@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tracing::info;
 use usher_shared::names::{validate_instance_id, validate_label};
 use usher_shared::routes::{
-    CatchUp, Change, Instance, InstanceKey, InstanceState, RouteLog, RouteTable,
+    CatchUp, Change, Instance, InstanceKey, InstanceState, RouteLog, RouteTable, ServiceVersion,
 };
 
 use crate::autoscaler::AutoscaleStatus;
@@ -71,6 +71,7 @@ pub enum Update {
         epoch: u64,
         revision: u64,
         instances: Vec<Instance>,
+        declared: Vec<ServiceVersion>,
     },
 }
 
@@ -246,6 +247,15 @@ impl Registry {
         Ok(())
     }
 
+    /// Declares the service versions the directory manages: sidecars route requests for them
+    /// (and queue them for a cold start) even while they have no instance.
+    pub fn declare(&self, versions: impl IntoIterator<Item = ServiceVersion>, now: Instant) {
+        let mut inner = self.lock();
+        for version in versions {
+            self.update(&mut inner, Change::Declare(version), now);
+        }
+    }
+
     /// Withdraws every instance whose TTL lapsed by `now`; returns their keys.
     pub fn expire(&self, now: Instant) -> Vec<InstanceKey> {
         let mut inner = self.lock();
@@ -331,6 +341,7 @@ impl Registry {
                 epoch: table.epoch,
                 revision: table.revision,
                 instances: table.instances().cloned().collect(),
+                declared: table.declared().cloned().collect(),
             },
         }
     }

@@ -198,18 +198,26 @@ fn frames_for(update: Update, first: bool) -> (Frames, (Option<u64>, u64)) {
             epoch,
             revision,
             instances,
+            declared,
         } => {
             let chunks = chunks(instances);
+            let mut declared = Some(declared);
             let count = chunks.len();
             let frames = chunks
                 .into_iter()
                 .enumerate()
                 .map(|(i, instances)| {
+                    let last = i + 1 == count;
                     encode(&DirectoryMessage::SnapshotChunk {
                         epoch,
                         revision,
                         instances,
-                        last: i + 1 == count,
+                        declared: if last {
+                            declared.take().unwrap_or_default()
+                        } else {
+                            Vec::new()
+                        },
+                        last,
                     })
                 })
                 .collect();
@@ -317,6 +325,7 @@ mod tests {
                 epoch: 9,
                 revision: 2500,
                 instances: instances.clone(),
+                declared: vec![],
             },
             true,
         );
@@ -347,6 +356,7 @@ mod tests {
                 epoch: 1,
                 revision: 0,
                 instances: vec![],
+                declared: vec![],
             },
             true,
         );

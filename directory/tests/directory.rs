@@ -121,6 +121,7 @@ async fn follow(sidecar: &mut Session, table: &mut RouteTable, done: impl Fn(&Ro
                 revision,
                 instances,
                 last,
+                ..
             } => {
                 chunks.extend(instances);
                 if last {

@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::routes::{Change, Instance, InstanceState};
+use crate::routes::{Change, Instance, InstanceState, ServiceVersion};
 
 /// The protocol version this build speaks; a peer with another version is refused.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -119,6 +119,9 @@ pub enum DirectoryMessage {
         epoch: u64,
         revision: u64,
         instances: Vec<Instance>,
+        /// Managed service versions (routable with no instance); sent with the last chunk.
+        #[serde(default)]
+        declared: Vec<ServiceVersion>,
         last: bool,
     },
     /// Sidecar: the changes that take the table from `from_revision` to `to_revision`.

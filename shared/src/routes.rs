@@ -85,6 +85,14 @@ impl Instance {
     }
 }
 
+/// A service version the directory manages: routable by name even with no instance, so a
+/// request for it waits for a cold start instead of getting `404` (Waiter: scale to zero).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ServiceVersion {
+    pub service: String,
+    pub version: String,
+}
+
 /// One change to the table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -93,6 +101,10 @@ pub enum Change {
     Upsert(Instance),
     /// Withdraw the instance.
     Remove(InstanceKey),
+    /// Declare a managed service version (known even with no instance).
+    Declare(ServiceVersion),
+    /// Forget a declared service version.
+    Undeclare(ServiceVersion),
 }
 
 /// Why a batch of deltas cannot be applied to a replica.
@@ -110,6 +122,8 @@ pub struct RouteTable {
     pub epoch: u64,
     pub revision: u64,
     instances: BTreeMap<InstanceKey, Instance>,
+    #[serde(default)]
+    declared: std::collections::BTreeSet<ServiceVersion>,
 }
 
 impl RouteTable {
@@ -119,6 +133,7 @@ impl RouteTable {
             epoch,
             revision: 0,
             instances: BTreeMap::new(),
+            declared: Default::default(),
         }
     }
 
@@ -128,7 +143,19 @@ impl RouteTable {
             epoch,
             revision,
             instances: instances.into_iter().map(|i| (i.key(), i)).collect(),
+            declared: Default::default(),
         }
+    }
+
+    /// The same table with `declared` as its managed service versions.
+    pub fn with_declared(mut self, declared: impl IntoIterator<Item = ServiceVersion>) -> Self {
+        self.declared = declared.into_iter().collect();
+        self
+    }
+
+    /// The declared (managed) service versions.
+    pub fn declared(&self) -> impl Iterator<Item = &ServiceVersion> {
+        self.declared.iter()
     }
 
     /// Applies one change without touching the revision. Returns whether anything changed.
@@ -143,6 +170,8 @@ impl RouteTable {
                 true
             }
             Change::Remove(key) => self.instances.remove(&key).is_some(),
+            Change::Declare(version) => self.declared.insert(version),
+            Change::Undeclare(version) => self.declared.remove(&version),
         }
     }
 
@@ -194,9 +223,12 @@ impl RouteTable {
     }
 
     /// The instances of one service, grouped by version, newest version first
-    /// (see [`compare_versions`]).
+    /// (see [`compare_versions`]); a declared version without instances has an empty list.
     pub fn versions_of(&self, service: &str) -> Vec<(&str, Vec<&Instance>)> {
         let mut versions: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
+        for declared in self.declared.iter().filter(|d| d.service == service) {
+            versions.entry(declared.version.as_str()).or_default();
+        }
         for instance in self.instances.values().filter(|i| i.service == service) {
             versions
                 .entry(instance.version.as_str())
@@ -442,6 +474,35 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(versions, vec![("v10", 2), ("v2", 1), ("v1", 1)]);
         assert!(t.versions_of("nope").is_empty());
+    }
+
+    #[test]
+    fn declared_versions_are_routable_names_without_instances() {
+        let mut log = RouteLog::new(1, 10);
+        let v2 = ServiceVersion {
+            service: "web".into(),
+            version: "v2".into(),
+        };
+        assert_eq!(log.update(Change::Declare(v2.clone())), Some(1));
+        assert_eq!(log.update(Change::Declare(v2.clone())), None);
+        log.update(Change::Upsert(instance(
+            "web",
+            "v1",
+            "a",
+            InstanceState::Up,
+        )));
+        let versions: Vec<_> = log
+            .table()
+            .versions_of("web")
+            .into_iter()
+            .map(|(v, i)| (v, i.len()))
+            .collect();
+        assert_eq!(versions, vec![("v2", 0), ("v1", 1)]);
+        let copy = RouteTable::from_snapshot(1, 2, log.table().instances().cloned().collect())
+            .with_declared(log.table().declared().cloned());
+        assert_eq!(&copy, log.table());
+        log.update(Change::Undeclare(v2));
+        assert_eq!(log.table().declared().count(), 0);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use usher_shared::routes::{Instance, RouteTable};
+use usher_shared::routes::{Instance, RouteTable, ServiceVersion};
 
 use crate::reserver::Reservers;
 
@@ -80,6 +80,8 @@ struct Persisted {
     epoch: u64,
     revision: u64,
     instances: Vec<Instance>,
+    #[serde(default)]
+    declared: Vec<ServiceVersion>,
 }
 
 /// Reads `routes.json` from `dir`; `Ok(None)` if there is none.
@@ -92,11 +94,10 @@ pub fn load(dir: &Path) -> Result<Option<RouteTable>, PersistError> {
     };
     let persisted: Persisted =
         serde_json::from_slice(&data).map_err(|source| PersistError::Parse { path, source })?;
-    Ok(Some(RouteTable::from_snapshot(
-        persisted.epoch,
-        persisted.revision,
-        persisted.instances,
-    )))
+    Ok(Some(
+        RouteTable::from_snapshot(persisted.epoch, persisted.revision, persisted.instances)
+            .with_declared(persisted.declared),
+    ))
 }
 
 /// Writes `table` to `routes.json` in `dir` atomically: a temp file, fsync, rename.
@@ -113,6 +114,7 @@ pub fn save(dir: &Path, table: &RouteTable) -> Result<(), PersistError> {
         epoch: table.epoch,
         revision: table.revision,
         instances: table.instances().cloned().collect(),
+        declared: table.declared().cloned().collect(),
     };
     let data = serde_json::to_vec(&persisted).map_err(|e| err(&path)(e.into()))?;
     let mut file = std::fs::File::create(&tmp).map_err(err(&tmp))?;

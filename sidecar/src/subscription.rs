@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use usher_shared::backoff::Backoff;
 use usher_shared::codec::{read_frame_owned, write_frame, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
 use usher_shared::protocol::{DirectoryMessage, NodeMessage, Role};
-use usher_shared::routes::{DeltaError, Instance, RouteTable};
+use usher_shared::routes::{DeltaError, Instance, RouteTable, ServiceVersion};
 use usher_shared::session::{open, Session, SessionError};
 
 use crate::replica::{Replica, Source};
@@ -165,6 +165,7 @@ async fn send_load(send: &mut quinn::SendStream, replica: &Replica) -> Result<()
 struct SnapshotBuilder {
     at: Option<(u64, u64)>,
     instances: Vec<Instance>,
+    declared: Vec<ServiceVersion>,
 }
 
 fn apply(
@@ -177,18 +178,23 @@ fn apply(
             epoch,
             revision,
             instances,
+            declared,
             last,
         } => {
             if snapshot.at != Some((epoch, revision)) {
                 *snapshot = SnapshotBuilder {
                     at: Some((epoch, revision)),
-                    instances: Vec::new(),
+                    ..SnapshotBuilder::default()
                 };
             }
             snapshot.instances.extend(instances);
+            snapshot.declared.extend(declared);
             if last {
-                let instances = std::mem::take(&mut snapshot.instances);
-                snapshot.at = None;
+                let SnapshotBuilder {
+                    instances,
+                    declared,
+                    ..
+                } = std::mem::take(snapshot);
                 info!(
                     epoch,
                     revision,
@@ -196,7 +202,7 @@ fn apply(
                     "received the route table"
                 );
                 replica.set(
-                    RouteTable::from_snapshot(epoch, revision, instances),
+                    RouteTable::from_snapshot(epoch, revision, instances).with_declared(declared),
                     Source::Directory,
                 );
             }
@@ -252,6 +258,7 @@ mod tests {
             epoch: 5,
             revision: 2,
             instances: ids.iter().map(|i| instance(i)).collect(),
+            declared: vec![],
             last,
         };
         apply(chunk(&["a"], false), &replica, &mut snapshot).unwrap();

@@ -143,7 +143,7 @@ impl Process {
 }
 
 /// Every process below `pid`, children first (from `/proc/<pid>/task/*/children`).
-fn descendants(pid: u32) -> Vec<u32> {
+pub fn descendants(pid: u32) -> Vec<u32> {
     let mut found = Vec::new();
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|dir| dir.flatten().map(|e| e.path()).collect::<Vec<_>>())
@@ -232,8 +232,21 @@ impl Mesh {
     /// Starts the directory and waits until its admin port answers `/healthz` and `ca.pem`
     /// exists.
     pub async fn start_directory(&self, name: &str) -> Result<Process> {
+        self.start_directory_with(name, &[]).await
+    }
+
+    /// Starts the directory with a TOML file holding `toml` (for example `[[services]]`
+    /// entries), as [`Mesh::start_directory`] does otherwise.
+    pub async fn start_directory_with_config(&self, name: &str, toml: &str) -> Result<Process> {
+        let path = self.dir().join(format!("{name}.toml"));
+        std::fs::write(&path, toml)?;
+        self.start_directory_with(name, &["--config".into(), path.display().to_string()])
+            .await
+    }
+
+    async fn start_directory_with(&self, name: &str, extra: &[String]) -> Result<Process> {
         let d = &self.directory;
-        let args = vec![
+        let mut args = vec![
             "--listen".into(),
             d.quic(),
             "--admin".into(),
@@ -243,6 +256,7 @@ impl Mesh {
             "--heartbeat-interval".into(),
             HEARTBEAT.into(),
         ];
+        args.extend(extra.iter().cloned());
         let process = Process::start(name, self.dir(), &bin("usher-directory"), &args)?;
         let admin = d.admin();
         let ca = d.ca();

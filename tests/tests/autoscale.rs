@@ -1,0 +1,183 @@
+//! End-to-end tests of autoscaling: the real directory scales a `[[services]]` entry through
+//! its `process` scheduler (real `usher-agent`s supervising real `usher-test-server`s), driven
+//! by the load a real sidecar reports.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use usher_tests::{admin_json, bin, http, wait_until, Load, Mesh, Process};
+
+/// The `hello` service at zero: concurrency 1, at most 3 instances, quick to idle and to step
+/// down so the tests are short.
+fn services() -> String {
+    format!(
+        r#"
+[[services]]
+name = "hello"
+command = ["{}", "--port", "{{port}}", "--name", "hello"]
+health = "http:/health"
+concurrency = 1
+max_instances = 3
+idle_timeout = "3s"
+scale_down_delay = "1s"
+scale_down_factor = 0.6
+"#,
+        bin("usher-test-server").display()
+    )
+}
+
+struct Scaled {
+    mesh: Mesh,
+    directory: Process,
+    _sidecar: Process,
+    proxy: String,
+}
+
+async fn start() -> Scaled {
+    let mesh = Mesh::new().unwrap();
+    let directory = mesh
+        .start_directory_with_config("directory", &services())
+        .await
+        .unwrap();
+    let addrs = mesh.sidecar_addrs("a");
+    let sidecar = mesh.start_sidecar("sidecar", &addrs).await.unwrap();
+    // The sidecar knows the declared service before any instance exists.
+    let admin = addrs.admin();
+    wait_until(
+        Duration::from_secs(10),
+        "the sidecar to hold the table",
+        || async {
+            admin_json(&admin, "/v1/routes")
+                .await
+                .map(|r| r["source"] == "directory")
+                .unwrap_or(false)
+        },
+    )
+    .await
+    .unwrap();
+    Scaled {
+        proxy: addrs.proxy(),
+        mesh,
+        directory,
+        _sidecar: sidecar,
+    }
+}
+
+/// The `scaling` object of `hello/v1` in the directory's `/v1/services`.
+async fn scaling(mesh: &Mesh) -> serde_json::Value {
+    let doc = admin_json(&mesh.directory.admin(), "/v1/services")
+        .await
+        .unwrap();
+    doc["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "hello")
+        .map(|s| s["scaling"].clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_start_serves_the_first_request_and_idle_scales_to_zero() {
+    let s = start().await;
+    assert_eq!(scaling(&s.mesh).await["target"], 0, "starts at zero");
+    let started = Instant::now();
+    let r = http::get(&s.proxy, "hello", "/").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.instance().as_deref(), Some("hello"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cold start took {:?}",
+        started.elapsed()
+    );
+    let status = scaling(&s.mesh).await;
+    assert_eq!(status["target"], 1);
+    assert_eq!(status["decisions"][0]["reasons"][0]["reason"], "cold_start");
+
+    // Idle for the idle timeout (3 s): back to zero, and the instance is gone.
+    let mesh = &s.mesh;
+    wait_until(Duration::from_secs(15), "scale to zero", || async {
+        let status = scaling(mesh).await;
+        status["target"] == 0 && status["started"] == 0
+    })
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the instance to leave the table",
+        || async {
+            admin_json(&mesh.directory.admin(), "/v1/routes")
+                .await
+                .map(|r| r["instances"].as_array().is_some_and(|a| a.is_empty()))
+                .unwrap_or(false)
+        },
+    )
+    .await
+    .unwrap();
+    // And it starts again on demand.
+    let r = http::get(&s.proxy, "hello", "/").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_scales_to_max_and_scaling_down_under_load_fails_nothing() {
+    let mut s = start().await;
+    // Six concurrent slow requests, one slot per instance, at most three instances.
+    let burst: Vec<_> = (0..6)
+        .map(|_| {
+            let proxy = s.proxy.clone();
+            tokio::spawn(async move { http::get(&proxy, "hello", "/slow?ms=2000").await })
+        })
+        .collect();
+    let mesh = &s.mesh;
+    wait_until(Duration::from_secs(10), "three instances", || async {
+        scaling(mesh).await["started"] == 3
+    })
+    .await
+    .unwrap();
+    for request in burst {
+        let r = request.await.unwrap().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(
+        scaling(mesh).await["target"],
+        3,
+        "never above max_instances"
+    );
+
+    // One client keeps sending while the target falls from 3: no request fails.
+    let load = Load::start(&s.proxy, "hello", 1, Duration::from_millis(20));
+    wait_until(
+        Duration::from_secs(20),
+        "the target to fall to one",
+        || async {
+            let status = scaling(mesh).await;
+            status["target"] == 1 && status["started"] == 1
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = load.finish().await;
+    assert!(
+        report.failures.is_empty(),
+        "failed while scaling down: {:?}",
+        report.failures
+    );
+    assert!(report.ok > 50, "load ran: {}", report.ok);
+
+    // A clean directory shutdown leaves no instance behind.
+    let children = usher_tests::descendants(s.directory.pid());
+    assert!(!children.is_empty(), "the directory supervises its agents");
+    s.directory.signal(Signal::SIGTERM);
+    let code = tokio::task::block_in_place(|| s.directory.wait_exit(Duration::from_secs(20)));
+    assert_eq!(code, Some(0));
+    for pid in children {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z")),
+            "process {pid} outlived the directory"
+        );
+    }
+}
