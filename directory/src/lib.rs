@@ -1,7 +1,8 @@
 //! `usher-directory`: the one directory node of an usher mesh. It collects agent heartbeats,
-//! owns the route table (epoch + revision), and streams it to sidecars over QUIC: the deltas a
-//! sidecar missed, or a full snapshot, then batched deltas (Baker's directory and discovery
-//! protocol; SwarmKit's heartbeat rate control, batching and grace period).
+//! owns the route table (epoch + revision), streams it to sidecars over QUIC (the deltas a
+//! sidecar missed, or a full snapshot, then batched deltas), and scales the services it manages
+//! from the load sidecars report (Baker's directory and discovery protocol; Waiter and WSO2
+//! autoscaling; SwarmKit's heartbeat rate control, batching and grace period).
 //!
 //! # Layout
 //!
@@ -9,11 +10,12 @@
 //! - [`pki`]: the cluster CA in the state directory and the server certificate.
 //! - [`registry`]: the route table, registrations and their owners, TTLs, batches.
 //! - [`presence`]: the TTL timer heap; [`batch`]: when a batch is due.
-//! - [`server`]: QUIC accept loops and the hello; [`registration`] (agents) and
-//!   [`subscription`] (sidecars) are the two conversations.
-//! - [`admin`]: `GET /healthz`, `GET /v1/routes`.
-//! - [`autoscale`]: the autoscaler's pure decision per service version (not yet driven:
-//!   load reports and schedulers come next).
+//! - [`server`]: QUIC accept loops and the hello; `registration` (agents) and
+//!   `subscription` (sidecars) are the two conversations.
+//! - [`admin`]: `GET /healthz`, `GET /v1/routes`, `GET /v1/services`.
+//! - [`autoscale`]: the autoscaler's pure decision per service version; [`autoscaler`]
+//!   runs it every cycle; [`scheduler`] starts and stops instances; [`services`] and [`load`]
+//!   are the managed services and the sidecars' load reports.
 //! - [`run`]: wires them together; `main.rs` only parses, binds and maps the exit code.
 #![forbid(unsafe_code)]
 

@@ -1,6 +1,6 @@
 //! The QUIC side of the directory: accept connections, accept streams, check the hello, and
-//! hand each stream to the agent ([`crate::registration`]) or sidecar
-//! ([`crate::subscription`]) conversation.
+//! hand each stream to the agent (`registration`) or sidecar
+//! (`subscription`) conversation.
 //!
 //! Every stream starts with a hello carrying the protocol version and role; a version this
 //! directory does not speak, a missing hello, or anything malformed gets an error frame and
