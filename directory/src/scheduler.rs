@@ -452,7 +452,21 @@ mod tests {
             }),
             &ctx,
         );
-        s.scale(3).await.unwrap();
+        // A test running in parallel may fork while the script's write handle is open
+        // (ETXTBSY, "text file busy"): retry until the file is free.
+        for _ in 0..100 {
+            match s.scale(3).await {
+                Err(SchedulerError::Spawn { source, .. })
+                    if source.kind() == std::io::ErrorKind::ExecutableFileBusy =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                other => {
+                    other.unwrap();
+                    break;
+                }
+            }
+        }
         assert_eq!(s.started(), 3);
         s.scale(1).await.unwrap();
         assert_eq!(s.started(), 1);
