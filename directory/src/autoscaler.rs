@@ -4,6 +4,11 @@
 //! change with its reasons, and hands the target to the version's scheduler backend.
 //!
 //! What it decided is kept in [`AutoscaleStatus`] for `GET /v1/services`.
+//!
+//! New `[[services]]` arrive on a channel (SIGHUP reloads the file): added versions are declared
+//! and scaled, removed ones are drained to zero and undeclared, changed ones keep their
+//! instances when only scaling settings changed, else get a new backend whose instances start
+//! before the old ones drain.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -11,9 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use usher_shared::routes::ServiceVersion;
 
 use crate::autoscale::{decide, Reason, ScaleState};
 use crate::registry::Registry;
@@ -85,32 +92,12 @@ pub async fn run(
     specs: Vec<ServiceSpec>,
     agents: AgentContext,
     registry: Arc<Registry>,
+    mut reloads: mpsc::Receiver<Vec<ServiceSpec>>,
     shutdown: CancellationToken,
 ) {
     let status = registry.autoscale();
-    let now = Instant::now();
-    let mut managed: Vec<Managed> = specs
-        .into_iter()
-        .map(|spec| Managed {
-            backend: Backend::new(&spec, &agents),
-            spec,
-            state: ScaleState::default(),
-            last: now,
-        })
-        .collect();
-    if managed.is_empty() {
-        shutdown.cancelled().await;
-        return;
-    }
-    for m in &managed {
-        status.lock().insert(
-            (m.spec.name.clone(), m.spec.version.clone()),
-            VersionStatus {
-                scheduler: scheduler_name(&m.backend),
-                ..VersionStatus::default()
-            },
-        );
-    }
+    let mut managed: Vec<Managed> = Vec::new();
+    reconcile(&mut managed, specs, &agents, &registry).await;
     let mut tick = tokio::time::interval(CYCLE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -118,6 +105,9 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
             _ = registry.load().demand() => {}
+            Some(specs) = reloads.recv() => {
+                reconcile(&mut managed, specs, &agents, &registry).await;
+            }
         }
         cycle(&mut managed, &registry, status).await;
     }
@@ -125,6 +115,78 @@ pub async fn run(
     for m in &mut managed {
         m.backend.shutdown().await;
     }
+}
+
+/// Makes `managed` follow `specs`: adds, removes (draining) and changes service versions.
+async fn reconcile(
+    managed: &mut Vec<Managed>,
+    specs: Vec<ServiceSpec>,
+    agents: &AgentContext,
+    registry: &Registry,
+) {
+    let key = |s: &ServiceSpec| ServiceVersion {
+        service: s.name.clone(),
+        version: s.version.clone(),
+    };
+    let now = Instant::now();
+    let (kept, removed): (Vec<Managed>, Vec<Managed>) = std::mem::take(managed)
+        .into_iter()
+        .partition(|m| specs.iter().any(|s| key(s) == key(&m.spec)));
+    *managed = kept;
+    for spec in specs {
+        match managed.iter_mut().find(|m| key(&m.spec) == key(&spec)) {
+            Some(m) if m.spec == spec => {}
+            Some(m) if same_instances(&m.spec, &spec) => {
+                info!(service = %spec.name, version = %spec.version, "scaling settings changed");
+                m.spec = spec;
+            }
+            Some(m) => {
+                info!(service = %spec.name, version = %spec.version,
+                      "instance settings changed: starting new instances, then draining the old");
+                let mut backend = Backend::new(&spec, agents);
+                if let Err(e) = backend.scale(m.state.target).await {
+                    warn!(service = %spec.name, version = %spec.version, error = %e, "cannot scale");
+                }
+                let mut old = std::mem::replace(&mut m.backend, backend);
+                old.shutdown().await;
+                m.spec = spec;
+            }
+            None => {
+                info!(service = %spec.name, version = %spec.version, scheduler = ?spec.scheduler,
+                      "managing a service version");
+                registry.declare([key(&spec)], now);
+                let backend = Backend::new(&spec, agents);
+                registry.autoscale().lock().insert(
+                    (spec.name.clone(), spec.version.clone()),
+                    VersionStatus {
+                        scheduler: scheduler_name(&backend),
+                        ..VersionStatus::default()
+                    },
+                );
+                managed.push(Managed {
+                    spec,
+                    state: ScaleState::default(),
+                    last: now,
+                    backend,
+                });
+            }
+        }
+    }
+    // Removed versions last, so new ones start without waiting for old ones to drain.
+    for mut m in removed {
+        info!(service = %m.spec.name, version = %m.spec.version, "no longer managed: stopping its instances");
+        registry.undeclare([key(&m.spec)], now);
+        registry
+            .autoscale()
+            .lock()
+            .remove(&(m.spec.name.clone(), m.spec.version.clone()));
+        m.backend.shutdown().await;
+    }
+}
+
+/// Whether two specs of a version run the same instances (only scaling settings differ).
+fn same_instances(a: &ServiceSpec, b: &ServiceSpec) -> bool {
+    a.scheduler == b.scheduler && a.health == b.health && a.scale.concurrency == b.scale.concurrency
 }
 
 fn scheduler_name(backend: &Backend) -> &'static str {

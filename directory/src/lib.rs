@@ -40,6 +40,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -49,7 +50,6 @@ pub use crate::config::{Config, ConfigError};
 use crate::pki::PkiError;
 use crate::registry::{Registry, Settings};
 use crate::scheduler::AgentContext;
-use usher_shared::routes::ServiceVersion;
 
 /// How long shutdown waits for connections to close and tasks to finish.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -80,6 +80,18 @@ pub struct Listeners {
 pub async fn run(
     config: Config,
     listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), DirectoryError> {
+    let (_keep, reloads) = mpsc::channel(1);
+    run_with_reloads(config, listeners, reloads, shutdown).await
+}
+
+/// As [`run`], and each `[[services]]` list received on `reloads` replaces the managed
+/// services (what SIGHUP does).
+pub async fn run_with_reloads(
+    config: Config,
+    listeners: Listeners,
+    reloads: mpsc::Receiver<Vec<services::ServiceSpec>>,
     shutdown: CancellationToken,
 ) -> Result<(), DirectoryError> {
     let credentials = pki::load_or_create(&config.state_dir)?;
@@ -130,13 +142,6 @@ pub async fn run(
     );
     tracker.spawn(publisher(registry.clone(), tasks.clone()).instrument(info_span!("publisher")));
     tracker.spawn(expiry(registry.clone(), tasks.clone()).instrument(info_span!("ttl")));
-    registry.declare(
-        config.services.iter().map(|s| ServiceVersion {
-            service: s.name.clone(),
-            version: s.version.clone(),
-        }),
-        Instant::now(),
-    );
     let scaling = CancellationToken::new();
     let agents = AgentContext {
         agent: AgentContext::find_agent(config.agent_binary.as_deref()),
@@ -149,6 +154,7 @@ pub async fn run(
             config.services.clone(),
             agents,
             registry.clone(),
+            reloads,
             scaling.clone(),
         )
         .instrument(info_span!("autoscaler")),

@@ -1,20 +1,25 @@
 //! The `usher-directory` binary: parse flags and the config file, install logging, bind the
-//! QUIC and admin sockets, run until SIGTERM/SIGINT, and map the outcome to an exit code
-//! (0 after a signal, 1 on a startup error, 2 on bad configuration).
+//! QUIC and admin sockets, run until SIGTERM/SIGINT (SIGHUP reloads `[[services]]` from the
+//! config file), and map the outcome to an exit code (0 after a signal, 1 on a startup error,
+//! 2 on bad configuration).
 
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
 use clap::Parser;
 use tokio::net::TcpListener;
-use tracing::error;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tracing::{error, info};
 use usher_directory::config::{Args, Config};
+use usher_directory::services::ServiceSpec;
 use usher_directory::Listeners;
 use usher_shared::{signals, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Config::load(Args::parse()) {
+    let args = Args::parse();
+    let config = match Config::load(args.clone()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("usher-directory: error: {e}");
@@ -22,7 +27,7 @@ async fn main() -> ExitCode {
         }
     };
     telemetry::init();
-    match serve(config).await {
+    match serve(args, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %format!("{e:#}"), "usher-directory failed");
@@ -32,7 +37,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let quic = std::net::UdpSocket::bind(config.listen)
         .with_context(|| format!("cannot bind the QUIC address {} (--listen)", config.listen))?;
     let admin = TcpListener::bind(config.admin).await.map_err(|e| {
@@ -42,6 +47,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let shutdown = signals::shutdown_token();
-    usher_directory::run(config, Listeners { quic, admin }, shutdown).await?;
+    let (reload, reloads) = mpsc::channel(4);
+    let hangups = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    tokio::spawn(reload_on_hangup(args, hangups, reload));
+    usher_directory::run_with_reloads(config, Listeners { quic, admin }, reloads, shutdown).await?;
     Ok(())
+}
+
+/// On each SIGHUP, reads the configuration again and hands its `[[services]]` over; a bad file
+/// is logged and changes nothing. Other settings need a restart.
+async fn reload_on_hangup(
+    args: Args,
+    mut hangups: tokio::signal::unix::Signal,
+    reload: mpsc::Sender<Vec<ServiceSpec>>,
+) {
+    while hangups.recv().await.is_some() {
+        match Config::load(args.clone()) {
+            Ok(config) => {
+                info!(
+                    services = config.services.len(),
+                    "SIGHUP: reloading [[services]]"
+                );
+                if reload.send(config.services).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => error!(error = %e, "SIGHUP: the configuration is refused; nothing changed"),
+        }
+    }
 }

@@ -256,6 +256,15 @@ impl Registry {
         }
     }
 
+    /// Forgets declared service versions (no longer managed); their instances, if any, stay
+    /// until they deregister.
+    pub fn undeclare(&self, versions: impl IntoIterator<Item = ServiceVersion>, now: Instant) {
+        let mut inner = self.lock();
+        for version in versions {
+            self.update(&mut inner, Change::Undeclare(version), now);
+        }
+    }
+
     /// Withdraws every instance whose TTL lapsed by `now`; returns their keys.
     pub fn expire(&self, now: Instant) -> Vec<InstanceKey> {
         let mut inner = self.lock();

@@ -10,11 +10,15 @@ use usher_tests::{admin_json, bin, http, wait_until, Load, Mesh, Process};
 /// The `hello` service at zero: concurrency 1, at most 3 instances, quick to idle and to step
 /// down so the tests are short.
 fn services() -> String {
+    service("hello")
+}
+
+fn service(name: &str) -> String {
     format!(
         r#"
 [[services]]
-name = "hello"
-command = ["{}", "--port", "{{port}}", "--name", "hello"]
+name = "{name}"
+command = ["{}", "--port", "{{port}}", "--name", "{name}"]
 health = "http:/health"
 concurrency = 1
 max_instances = 3
@@ -65,6 +69,11 @@ async fn start() -> Scaled {
 
 /// The `scaling` object of `hello/v1` in the directory's `/v1/services`.
 async fn scaling(mesh: &Mesh) -> serde_json::Value {
+    scaling_of(mesh, "hello").await
+}
+
+/// The `scaling` object of `service/v1` (`null` when the directory does not manage it).
+async fn scaling_of(mesh: &Mesh, service: &str) -> serde_json::Value {
     let doc = admin_json(&mesh.directory.admin(), "/v1/services")
         .await
         .unwrap();
@@ -72,7 +81,7 @@ async fn scaling(mesh: &Mesh) -> serde_json::Value {
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["service"] == "hello")
+        .find(|s| s["service"] == service)
         .map(|s| s["scaling"].clone())
         .unwrap_or_default()
 }
@@ -180,4 +189,62 @@ async fn a_burst_scales_to_max_and_scaling_down_under_load_fails_nothing() {
             "process {pid} outlived the directory"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_services() {
+    let s = start().await;
+    let r = http::get(&s.proxy, "hello", "/").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // A bad file is refused and changes nothing.
+    let config = s.mesh.dir().join("directory.toml");
+    std::fs::write(&config, "[[services]]\nname = \"Bad Name\"\n").unwrap();
+    s.directory.signal(Signal::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(scaling(&s.mesh).await["target"], 1, "still managed");
+
+    // hello is replaced by hi: hello's instance drains away, hi starts on demand.
+    std::fs::write(&config, service("hi")).unwrap();
+    s.directory.signal(Signal::SIGHUP);
+    let mesh = &s.mesh;
+    wait_until(
+        Duration::from_secs(20),
+        "hi managed and hello gone",
+        || async {
+            scaling_of(mesh, "hi").await.is_object() && !scaling_of(mesh, "hello").await.is_object()
+        },
+    )
+    .await
+    .unwrap();
+    // The sidecar learns of hi with the next batch; the first request cold-starts it.
+    let proxy = s.proxy.clone();
+    wait_until(
+        Duration::from_secs(10),
+        "hi to serve through the sidecar",
+        || async {
+            http::get(&proxy, "hi", "/")
+                .await
+                .map(|r| r.status == 200 && r.instance().as_deref() == Some("hi"))
+                .unwrap_or(false)
+        },
+    )
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "hello to be unknown to the sidecar",
+        || async {
+            http::get(&proxy, "hello", "/")
+                .await
+                .map(|r| r.status == 404)
+                .unwrap_or(false)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(s
+        .directory
+        .log()
+        .contains("SIGHUP: the configuration is refused"));
 }
