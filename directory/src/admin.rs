@@ -19,12 +19,15 @@ use serde::Serialize;
 use tokio::time::Instant;
 use usher_shared::admin::{refuse, AdminHandler, AdminResponse};
 
-use crate::autoscaler::VersionStatus;
+use crate::autoscaler::{PinError, VersionStatus};
 use crate::registry::Registry;
 
 /// Answers one admin request: `/healthz` 200 `ok`, `/v1/routes` JSON, other methods on those
 /// paths 405, anything else 404.
 pub fn respond(registry: &Registry, method: &Method, path: &str) -> AdminResponse {
+    if let Some(pin) = path.strip_prefix("/v1/pins/") {
+        return pins(registry, method, pin);
+    }
     if let Some(refusal) = refuse(method, path, &["/healthz", "/v1/routes", "/v1/services"]) {
         return refusal;
     }
@@ -32,6 +35,41 @@ pub fn respond(registry: &Registry, method: &Method, path: &str) -> AdminRespons
         "/healthz" => AdminResponse::text(StatusCode::OK, "ok\n"),
         "/v1/services" => AdminResponse::json(&services(registry, Instant::now())),
         _ => AdminResponse::json(&registry.report(Instant::now(), usher_shared::unix_millis())),
+    }
+}
+
+/// `PUT /v1/pins/SERVICE[.VERSION]/N` pins a managed version's target at N instances;
+/// `DELETE /v1/pins/SERVICE[.VERSION]` hands it back to the autoscaler.
+fn pins(registry: &Registry, method: &Method, rest: &str) -> AdminResponse {
+    let status = registry.autoscale();
+    let result = match (method, rest.split_once('/')) {
+        (&Method::PUT, Some((target, count))) => match count.parse::<u32>() {
+            Ok(n) => status
+                .pin(target, n)
+                .map(|(s, v)| format!("{s}/{v} pinned at {n} instances\n")),
+            Err(_) => {
+                return AdminResponse::text(
+                    StatusCode::BAD_REQUEST,
+                    format!("{count:?} is not a number of instances\n"),
+                )
+            }
+        },
+        (&Method::DELETE, None) => status
+            .unpin(rest)
+            .map(|(s, v)| format!("{s}/{v} is scaled by the autoscaler again\n")),
+        _ => {
+            return AdminResponse::text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "PUT /v1/pins/SERVICE[.VERSION]/N or DELETE /v1/pins/SERVICE[.VERSION]\n",
+            )
+        }
+    };
+    match result {
+        Ok(text) => AdminResponse::text(StatusCode::OK, text),
+        Err(e @ PinError::NotManaged(_)) => {
+            AdminResponse::text(StatusCode::NOT_FOUND, format!("{e}\n"))
+        }
+        Err(e) => AdminResponse::text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     }
 }
 

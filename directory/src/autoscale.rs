@@ -93,6 +93,8 @@ pub enum Reason {
     IdleGrace,
     /// The ideal count is lower, but not yet for the scale-down delay.
     DownDelayed { ideal: u32 },
+    /// An operator pinned the target (`usher-directory scale`).
+    Pinned { instances: u32 },
     /// Target equals ideal.
     Steady,
 }

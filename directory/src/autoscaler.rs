@@ -52,6 +52,8 @@ pub struct VersionStatus {
     /// Instances the scheduler has started and not stopped.
     pub started: u32,
     pub scheduler: &'static str,
+    /// The target an operator pinned, if any (`usher-directory scale`).
+    pub pinned: Option<u32>,
     /// The latest target changes, newest last.
     pub decisions: VecDeque<DecisionRecord>,
 }
@@ -62,7 +64,59 @@ pub struct AutoscaleStatus {
     versions: Mutex<BTreeMap<(String, String), VersionStatus>>,
 }
 
+/// Most instances an operator may pin.
+pub const MAX_PIN: u32 = 1000;
+
+/// Why a pin is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PinError {
+    #[error("{0} is not a service the directory scales")]
+    NotManaged(String),
+    #[error("{0} has several versions: name one, as SERVICE.VERSION")]
+    Ambiguous(String),
+    #[error("at most {MAX_PIN} instances may be pinned")]
+    TooMany,
+}
+
 impl AutoscaleStatus {
+    /// Resolves `SERVICE` or `SERVICE.VERSION` to a managed version.
+    pub fn resolve(&self, target: &str) -> Result<(String, String), PinError> {
+        let managed = self.managed();
+        let matches: Vec<_> = match target.split_once('.') {
+            Some((service, version)) => managed
+                .into_iter()
+                .filter(|(s, v)| s == service && v == version)
+                .collect(),
+            None => managed.into_iter().filter(|(s, _)| s == target).collect(),
+        };
+        match matches.len() {
+            0 => Err(PinError::NotManaged(target.to_string())),
+            1 => Ok(matches.into_iter().next().expect("one match")),
+            _ => Err(PinError::Ambiguous(target.to_string())),
+        }
+    }
+
+    /// Pins `target`'s instance count until [`AutoscaleStatus::unpin`]; returns the version.
+    pub fn pin(&self, target: &str, instances: u32) -> Result<(String, String), PinError> {
+        if instances > MAX_PIN {
+            return Err(PinError::TooMany);
+        }
+        let key = self.resolve(target)?;
+        if let Some(status) = self.lock().get_mut(&key) {
+            status.pinned = Some(instances);
+        }
+        Ok(key)
+    }
+
+    /// Hands `target` back to the autoscaler; returns the version.
+    pub fn unpin(&self, target: &str) -> Result<(String, String), PinError> {
+        let key = self.resolve(target)?;
+        if let Some(status) = self.lock().get_mut(&key) {
+            status.pinned = None;
+        }
+        Ok(key)
+    }
+
     /// A copy of one version's status, if the directory manages it.
     pub fn get(&self, service: &str, version: &str) -> Option<VersionStatus> {
         self.lock()
@@ -202,7 +256,13 @@ async fn cycle(managed: &mut [Managed], registry: &Registry, status: &AutoscaleS
     for m in managed.iter_mut() {
         let key = (m.spec.name.clone(), m.spec.version.clone());
         let outstanding = totals.get(&key).map_or(0, |t| t.outstanding());
-        let decision = decide(outstanding, &m.spec.scale, &m.state, now - m.last);
+        let mut decision = decide(outstanding, &m.spec.scale, &m.state, now - m.last);
+        let pinned = status.lock().get(&key).and_then(|s| s.pinned);
+        if let Some(instances) = pinned {
+            decision.state.target = instances;
+            decision.state.exact = f64::from(instances);
+            decision.reasons = vec![Reason::Pinned { instances }];
+        }
         m.last = now;
         let from = m.state.target;
         m.state = decision.state;

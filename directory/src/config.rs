@@ -52,8 +52,13 @@ pub struct Args {
     #[arg(long, env = "USHER_DIRECTORY_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
-    /// Admin HTTP address (`/healthz`, `/v1/routes`) [default: 127.0.0.1:7401].
-    #[arg(long, env = "USHER_DIRECTORY_ADMIN", value_name = "ADDR")]
+    /// Admin HTTP address (`/healthz`, `/v1/routes`, `/v1/services`) [default: 127.0.0.1:7401].
+    #[arg(
+        long,
+        env = "USHER_DIRECTORY_ADMIN",
+        value_name = "ADDR",
+        global = true
+    )]
     pub admin: Option<SocketAddr>,
 
     /// Holds the cluster CA (`ca.pem`, `ca-key.pem`) [default: /var/lib/usher/directory].
@@ -68,6 +73,23 @@ pub struct Args {
     /// rejoin first [default: 2 × TTL].
     #[arg(long, env = "USHER_DIRECTORY_GRACE_PERIOD", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub grace_period: Option<Duration>,
+
+    /// Without a command: run the directory.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Commands that talk to a running directory's admin port (`--admin`).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Pin a managed service version at N instances, or hand it back to the autoscaler with
+    /// `release`.
+    Scale {
+        /// `SERVICE` or `SERVICE.VERSION`.
+        target: String,
+        /// A number of instances, or `release`.
+        instances: String,
+    },
 }
 
 /// The TOML file: the same keys as the flags, all optional.

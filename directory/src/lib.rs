@@ -23,6 +23,7 @@ pub mod admin;
 pub mod autoscale;
 pub mod autoscaler;
 pub mod batch;
+pub mod cli;
 pub mod config;
 pub mod load;
 pub mod pki;

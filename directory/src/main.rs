@@ -1,7 +1,7 @@
 //! The `usher-directory` binary: parse flags and the config file, install logging, bind the
 //! QUIC and admin sockets, run until SIGTERM/SIGINT (SIGHUP reloads `[[services]]` from the
 //! config file), and map the outcome to an exit code (0 after a signal, 1 on a startup error,
-//! 2 on bad configuration).
+//! 2 on bad configuration). `usher-directory scale` talks to a running directory instead.
 
 use std::process::ExitCode;
 
@@ -11,14 +11,16 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{error, info};
-use usher_directory::config::{Args, Config};
+use usher_directory::cli;
+use usher_directory::config::{Args, Command, Config};
 use usher_directory::services::ServiceSpec;
 use usher_directory::Listeners;
 use usher_shared::{signals, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let command = args.command.take();
     let config = match Config::load(args.clone()) {
         Ok(config) => config,
         Err(e) => {
@@ -26,12 +28,41 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Scale { target, instances }) = command {
+        return scale(config.admin, &target, &instances).await;
+    }
     telemetry::init();
     match serve(args, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %format!("{e:#}"), "usher-directory failed");
             eprintln!("usher-directory: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `usher-directory scale TARGET N|release`: prints the directory's answer; exit 0 on success,
+/// 1 if the directory refused or could not be reached, 2 on a bad argument.
+async fn scale(admin: std::net::SocketAddr, target: &str, instances: &str) -> ExitCode {
+    let (method, path) = match cli::scale_request(target, instances) {
+        Ok(request) => request,
+        Err(e) => {
+            eprintln!("usher-directory scale: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli::admin_request(admin, method, &path).await {
+        Ok((status, body)) if status.is_success() => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((_, body)) => {
+            eprint!("usher-directory scale: {body}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("usher-directory scale: error: {e}");
             ExitCode::from(1)
         }
     }

@@ -248,3 +248,60 @@ async fn sighup_reloads_the_services() {
         .log()
         .contains("SIGHUP: the configuration is refused"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_pins_and_releases_a_target() {
+    let s = start().await;
+    let admin = s.mesh.directory.admin();
+    let scale = |target: &str, instances: &str| {
+        let out = std::process::Command::new(bin("usher-directory"))
+            .args(["scale", target, instances, "--admin", &admin])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = scale("hello", "2");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("hello/v1 pinned at 2"), "{out}");
+    let mesh = &s.mesh;
+    wait_until(
+        Duration::from_secs(15),
+        "two pinned instances with no load",
+        || async {
+            let status = scaling(mesh).await;
+            status["pinned"] == 2 && status["started"] == 2
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        scaling(mesh).await["decisions"][0]["reasons"][0]["reason"],
+        "pinned"
+    );
+
+    let (code, _, err) = scale("nope", "1");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not a service the directory scales"), "{err}");
+    let (code, _, err) = scale("hello", "many");
+    assert_eq!(code, Some(2));
+    assert!(err.contains("many"), "{err}");
+
+    let (code, out, err) = scale("hello.v1", "release");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("autoscaler"), "{out}");
+    // Released with no load: back to zero after the idle timeout.
+    wait_until(
+        Duration::from_secs(20),
+        "scale to zero after release",
+        || async {
+            let status = scaling(mesh).await;
+            status["pinned"].is_null() && status["target"] == 0
+        },
+    )
+    .await
+    .unwrap();
+}
