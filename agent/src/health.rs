@@ -16,7 +16,6 @@ use hyper_util::rt::TokioIo;
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use usher_shared::routes::InstanceState;
@@ -172,8 +171,16 @@ impl HealthTracker {
     }
 }
 
-/// Checks the instance every `interval` until `shutdown` fires, publishing state changes on
-/// `state`. A `draining` state is never overwritten: once the agent drains, the monitor stops.
+/// How often a `starting` instance is checked (cold starts wait on its first pass).
+pub const STARTUP_PROBE_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How long a `starting` instance is checked at [`STARTUP_PROBE_INTERVAL`].
+pub const STARTUP_PROBING: Duration = Duration::from_secs(10);
+
+/// Checks the instance at once, then every `interval` (every [`STARTUP_PROBE_INTERVAL`] while
+/// it is `starting`, for up to [`STARTUP_PROBING`]) until `shutdown` fires, publishing state
+/// changes on `state`. A `draining` state is never overwritten: once the agent drains, the
+/// monitor stops.
 pub async fn monitor(
     spec: HealthSpec,
     addr: SocketAddr,
@@ -185,12 +192,23 @@ pub async fn monitor(
 ) {
     let mut tracker = HealthTracker::new(thresholds);
     let mut failure_reported = false;
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let started = tokio::time::Instant::now();
+    let mut first = true;
     loop {
+        // A starting instance is probed often, so a cold start is not held up by a whole
+        // interval; after STARTUP_PROBING the normal interval applies.
+        let wait = if first {
+            Duration::ZERO
+        } else if tracker.state() == InstanceState::Starting && started.elapsed() < STARTUP_PROBING
+        {
+            interval.min(STARTUP_PROBE_INTERVAL)
+        } else {
+            interval
+        };
+        first = false;
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,

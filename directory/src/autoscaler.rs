@@ -155,15 +155,18 @@ pub async fn run(
     let mut tick = tokio::time::interval(CYCLE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // A cycle woken by waiting requests steps as far as a full cycle would: requests that
+        // wait for capacity should not wait for the clock.
+        let mut at_least = Duration::ZERO;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
-            _ = registry.load().demand() => {}
+            _ = registry.load().demand() => at_least = CYCLE,
             Some(specs) = reloads.recv() => {
                 reconcile(&mut managed, specs, &agents, &registry).await;
             }
         }
-        cycle(&mut managed, &registry, status).await;
+        cycle(&mut managed, &registry, status, at_least).await;
     }
     info!("stopping the instances the directory started");
     for m in &mut managed {
@@ -250,13 +253,25 @@ fn scheduler_name(backend: &Backend) -> &'static str {
     }
 }
 
-async fn cycle(managed: &mut [Managed], registry: &Registry, status: &AutoscaleStatus) {
+async fn cycle(
+    managed: &mut [Managed],
+    registry: &Registry,
+    status: &AutoscaleStatus,
+    at_least: Duration,
+) {
     let now = Instant::now();
     let totals = registry.load().totals(now);
     for m in managed.iter_mut() {
         let key = (m.spec.name.clone(), m.spec.version.clone());
-        let outstanding = totals.get(&key).map_or(0, |t| t.outstanding());
-        let mut decision = decide(outstanding, &m.spec.scale, &m.state, now - m.last);
+        let load = totals.get(&key).copied().unwrap_or_default();
+        let outstanding = load.outstanding();
+        // Only versions with waiting requests take the demand cycle as a full one.
+        let elapsed = if load.queued > 0 {
+            (now - m.last).max(at_least)
+        } else {
+            now - m.last
+        };
+        let mut decision = decide(outstanding, &m.spec.scale, &m.state, elapsed);
         let pinned = status.lock().get(&key).and_then(|s| s.pinned);
         if let Some(instances) = pinned {
             decision.state.target = instances;

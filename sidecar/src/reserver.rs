@@ -556,6 +556,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_full_queue_refuses_at_once() {
+        let r = reserver(&[instance("a", 1, 1, InstanceState::Up)]);
+        let _held = r.reserve(&[], SHORT, 1).await.unwrap();
+        let _waiter = {
+            let r = r.clone();
+            tokio::spawn(async move { r.reserve(&[], Duration::from_secs(5), 1).await.is_ok() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        assert!(matches!(
+            r.reserve(&[], Duration::from_secs(5), 1).await,
+            Err(ReserveError::QueueFull { .. })
+        ));
+        assert!(started.elapsed() < Duration::from_secs(1), "no waiting");
+    }
+
+    #[tokio::test]
+    async fn capacity_changes_apply_to_held_slots() {
+        let r = reserver(&[instance("a", 1, 1, InstanceState::Up)]);
+        let first = r.reserve(&[], SHORT, 10).await.unwrap();
+        let waiter = {
+            let r = r.clone();
+            tokio::spawn(async move { r.reserve(&[], Duration::from_secs(5), 10).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // More slots: the waiter gets one at once, without a release.
+        r.sync(&[instance("a", 1, 2, InstanceState::Up)]);
+        let second = waiter.await.unwrap().unwrap();
+        assert_eq!(r.in_use("a"), 2);
+        // Fewer slots than in use: nothing new until both end, and no underflow after.
+        r.sync(&[instance("a", 1, 1, InstanceState::Up)]);
+        drop(first);
+        assert!(
+            r.reserve(&[], SHORT, 10).await.is_err(),
+            "still at capacity"
+        );
+        drop(second);
+        assert_eq!(r.in_use("a"), 0);
+        let again = r.reserve(&[], SHORT, 10).await.unwrap();
+        assert_eq!(again.id(), "a");
+    }
+
+    #[tokio::test]
     async fn withdrawn_instances_release_without_underflow() {
         let r = reserver(&[instance("a", 1, 1, InstanceState::Up)]);
         let held = r.reserve(&[], SHORT, 10).await.unwrap();

@@ -11,8 +11,12 @@ use tokio_util::sync::CancellationToken;
 use usher_shared::routes::{Instance, InstanceState, RouteTable};
 use usher_sidecar::{Config, Listeners};
 
-/// A tiny HTTP/1.1 instance: `GET /` answers its name (keep-alive); `GET /stream` sends a
-/// chunk every 50 ms for 10 s.
+/// How long `GET /slow` takes to answer.
+const SLOW: Duration = Duration::from_millis(600);
+
+/// A tiny HTTP/1.1 instance: `GET /` answers its name and the `X-Forwarded-For` it got
+/// (keep-alive); `GET /slow` the same after [`SLOW`]; `GET /stream` sends a chunk every 50 ms
+/// for 10 s.
 async fn instance(name: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -46,6 +50,9 @@ async fn instance(name: &'static str) -> SocketAddr {
                                 tokio::time::sleep(Duration::from_millis(50)).await;
                             }
                             return;
+                        }
+                        if head.starts_with("GET /slow") {
+                            tokio::time::sleep(SLOW).await;
                         }
                         let xff = head
                             .lines()
@@ -92,6 +99,15 @@ struct Sidecar {
 
 /// Starts a sidecar whose directory is unreachable and whose table is `instances` (on disk).
 async fn sidecar(instances: Vec<Instance>, queue_timeout: Duration) -> Sidecar {
+    sidecar_with(instances, queue_timeout, Duration::from_secs(5)).await
+}
+
+/// [`sidecar`] with an `--instance-timeout`.
+async fn sidecar_with(
+    instances: Vec<Instance>,
+    queue_timeout: Duration,
+    instance_timeout: Duration,
+) -> Sidecar {
     let state = tempfile::tempdir().unwrap();
     usher_sidecar::replica::save(state.path(), &RouteTable::from_snapshot(1, 1, instances))
         .unwrap();
@@ -106,7 +122,7 @@ async fn sidecar(instances: Vec<Instance>, queue_timeout: Duration) -> Sidecar {
         state_dir: state.path().to_path_buf(),
         queue_timeout,
         max_queued: 100,
-        instance_timeout: Duration::from_secs(5),
+        instance_timeout,
         connect_timeout: Duration::from_secs(1),
     };
     let proxy_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -274,6 +290,53 @@ async fn an_instance_that_dies_mid_request_is_retried_for_get() {
         assert_eq!(status, 200, "{body}");
         assert!(body.starts_with("good"));
     }
+    s.shutdown.cancel();
+    s.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_request_in_flight_finish() {
+    let a = instance("a").await;
+    let s = sidecar(vec![entry("a", a, 4)], Duration::from_secs(2)).await;
+    let proxy = s.proxy;
+    let slow = tokio::spawn(async move { get(proxy, "web", "/slow").await });
+    tokio::time::sleep(SLOW / 3).await;
+    s.shutdown.cancel();
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("a "), "{body}");
+    tokio::time::timeout(Duration::from_secs(5), s.task)
+        .await
+        .expect("run() returns after the drain")
+        .unwrap();
+    assert!(
+        TcpStream::connect(proxy).await.is_err(),
+        "no new connections after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_instance_gets_504_naming_the_timeout() {
+    let a = instance("a").await;
+    let s = sidecar_with(
+        vec![entry("a", a, 4)],
+        Duration::from_secs(2),
+        Duration::from_millis(200),
+    )
+    .await;
+    let (status, body) = get(s.proxy, "web", "/slow").await;
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("did not answer within 200ms"), "{body}");
+    assert_eq!(body.lines().count(), 1, "{body}");
+    // The slot is back: a fast request still gets through.
+    let (status, body) = get(s.proxy, "web", "/").await;
+    assert_eq!(status, 200, "{body}");
+    let doc = routes(s.admin).await;
+    assert_eq!(doc["instances"][0]["in_flight"], 0);
+    assert_eq!(
+        doc["instances"][0]["ejected"], false,
+        "a timeout is no ejection"
+    );
     s.shutdown.cancel();
     s.task.await.unwrap();
 }
