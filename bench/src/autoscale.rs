@@ -31,6 +31,7 @@ health = "http:/health"
 concurrency = 1
 max_instances = 1
 idle_timeout = "1s"
+drain_time = "500ms"
 
 [[services]]
 name = "burst"
@@ -41,6 +42,7 @@ max_instances = {BURST_MAX}
 idle_timeout = "1s"
 scale_down_delay = "1s"
 scale_down_factor = 1.0
+drain_time = "500ms"
 "#
     )
 }

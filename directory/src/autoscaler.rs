@@ -243,7 +243,10 @@ async fn reconcile(
 
 /// Whether two specs of a version run the same instances (only scaling settings differ).
 fn same_instances(a: &ServiceSpec, b: &ServiceSpec) -> bool {
-    a.scheduler == b.scheduler && a.health == b.health && a.scale.concurrency == b.scale.concurrency
+    a.scheduler == b.scheduler
+        && a.health == b.health
+        && a.drain_time == b.drain_time
+        && a.scale.concurrency == b.scale.concurrency
 }
 
 fn scheduler_name(backend: &Backend) -> &'static str {

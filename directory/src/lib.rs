@@ -186,8 +186,9 @@ pub async fn run_with_reloads(
     notify_systemd(sd_notify::NotifyState::Stopping);
     // Instances the directory started drain and deregister while it still serves.
     scaling.cancel();
+    // Bounded by the longest drain a (possibly reloaded) service may ask for.
     if tokio::time::timeout(
-        scheduler::SHUTDOWN_GRACE + Duration::from_secs(1),
+        services::MAX_DRAIN_TIME + scheduler::SHUTDOWN_GRACE + Duration::from_secs(1),
         autoscaler,
     )
     .await

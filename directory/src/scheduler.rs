@@ -25,7 +25,8 @@ use usher_shared::backoff::Backoff;
 
 use crate::services::{SchedulerSpec, ServiceSpec};
 
-/// How long a stopping instance gets before it is killed at directory shutdown.
+/// How long a stopping instance gets beyond its drain time before it is killed at directory
+/// shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 /// How long a `scale_command` may run.
@@ -57,7 +58,8 @@ pub trait Scheduler {
         &mut self,
         desired: u32,
     ) -> impl std::future::Future<Output = Result<(), SchedulerError>> + Send;
-    /// Stops everything it started (directory shutdown), bounded by [`SHUTDOWN_GRACE`].
+    /// Stops everything it started (directory shutdown), bounded by the drain time plus
+    /// [`SHUTDOWN_GRACE`].
     fn shutdown(&mut self) -> impl std::future::Future<Output = ()> + Send;
 }
 
@@ -208,6 +210,8 @@ impl ProcessScheduler {
             ])
             .args(["--id", &id, "--health", &self.spec.health])
             .args(["--concurrency", &self.spec.scale.concurrency.to_string()])
+            .arg("--drain-time")
+            .arg(humantime::format_duration(self.spec.drain_time).to_string())
             .args(["--admin", "127.0.0.1:0"])
             .arg("--state-dir")
             .arg(a.state_dir.join(&id))
@@ -265,7 +269,7 @@ impl Scheduler for ProcessScheduler {
         for m in &all {
             m.terminate();
         }
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        let deadline = Instant::now() + self.spec.drain_time + SHUTDOWN_GRACE;
         for m in &mut all {
             if tokio::time::timeout_at(deadline, m.child.wait())
                 .await
@@ -382,6 +386,7 @@ mod tests {
             version: "v1".into(),
             scheduler,
             health: "tcp".into(),
+            drain_time: crate::services::DEFAULT_DRAIN_TIME,
             scale: ScaleSettings::default(),
         }
     }

@@ -13,6 +13,7 @@
 //! max_instances = 4               # default 4
 //! idle_timeout = "60s"            # default 60s
 //! # scale_factor = 1.0, scale_up_factor = 0.9, scale_down_factor = 0.1, scale_down_delay = "5s"
+//! # drain_time = "5s"            # a stopped instance serves its requests this long first
 //! # scale_command = ["/usr/local/bin/scale", "{service}", "{version}", "{instances}"]  # command
 //! ```
 
@@ -23,6 +24,12 @@ use thiserror::Error;
 use usher_shared::names::validate_label;
 
 use crate::autoscale::ScaleSettings;
+
+/// How long a stopped instance drains unless `drain_time` says otherwise.
+pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Longest `drain_time` accepted (the directory waits for drains when it stops).
+pub const MAX_DRAIN_TIME: Duration = Duration::from_secs(300);
 
 /// One `[[services]]` entry as written.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -44,6 +51,8 @@ pub struct ServiceEntry {
     pub scale_down_factor: Option<f64>,
     #[serde(default, with = "humantime_serde")]
     pub scale_down_delay: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub drain_time: Option<Duration>,
 }
 
 /// How instances of a service version are started and stopped.
@@ -64,6 +73,9 @@ pub struct ServiceSpec {
     pub scheduler: SchedulerSpec,
     /// The agent's `--health` (`http:PATH`, `tcp`, `none`).
     pub health: String,
+    /// The agent's `--drain-time`: how long a stopped instance keeps serving the requests it
+    /// has before its process is stopped (longest request you expect; default 5 s).
+    pub drain_time: Duration,
     pub scale: ScaleSettings,
 }
 
@@ -172,11 +184,19 @@ fn validate_entry(index: usize, e: &ServiceEntry) -> Result<ServiceSpec, Service
             return Err(err(key, format!("{f} must be in (0, 1]")));
         }
     }
+    let drain_time = e.drain_time.unwrap_or(DEFAULT_DRAIN_TIME);
+    if drain_time <= Duration::from_millis(100) || drain_time > MAX_DRAIN_TIME {
+        return Err(err(
+            "drain_time",
+            "must be longer than the directory's 100ms batch period and at most 5m".into(),
+        ));
+    }
     Ok(ServiceSpec {
         name: e.name.clone(),
         version,
         scheduler,
         health,
+        drain_time,
         scale,
     })
 }
@@ -258,6 +278,14 @@ mod tests {
             (
                 "name = \"a\"\nscheduler = \"nomad\"",
                 "services[0].scheduler",
+            ),
+            (
+                "name = \"a\"\ncommand = [\"x\"]\ndrain_time = \"50ms\"",
+                "services[0].drain_time",
+            ),
+            (
+                "name = \"a\"\ncommand = [\"x\"]\ndrain_time = \"1h\"",
+                "services[0].drain_time",
             ),
             (
                 "name = \"a\"\nscheduler = \"command\"",

@@ -25,6 +25,7 @@ max_instances = 3
 idle_timeout = "3s"
 scale_down_delay = "1s"
 scale_down_factor = 0.6
+drain_time = "1s"
 "#,
         bin("usher-test-server").display()
     )
