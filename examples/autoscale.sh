@@ -12,12 +12,10 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${USHER_BIN:-$root/target/release}"
 state="${USHER_AUTOSCALE_DIR:-$root/.autoscale}"
 
-for b in usher-directory usher-agent usher-sidecar usher-test-server; do
-    if [ ! -x "$bin/$b" ]; then
-        echo "autoscale: $bin/$b is missing; run 'cargo build --release' first" >&2
-        exit 1
-    fi
-done
+name=autoscale
+# shellcheck source=examples/common.sh
+source "$root/examples/common.sh"
+need_binaries "$bin" usher-directory usher-agent usher-sidecar usher-test-server
 mkdir -p "$state"
 export USHER_LOG_TEXT=1
 
@@ -34,28 +32,6 @@ concurrency = 1
 max_instances = 3
 idle_timeout = "60s"
 EOT
-
-pids=()
-cleanup() {
-    trap - EXIT INT TERM
-    echo
-    echo "stopping..."
-    kill -TERM "${pids[@]}" 2>/dev/null || true
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
-
-wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
-    local deadline=$((SECONDS + $1)) what=$2
-    shift 2
-    until "$@" >/dev/null 2>&1; do
-        if [ $SECONDS -ge $deadline ]; then
-            echo "autoscale: timed out waiting for $what; logs are in $state" >&2
-            exit 1
-        fi
-        sleep 0.2
-    done
-}
 
 "$bin/usher-directory" --config "$state/directory.toml" >"$state/directory.log" 2>&1 &
 pids+=($!)

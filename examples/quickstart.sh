@@ -13,36 +13,12 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${USHER_BIN:-$root/target/release}"
 state="${USHER_QUICKSTART_DIR:-$root/.quickstart}"
 
-for b in usher-directory usher-agent usher-sidecar usher-test-server; do
-    if [ ! -x "$bin/$b" ]; then
-        echo "quickstart: $bin/$b is missing; run 'cargo build --release' first" >&2
-        exit 1
-    fi
-done
+name=quickstart
+# shellcheck source=examples/common.sh
+source "$root/examples/common.sh"
+need_binaries "$bin" usher-directory usher-agent usher-sidecar usher-test-server
 mkdir -p "$state"
 export USHER_LOG_TEXT=1
-
-pids=()
-cleanup() {
-    trap - EXIT INT TERM
-    echo
-    echo "stopping the mesh..."
-    kill -TERM "${pids[@]}" 2>/dev/null || true
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
-
-wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
-    local deadline=$((SECONDS + $1)) what=$2
-    shift 2
-    until "$@" >/dev/null 2>&1; do
-        if [ $SECONDS -ge $deadline ]; then
-            echo "quickstart: timed out waiting for $what; logs are in $state" >&2
-            exit 1
-        fi
-        sleep 0.2
-    done
-}
 
 "$bin/usher-directory" --listen 127.0.0.1:7400 --admin 127.0.0.1:7401 \
     --state-dir "$state/directory" >"$state/directory.log" 2>&1 &

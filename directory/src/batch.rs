@@ -18,12 +18,10 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Records one change made at `now`; returns true when the batch is full and should be
-    /// published at once.
-    pub fn record(&mut self, now: Instant) -> bool {
+    /// Records one change made at `now`; a full batch is due at once (see [`Batcher::due_at`]).
+    pub fn record(&mut self, now: Instant) {
         self.pending += 1;
         self.first_at.get_or_insert(now);
-        self.pending >= MAX_BATCH_CHANGES
     }
 
     /// When the pending changes must be published, or `None` when nothing is pending.
@@ -62,8 +60,8 @@ mod tests {
         let mut b = Batcher::default();
         assert_eq!(b.due_at(), None);
         assert!(!b.take_if_due(t0));
-        assert!(!b.record(t0));
-        assert!(!b.record(t0 + Duration::from_millis(60)));
+        b.record(t0);
+        b.record(t0 + Duration::from_millis(60));
         assert_eq!(
             b.due_at(),
             Some(t0 + MAX_BATCH_DELAY),
@@ -79,10 +77,12 @@ mod tests {
     fn a_full_batch_is_due_at_once() {
         let t0 = Instant::now();
         let mut b = Batcher::default();
+        let later = t0 + Duration::from_millis(10);
         for i in 1..MAX_BATCH_CHANGES {
-            assert!(!b.record(t0), "change {i} does not fill the batch");
+            b.record(t0);
+            assert!(!b.take_if_due(later), "change {i} does not fill the batch");
         }
-        assert!(b.record(t0));
-        assert!(b.take_if_due(t0));
+        b.record(t0);
+        assert!(b.take_if_due(later));
     }
 }

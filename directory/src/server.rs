@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, Instrument};
 use usher_shared::codec::{
-    read_frame, write_frame, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
+    encode_frame, read_frame, write_frame, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
 };
 use usher_shared::protocol::{DirectoryMessage, ErrorCode, NodeMessage, Role, PROTOCOL_VERSION};
 
@@ -187,8 +188,16 @@ pub(crate) async fn write_bounded(
     send: &mut quinn::SendStream,
     msg: &DirectoryMessage,
 ) -> Result<(), FrameError> {
-    match tokio::time::timeout(WRITE_TIMEOUT, write_frame(send, msg, MAX_DIRECTORY_FRAME)).await {
-        Ok(result) => result,
+    write_encoded(send, &encode_frame(msg, MAX_DIRECTORY_FRAME)?).await
+}
+
+/// Writes one already encoded frame, bounded by [`WRITE_TIMEOUT`].
+pub(crate) async fn write_encoded(
+    send: &mut quinn::SendStream,
+    frame: &[u8],
+) -> Result<(), FrameError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, AsyncWriteExt::write_all(send, frame)).await {
+        Ok(result) => Ok(result?),
         Err(_) => Err(FrameError::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("the node read nothing for {WRITE_TIMEOUT:?}"),

@@ -83,7 +83,7 @@ pub(crate) async fn run(
         for frame in frames {
             match frame {
                 Ok(frame) => {
-                    if let Err(e) = write_raw(&mut send, &frame).await {
+                    if let Err(e) = crate::server::write_encoded(&mut send, &frame).await {
                         debug!(error = %e, "sidecar stream failed");
                         return;
                     }
@@ -169,22 +169,6 @@ async fn finish(send: &mut quinn::SendStream, ended: Ended) {
 
 async fn send_error(send: &mut quinn::SendStream, e: FrameError) {
     crate::server::refuse(send, ErrorCode::InvalidRequest, e.to_string()).await
-}
-
-async fn write_raw(send: &mut quinn::SendStream, frame: &[u8]) -> Result<(), FrameError> {
-    use tokio::io::AsyncWriteExt;
-    match tokio::time::timeout(
-        crate::server::WRITE_TIMEOUT,
-        AsyncWriteExt::write_all(send, frame),
-    )
-    .await
-    {
-        Ok(result) => Ok(result?),
-        Err(_) => Err(FrameError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the sidecar stopped reading",
-        ))),
-    }
 }
 
 type Frames = Vec<Result<Vec<u8>, FrameError>>;

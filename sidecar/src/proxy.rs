@@ -120,10 +120,7 @@ impl Proxy {
                 Ok(target) => target,
                 Err(e) => return error(e.status(), &e.to_string()),
             };
-        let reserver = self
-            .replica
-            .reservers()
-            .get(&target.service, &target.version, &table);
+        let reserver = self.replica.reservers().get(&target, &table);
         drop(table);
 
         let (parts, body) = request.into_parts();
@@ -134,7 +131,7 @@ impl Proxy {
         let mut tried: Vec<String> = Vec::new();
         let mut last_failure = String::from("no instance answered");
         for _ in 0..MAX_ATTEMPTS {
-            let reservation = match reserver
+            let mut reservation = match reserver
                 .reserve(&tried, self.limits.queue_timeout, self.limits.max_queued)
                 .await
             {

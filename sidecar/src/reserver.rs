@@ -19,7 +19,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use usher_shared::protocol::{VersionLoad, MAX_REPORTED_VERSIONS};
-use usher_shared::routes::{Instance, InstanceKey, RouteTable};
+use usher_shared::routes::{Instance, InstanceKey, RouteTable, ServiceVersion};
 
 /// First ejection after a connection failure (Waiter).
 pub const EJECTION_BASE: Duration = Duration::from_secs(10);
@@ -273,6 +273,7 @@ impl Reserver {
                     reserver: self.clone(),
                     id,
                     address,
+                    succeeded: false,
                 }))
             }
             Err(true) if !exclude.is_empty() => Err(ReserveError::NoOtherInstance {
@@ -283,10 +284,14 @@ impl Reserver {
         }
     }
 
-    fn release(&self, id: &str) {
+    /// Returns a slot; `succeeded` also clears the instance's ejection (one lock for both).
+    fn release(&self, id: &str, succeeded: bool) {
         let mut state = self.lock();
         if let Some(slot) = state.slots.get_mut(id) {
             slot.in_use = slot.in_use.saturating_sub(1);
+            if succeeded {
+                slot.ejection.clear();
+            }
             if !slot.present && slot.in_use == 0 {
                 state.slots.remove(id);
             }
@@ -346,6 +351,8 @@ pub struct Reservation {
     reserver: Arc<Reserver>,
     id: String,
     address: SocketAddr,
+    /// The instance answered; its ejection is cleared on release.
+    succeeded: bool,
 }
 
 impl Reservation {
@@ -357,9 +364,9 @@ impl Reservation {
         self.address
     }
 
-    /// The instance answered: clear any ejection.
-    pub fn succeeded(&self) {
-        self.reserver.with_slot(&self.id, |s| s.ejection.clear());
+    /// The instance answered: its ejection, if any, is cleared when the slot is released.
+    pub fn succeeded(&mut self) {
+        self.succeeded = true;
     }
 
     /// The connection to the instance failed: eject it; returns for how long.
@@ -373,35 +380,39 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.reserver.release(&self.id);
+        self.reserver.release(&self.id, self.succeeded);
     }
 }
 
 /// Every service version's reserver, created on first use and kept in step with the table.
 #[derive(Debug, Default)]
 pub struct Reservers {
-    by_version: Mutex<HashMap<(String, String), Arc<Reserver>>>,
+    by_version: Mutex<HashMap<ServiceVersion, Arc<Reserver>>>,
     demand: Arc<Notify>,
 }
 
 impl Reservers {
-    fn lock(&self) -> MutexGuard<'_, HashMap<(String, String), Arc<Reserver>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ServiceVersion, Arc<Reserver>>> {
         self.by_version.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The reserver of `service`/`version`, created from `table` if new.
-    pub fn get(&self, service: &str, version: &str, table: &RouteTable) -> Arc<Reserver> {
+    /// The reserver of `target`, created from `table` if new.
+    pub fn get(&self, target: &ServiceVersion, table: &RouteTable) -> Arc<Reserver> {
         let mut map = self.lock();
-        if let Some(r) = map.get(&(service.to_string(), version.to_string())) {
+        if let Some(r) = map.get(target) {
             return r.clone();
         }
-        let reserver = Arc::new(Reserver::new(service, version, self.demand.clone()));
+        let reserver = Arc::new(Reserver::new(
+            &target.service,
+            &target.version,
+            self.demand.clone(),
+        ));
         reserver.sync(
             table
                 .instances()
-                .filter(|i| i.service == service && i.version == version),
+                .filter(|i| i.service == target.service && i.version == target.version),
         );
-        map.insert((service.into(), version.into()), reserver.clone());
+        map.insert(target.clone(), reserver.clone());
         reserver
     }
 
@@ -440,7 +451,10 @@ impl Reservers {
     pub fn load_of(&self, key: &InstanceKey) -> (u32, bool) {
         let reserver = self
             .lock()
-            .get(&(key.service.clone(), key.version.clone()))
+            .get(&ServiceVersion {
+                service: key.service.clone(),
+                version: key.version.clone(),
+            })
             .cloned();
         reserver.map_or((0, false), |r| (r.in_use(&key.id), r.ejected(&key.id)))
     }
@@ -633,8 +647,10 @@ mod tests {
         drop(g);
         assert!(r.reserve(&[], SHORT, 10).await.is_ok(), "panic mode");
         // A success clears the ejection.
-        let g = r.reserve(&["b".into()], SHORT, 10).await.unwrap();
+        let mut g = r.reserve(&["b".into()], SHORT, 10).await.unwrap();
         g.succeeded();
+        assert!(r.ejected("a"), "cleared when the slot is released");
+        drop(g);
         assert!(!r.ejected("a"));
     }
 
@@ -652,7 +668,11 @@ mod tests {
     #[tokio::test]
     async fn waiting_for_a_version_without_instances_signals_demand_and_load() {
         let reservers = Arc::new(Reservers::default());
-        let r = reservers.get("web", "v1", &RouteTable::new(1));
+        let web = ServiceVersion {
+            service: "web".into(),
+            version: "v1".into(),
+        };
+        let r = reservers.get(&web, &RouteTable::new(1));
         let waiter =
             tokio::spawn(
                 async move { r.reserve(&[], Duration::from_millis(500), 10).await.is_ok() },

@@ -9,14 +9,7 @@ use http::header::HOST;
 use http::{HeaderMap, Uri};
 use thiserror::Error;
 use usher_shared::names::validate_label;
-use usher_shared::routes::RouteTable;
-
-/// The service version a request goes to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub service: String,
-    pub version: String,
-}
+use usher_shared::routes::{RouteTable, ServiceVersion};
 
 /// Why a request cannot be routed; each maps to a status and a one-line reason.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -72,7 +65,7 @@ fn strip_port(host: &str) -> &str {
 }
 
 /// Decides the service version for `host` over `table`.
-pub fn decide(host: &str, table: &RouteTable) -> Result<Target, RouteError> {
+pub fn decide(host: &str, table: &RouteTable) -> Result<ServiceVersion, RouteError> {
     let (version, service) = match host.split_once('.') {
         None => (None, host),
         Some((version, service)) => (Some(version), service),
@@ -104,7 +97,7 @@ pub fn decide(host: &str, table: &RouteTable) -> Result<Target, RouteError> {
                 .0
         }
     };
-    Ok(Target {
+    Ok(ServiceVersion {
         service: service.to_string(),
         version: chosen.to_string(),
     })
@@ -174,7 +167,7 @@ mod tests {
         let t = table(&[("web", "v1", Up), ("web", "v2", Up)]);
         assert_eq!(
             decide("v1.web", &t).unwrap(),
-            Target {
+            ServiceVersion {
                 service: "web".into(),
                 version: "v1".into()
             }
