@@ -20,11 +20,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use usher_shared::routes::ServiceVersion;
+use usher_shared::routes::{compare_versions, ServiceVersion};
 
 use crate::autoscale::{decide, Reason, ScaleState};
 use crate::registry::Registry;
-use crate::scheduler::{AgentContext, Backend, Scheduler};
+use crate::scheduler::{AgentContext, Backend, Observed, Scheduler};
 use crate::services::ServiceSpec;
 
 /// Time between autoscaler cycles (DESIGN.md: default 1 s).
@@ -201,7 +201,7 @@ async fn reconcile(
                 info!(service = %spec.name, version = %spec.version,
                       "instance settings changed: starting new instances, then draining the old");
                 let mut backend = Backend::new(&spec, agents);
-                if let Err(e) = backend.scale(m.state.target).await {
+                if let Err(e) = backend.scale(m.state.target, &Observed::default()).await {
                     warn!(service = %spec.name, version = %spec.version, error = %e, "cannot scale");
                 }
                 let mut old = std::mem::replace(&mut m.backend, backend);
@@ -216,7 +216,7 @@ async fn reconcile(
                 registry.autoscale().lock().insert(
                     (spec.name.clone(), spec.version.clone()),
                     VersionStatus {
-                        scheduler: scheduler_name(&backend),
+                        scheduler: backend.name(),
                         ..VersionStatus::default()
                     },
                 );
@@ -249,11 +249,26 @@ fn same_instances(a: &ServiceSpec, b: &ServiceSpec) -> bool {
         && a.scale.concurrency == b.scale.concurrency
 }
 
-fn scheduler_name(backend: &Backend) -> &'static str {
-    match backend {
-        Backend::Process(_) => "process",
-        Backend::Command(_) => "command",
+/// Each managed version's registered instances, from the route table.
+fn registered(registry: &Registry) -> BTreeMap<(String, String), Vec<String>> {
+    let mut by_version: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for i in registry.table().instances() {
+        by_version
+            .entry((i.service.clone(), i.version.clone()))
+            .or_default()
+            .push(i.id.clone());
     }
+    by_version
+}
+
+/// Whether another managed version of `spec`'s service is newer (compared as the route table
+/// does). An old version is scaled to zero once idle whatever its `min_instances`, so its
+/// routes are withdrawn (Waiter kept old versions running; usher does not).
+fn superseded(spec: &ServiceSpec, managed: &[Managed]) -> bool {
+    managed.iter().any(|m| {
+        m.spec.name == spec.name
+            && compare_versions(&m.spec.version, &spec.version) == std::cmp::Ordering::Greater
+    })
 }
 
 async fn cycle(
@@ -263,18 +278,31 @@ async fn cycle(
     at_least: Duration,
 ) {
     let now = Instant::now();
-    let totals = registry.load().totals(now);
-    for m in managed.iter_mut() {
+    let mut totals = registry.load().totals(now);
+    let mut registered = registered(registry);
+    let old: Vec<bool> = managed
+        .iter()
+        .map(|m| superseded(&m.spec, managed))
+        .collect();
+    for (m, old) in managed.iter_mut().zip(old) {
         let key = (m.spec.name.clone(), m.spec.version.clone());
-        let load = totals.get(&key).copied().unwrap_or_default();
+        let load = totals.remove(&key).unwrap_or_default();
         let outstanding = load.outstanding();
+        let observed = Observed {
+            registered: registered.remove(&key).unwrap_or_default(),
+            busy: load.busy,
+        };
+        let mut settings = m.spec.scale;
+        if old {
+            settings.min_instances = 0;
+        }
         // Only versions with waiting requests take the demand cycle as a full one.
         let elapsed = if load.queued > 0 {
             (now - m.last).max(at_least)
         } else {
             now - m.last
         };
-        let mut decision = decide(outstanding, &m.spec.scale, &m.state, elapsed);
+        let mut decision = decide(outstanding, &settings, &m.state, elapsed);
         let pinned = status.lock().get(&key).and_then(|s| s.pinned);
         if let Some(instances) = pinned {
             decision.state.target = instances;
@@ -288,7 +316,7 @@ async fn cycle(
             info!(service = %m.spec.name, version = %m.spec.version, from, to = decision.state.target,
                   ideal = decision.ideal, outstanding, reasons = ?decision.reasons, "scaling");
         }
-        if let Err(e) = m.backend.scale(decision.state.target).await {
+        if let Err(e) = m.backend.scale(decision.state.target, &observed).await {
             warn!(service = %m.spec.name, version = %m.spec.version, error = %e, "cannot scale");
         }
         let mut versions = status.lock();
