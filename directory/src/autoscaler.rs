@@ -151,7 +151,9 @@ pub async fn run(
 ) {
     let status = registry.autoscale();
     let mut managed: Vec<Managed> = Vec::new();
-    reconcile(&mut managed, specs, &agents, &registry).await;
+    // Backends being drained after a reload, so the cycles go on meanwhile.
+    let mut draining = tokio::task::JoinSet::new();
+    reconcile(&mut managed, specs, &agents, &registry, &mut draining).await;
     let mut tick = tokio::time::interval(CYCLE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -163,8 +165,9 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = registry.load().demand() => at_least = CYCLE,
             Some(specs) = reloads.recv() => {
-                reconcile(&mut managed, specs, &agents, &registry).await;
+                reconcile(&mut managed, specs, &agents, &registry, &mut draining).await;
             }
+            Some(_) = draining.join_next(), if !draining.is_empty() => continue,
         }
         cycle(&mut managed, &registry, status, at_least).await;
     }
@@ -172,14 +175,17 @@ pub async fn run(
     for m in &mut managed {
         m.backend.shutdown().await;
     }
+    while draining.join_next().await.is_some() {}
 }
 
-/// Makes `managed` follow `specs`: adds, removes (draining) and changes service versions.
+/// Makes `managed` follow `specs`: adds, removes and changes service versions. Backends that
+/// go away are drained in `draining`, not waited for.
 async fn reconcile(
     managed: &mut Vec<Managed>,
     specs: Vec<ServiceSpec>,
     agents: &AgentContext,
     registry: &Registry,
+    draining: &mut tokio::task::JoinSet<()>,
 ) {
     let key = |s: &ServiceSpec| ServiceVersion {
         service: s.name.clone(),
@@ -205,7 +211,7 @@ async fn reconcile(
                     warn!(service = %spec.name, version = %spec.version, error = %e, "cannot scale");
                 }
                 let mut old = std::mem::replace(&mut m.backend, backend);
-                old.shutdown().await;
+                draining.spawn(async move { old.shutdown().await });
                 m.spec = spec;
             }
             None => {
@@ -229,7 +235,6 @@ async fn reconcile(
             }
         }
     }
-    // Removed versions last, so new ones start without waiting for old ones to drain.
     for mut m in removed {
         info!(service = %m.spec.name, version = %m.spec.version, "no longer managed: stopping its instances");
         registry.undeclare([key(&m.spec)], now);
@@ -237,7 +242,7 @@ async fn reconcile(
             .autoscale()
             .lock()
             .remove(&(m.spec.name.clone(), m.spec.version.clone()));
-        m.backend.shutdown().await;
+        draining.spawn(async move { m.backend.shutdown().await });
     }
 }
 

@@ -380,3 +380,53 @@ async fn an_idle_old_version_goes_to_zero_and_its_routes_are_withdrawn() {
     let r = http::get(&s.proxy, "v1.hello", "/").await.unwrap();
     assert_eq!(r.instance().as_deref(), Some("hello"), "{}", r.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_instance_is_replaced() {
+    let s = start_with(&version("hello", "v1", 1)).await;
+    let admin = s.mesh.directory.admin();
+    let up = || async {
+        admin_json(&admin, "/v1/routes")
+            .await
+            .map(|r| usher_tests::instances_in(&r, "hello", "up"))
+            .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(15), "the minimum instance", || async {
+        up().await.len() == 1
+    })
+    .await
+    .unwrap();
+    let first = up().await;
+
+    // SIGKILL the instance's own process (below its agent, below the directory).
+    let servers: Vec<u32> = usher_tests::descendants(s.directory.pid())
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.split('\0')
+                    .next()
+                    .unwrap_or("")
+                    .ends_with("usher-test-server")
+            })
+        })
+        .collect();
+    assert_eq!(servers.len(), 1, "one instance process");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(servers[0] as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+
+    wait_until(
+        Duration::from_secs(15),
+        "a replacement instance",
+        || async {
+            let now = up().await;
+            now.len() == 1 && now != first
+        },
+    )
+    .await
+    .unwrap();
+    let r = http::get(&s.proxy, "hello", "/").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+}
