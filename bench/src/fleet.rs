@@ -1,0 +1,133 @@
+//! A fleet of fake instances for benchmarks: registers `COUNT` instances of one service with a
+//! directory, each over its own QUIC connection and heartbeating at the dictated interval,
+//! exactly as that many `usher-agent`s would (it runs the agent's own session code), but in one
+//! process and without health checks: every instance is `up` and points at `--address`.
+//!
+//! ```text
+//! usher-bench-fleet --directory ADDR --ca FILE --service NAME --address IP:PORT --count N
+//! ```
+//!
+//! Runs until SIGTERM/SIGINT, then deregisters every instance. `bench/proxy` uses it to measure
+//! the sidecar's memory with 1,000 instances in its route table.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tokio::sync::{oneshot, watch};
+use usher_agent::session::{self, SessionContext};
+use usher_shared::routes::{Instance, InstanceState};
+use usher_shared::session::{endpoint_for_ca_file, node_name};
+
+/// Most fake instances one process registers.
+const MAX_COUNT: usize = 100_000;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "usher-bench-fleet",
+    about = "Registers N fake, always-up instances of a service (one QUIC session each)"
+)]
+struct Args {
+    /// The directory's QUIC address, `host:port`.
+    #[arg(long, value_name = "ADDR")]
+    directory: String,
+    /// The cluster CA certificate (the directory's `ca.pem`).
+    #[arg(long, value_name = "FILE")]
+    ca: PathBuf,
+    /// Service name of every instance.
+    #[arg(long, value_name = "NAME")]
+    service: String,
+    /// Service version of every instance.
+    #[arg(long, value_name = "V", default_value = "v1")]
+    version: String,
+    /// Where every instance claims to serve.
+    #[arg(long, value_name = "IP:PORT")]
+    address: SocketAddr,
+    /// How many instances.
+    #[arg(long, value_name = "N")]
+    count: usize,
+    /// Concurrency slots of each instance.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    concurrency: u32,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("usher-bench-fleet: error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("usher-bench-fleet: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    if args.count == 0 || args.count > MAX_COUNT {
+        bail!("--count {}: must be between 1 and {MAX_COUNT}", args.count);
+    }
+    usher_shared::telemetry::init();
+    let endpoint = endpoint_for_ca_file(&args.ca)
+        .with_context(|| format!("cannot use the CA {}", args.ca.display()))?;
+    let shutdown = usher_shared::signals::shutdown_token();
+    let node = node_name();
+    let started_at_ms = usher_shared::unix_millis();
+    let (_state_tx, state_rx) = watch::channel(InstanceState::Up);
+    let mut sessions = Vec::with_capacity(args.count);
+    for n in 0..args.count {
+        let (stop, stop_rx) = oneshot::channel();
+        let ctx = SessionContext {
+            endpoint: endpoint.clone(),
+            directory: args.directory.clone(),
+            node: node.clone(),
+            instance: Instance {
+                service: args.service.clone(),
+                version: args.version.clone(),
+                id: format!("fleet-{n:05}"),
+                address: args.address,
+                capacity: args.concurrency,
+                weight: 1,
+                state: InstanceState::Up,
+                started_at_ms,
+                labels: BTreeMap::new(),
+            },
+            state: state_rx.clone(),
+            connected: Arc::new(AtomicBool::new(false)),
+        };
+        sessions.push((stop, tokio::spawn(session::run(ctx, stop_rx))));
+        // Spread the handshakes a little so the directory sees a fleet, not a stampede.
+        if n % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    eprintln!(
+        "usher-bench-fleet: {} instances of {} registering",
+        args.count, args.service
+    );
+    shutdown.cancelled().await;
+    let tasks: Vec<_> = sessions
+        .into_iter()
+        .map(|(stop, task)| {
+            let _ = stop.send("benchmark over");
+            task
+        })
+        .collect();
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    endpoint.close(0u32.into(), b"benchmark over");
+    Ok(())
+}
