@@ -60,6 +60,9 @@ impl Pool {
             if sender.is_closed() {
                 continue;
             }
+            if sender.is_ready() {
+                return Some(sender);
+            }
             // It was returned after its response ended; its dispatcher may need a moment.
             if let Ok(Ok(())) =
                 tokio::time::timeout(Duration::from_millis(50), sender.ready()).await
