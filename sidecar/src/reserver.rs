@@ -26,6 +26,10 @@ pub const EJECTION_BASE: Duration = Duration::from_secs(10);
 /// Longest ejection (Waiter).
 pub const EJECTION_MAX: Duration = Duration::from_secs(300);
 
+/// The hasher of the request path's maps: foldhash, seeded per process. Their keys come from
+/// the route table, not from clients (a client's `Host` is only looked up).
+pub type FastHash = foldhash::fast::RandomState;
+
 /// An instance's id as the reserver keeps it: shared, so a reservation holds it without a copy.
 pub type InstanceId = Arc<str>;
 
@@ -89,7 +93,7 @@ struct Slot {
 
 #[derive(Debug, Default)]
 struct State {
-    slots: HashMap<InstanceId, Slot>,
+    slots: HashMap<InstanceId, Slot, FastHash>,
 }
 
 impl State {
@@ -243,34 +247,32 @@ impl Reserver {
         max_queued: usize,
     ) -> Result<Reservation, ReserveError> {
         // The fast path: a free slot, no waiter registered, no timer.
-        if let Ok(reservation) = self.try_reserve(exclude)? {
-            return Ok(reservation);
+        let no_instance = match self.try_reserve(exclude)? {
+            Ok(reservation) => return Ok(reservation),
+            Err(no_instance) => no_instance,
+        };
+        // Counted as queued before it looks again, so a release that sees no request queued
+        // cannot have missed this one (see `release`).
+        let now_queued = self.queued.fetch_add(1, Ordering::SeqCst);
+        let _ticket = QueueTicket(&self.queued);
+        if now_queued >= max_queued {
+            return Err(ReserveError::QueueFull {
+                service: self.service.clone(),
+                version: self.version.clone(),
+                queued: now_queued,
+            });
+        }
+        if no_instance {
+            self.demand.notify_one();
         }
         let deadline = Instant::now() + timeout;
-        let mut queued: Option<QueueTicket<'_>> = None;
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             // Looked at again once registered, so a release in between is not missed.
-            let no_instance = match self.try_reserve(exclude)? {
-                Ok(reservation) => return Ok(reservation),
-                Err(no_instance) => no_instance,
-            };
-            if queued.is_none() {
-                let now_queued = self.queued.fetch_add(1, Ordering::AcqRel);
-                let ticket = QueueTicket(&self.queued);
-                if now_queued >= max_queued {
-                    return Err(ReserveError::QueueFull {
-                        service: self.service.clone(),
-                        version: self.version.clone(),
-                        queued: now_queued,
-                    });
-                }
-                queued = Some(ticket);
-                if no_instance {
-                    self.demand.notify_one();
-                }
+            if let Ok(reservation) = self.try_reserve(exclude)? {
+                return Ok(reservation);
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 // One last look: a slot may have been freed just at the deadline.
@@ -326,7 +328,11 @@ impl Reserver {
             }
         }
         drop(state);
-        self.freed.notify_waiters();
+        // A waiter counts itself queued before it takes the lock to look, so either it saw
+        // this slot free or it is counted here (the lock orders the two).
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
     }
 
     fn with_slot(&self, id: &str, f: impl FnOnce(&mut Slot)) {

@@ -16,7 +16,7 @@ use thiserror::Error;
 use usher_shared::names::validate_label;
 use usher_shared::routes::compare_versions;
 
-use crate::reserver::{Reserver, SyncedVersion};
+use crate::reserver::{FastHash, Reserver, SyncedVersion};
 
 /// Why a request cannot be routed; each maps to a status and a one-line reason.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -83,7 +83,7 @@ fn strip_port(host: &str) -> &str {
 /// Rebuilt by the replica whenever the table changes.
 #[derive(Debug, Default)]
 pub struct RouteIndex {
-    services: HashMap<String, ServiceRoutes>,
+    services: HashMap<String, ServiceRoutes, FastHash>,
 }
 
 #[derive(Debug)]
