@@ -1,6 +1,6 @@
 //! The `usher-agent` binary: parse flags, install logging, bind the admin port, run, and map
 //! the outcome to an exit code (0 after a signal, the child's status if it exited, 1 on a
-//! startup error, 2 on bad flags).
+//! startup error, 2 on bad flags, 3 when the directory refused the join token).
 
 use std::process::ExitCode;
 
@@ -25,9 +25,12 @@ async fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // Library errors already carry their cause in their message.
-            error!(error = %e, "usher-agent failed");
-            eprintln!("usher-agent: error: {e}");
-            ExitCode::from(1)
+            error!(error = %format!("{e:#}"), "usher-agent failed");
+            eprintln!("usher-agent: error: {e:#}");
+            let refused = e
+                .downcast_ref::<usher_agent::AgentError>()
+                .is_some_and(|e| matches!(e, usher_agent::AgentError::Enrol(e) if e.is_refusal()));
+            ExitCode::from(if refused { 3 } else { 1 })
         }
     }
 }

@@ -62,7 +62,27 @@ fn a_missing_ca_is_a_startup_error_naming_the_file() {
         "127.0.0.1:0",
         "--state-dir",
         state.to_str().unwrap(),
+        "--cert",
+        "/nonexistent/node.pem",
+        "--key",
+        "/nonexistent/node-key.pem",
     ]));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}
+
+#[test]
+fn without_a_certificate_or_token_the_error_says_what_to_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (code, err) = run(&with(&[
+        "--service",
+        "web",
+        "--admin",
+        "127.0.0.1:0",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--join-token"), "{err}");
 }

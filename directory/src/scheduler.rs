@@ -74,6 +74,38 @@ pub struct AgentContext {
     pub ca: PathBuf,
     /// Under which each instance gets a state folder.
     pub state_dir: PathBuf,
+    /// Issues each started agent its certificate; `None`: the agents bring their own.
+    pub identity: Option<AgentIdentity>,
+}
+
+/// How the directory certifies the agents it starts: it writes `node.pem`, `node-key.pem` and
+/// `ca.pem` into the instance's state folder, which the agent then uses (no join token).
+#[derive(Debug, Clone)]
+pub struct AgentIdentity {
+    pub authority: std::sync::Arc<crate::pki::CertAuthority>,
+    pub validity: Duration,
+    /// The join endpoint the agent renews at.
+    pub join: SocketAddr,
+}
+
+impl AgentIdentity {
+    /// Writes a certificate for an agent of `service` into `dir`.
+    fn provision(&self, service: &str, dir: &Path) -> Result<(), String> {
+        use usher_shared::enrolment::{CA_FILE, NODE_CERT_FILE, NODE_KEY_FILE};
+        use usher_shared::files::write_atomic;
+        let identity = usher_shared::identity::NodeIdentity::Agent {
+            service: service.to_string(),
+        };
+        let (cert, key) = self
+            .authority
+            .issue_node(&identity, self.validity)
+            .map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        write_atomic(&dir.join(CA_FILE), self.authority.ca_pem.as_bytes(), 0o644)
+            .and_then(|()| write_atomic(&dir.join(NODE_KEY_FILE), key.as_bytes(), 0o600))
+            .and_then(|()| write_atomic(&dir.join(NODE_CERT_FILE), cert.as_bytes(), 0o644))
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl AgentContext {
@@ -197,6 +229,15 @@ impl ProcessScheduler {
         );
         let a = &self.agents;
         let mut command = Command::new(&a.agent);
+        if let Some(identity) = &a.identity {
+            identity
+                .provision(&self.spec.name, &a.state_dir.join(&id))
+                .map_err(|reason| SchedulerError::Spawn {
+                    program: a.agent.clone(),
+                    source: std::io::Error::other(format!("cannot certify the agent: {reason}")),
+                })?;
+            command.arg("--join-address").arg(identity.join.to_string());
+        }
         command
             .arg("--directory")
             .arg(a.directory.to_string())
@@ -397,6 +438,7 @@ mod tests {
             directory: "127.0.0.1:7400".parse().unwrap(),
             ca: dir.join("ca.pem"),
             state_dir: dir.to_path_buf(),
+            identity: None,
         }
     }
 

@@ -2,7 +2,8 @@
 //! typed, validated [`Config`] built from it by a pure function.
 //!
 //! ```text
-//! usher-sidecar --directory ADDR --ca FILE [--listen ADDR] [--admin ADDR] [--state-dir DIR]
+//! usher-sidecar --directory ADDR [--join-token TOKEN | --ca FILE --cert FILE --key FILE]
+//!               [--join-address ADDR] [--listen ADDR] [--admin ADDR] [--state-dir DIR]
 //! ```
 
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use thiserror::Error;
+use usher_shared::enrolment::{TlsFlags, TlsSettings};
 use usher_shared::names::validate_host_port;
 
 /// The sidecar's flags as clap parses them; see [`Config::from_args`] for the checks.
@@ -26,9 +28,33 @@ pub struct Args {
     #[arg(long, env = "USHER_SIDECAR_DIRECTORY", value_name = "ADDR")]
     pub directory: String,
 
-    /// The cluster CA certificate (PEM; the directory's `ca.pem`).
+    /// The CA to trust (PEM): an operator's own CA with --cert/--key, or the directory's
+    /// `ca.pem`. Not needed with --join-token (the token pins the CA).
     #[arg(long, env = "USHER_SIDECAR_CA", value_name = "FILE")]
-    pub ca: PathBuf,
+    pub ca: Option<PathBuf>,
+
+    /// This node's certificate (PEM) from an operator's PKI; needs --key and --ca.
+    #[arg(long, env = "USHER_SIDECAR_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// The private key of --cert (PEM).
+    #[arg(long, env = "USHER_SIDECAR_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// A join token from `usher-directory token create --role sidecar`: used to get a
+    /// certificate when the state directory holds none (or one with less than a third of its
+    /// validity left).
+    #[arg(
+        long,
+        env = "USHER_SIDECAR_JOIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub join_token: Option<String>,
+
+    /// The directory's join endpoint, `host:port` [default: --directory's port + 1].
+    #[arg(long, env = "USHER_SIDECAR_JOIN_ADDRESS", value_name = "ADDR")]
+    pub join_address: Option<String>,
 
     /// The HTTP proxy address clients send to.
     #[arg(
@@ -48,7 +74,8 @@ pub struct Args {
     )]
     pub admin: SocketAddr,
 
-    /// Where the last route table is persisted (`routes.json`); created if missing.
+    /// Where the last route table (`routes.json`) and the node certificate (`node.pem`,
+    /// `node-key.pem`, `ca.pem`) are kept; created if missing.
     #[arg(
         long,
         env = "USHER_SIDECAR_STATE_DIR",
@@ -84,7 +111,8 @@ pub struct Args {
 pub struct Config {
     /// The directory's QUIC address, `host:port` (resolved at each connect).
     pub directory: String,
-    pub ca: PathBuf,
+    /// How the sidecar gets and renews its certificate.
+    pub tls: TlsSettings,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub state_dir: PathBuf,
@@ -96,7 +124,7 @@ pub struct Config {
 
 /// A flag with a value the sidecar refuses; the message names the flag.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("--{flag} {value}: {reason}")]
+#[error("--{flag}{}: {reason}", if value.is_empty() { String::new() } else { format!(" {value}") })]
 pub struct ConfigError {
     pub flag: &'static str,
     pub value: String,
@@ -125,6 +153,19 @@ impl Config {
             value: args.directory.clone(),
             reason,
         })?;
+        let tls = TlsFlags {
+            ca: args.ca,
+            cert: args.cert,
+            key: args.key,
+            join_token: args.join_token,
+            join_address: args.join_address,
+        }
+        .validate(&args.directory)
+        .map_err(|e| ConfigError {
+            flag: e.flag,
+            value: String::new(),
+            reason: e.reason,
+        })?;
         positive("queue-timeout", args.queue_timeout)?;
         positive("instance-timeout", args.instance_timeout)?;
         positive("connect-timeout", args.connect_timeout)?;
@@ -137,7 +178,7 @@ impl Config {
         }
         Ok(Self {
             directory: args.directory,
-            ca: args.ca,
+            tls,
             listen: args.listen,
             admin: args.admin,
             state_dir: args.state_dir,

@@ -1,6 +1,6 @@
 //! The `usher-sidecar` binary: parse flags, install logging, bind the proxy and admin ports,
 //! run until SIGTERM/SIGINT, and map the outcome to an exit code (0 after a signal, 1 on a
-//! startup error, 2 on bad flags).
+//! startup error, 2 on bad flags, 3 when the directory refused the join token).
 
 use std::process::ExitCode;
 
@@ -25,9 +25,12 @@ async fn main() -> ExitCode {
     match serve(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!(error = %e, "usher-sidecar failed");
-            eprintln!("usher-sidecar: error: {e}");
-            ExitCode::from(1)
+            error!(error = %format!("{e:#}"), "usher-sidecar failed");
+            eprintln!("usher-sidecar: error: {e:#}");
+            let refused = e.downcast_ref::<usher_sidecar::SidecarError>().is_some_and(
+                |e| matches!(e, usher_sidecar::SidecarError::Enrol(e) if e.is_refusal()),
+            );
+            ExitCode::from(if refused { 3 } else { 1 })
         }
     }
 }

@@ -50,7 +50,28 @@ fn a_missing_ca_is_a_startup_error_naming_the_file() {
         "127.0.0.1:0",
         "--state-dir",
         dir.path().to_str().unwrap(),
+        "--cert",
+        "/nonexistent/node.pem",
+        "--key",
+        "/nonexistent/node-key.pem",
     ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}
+
+#[test]
+fn without_a_certificate_or_token_the_error_says_what_to_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = run(&[
+        "--directory",
+        "127.0.0.1:7400",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--join-token"), "{err}");
 }
