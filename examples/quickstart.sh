@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Starts a local usher mesh on this machine and prints the curl lines to try:
-#   - a directory (QUIC udp 127.0.0.1:7400, admin 127.0.0.1:7401),
-#   - three instances of the example service `hello` (usher-test-server), each under an agent
-#     (admin 127.0.0.1:7420-7422),
-#   - a sidecar (proxy 127.0.0.1:7410, admin 127.0.0.1:7411).
-# State and logs go to ./.quickstart (or $USHER_QUICKSTART_DIR). Ctrl-C stops everything.
-#
-# Build first: cargo build --release
+# The quickstart: builds usher (release) if needed, then starts a directory that scales the
+# example service `hello` from zero instances, and a sidecar:
+#   - directory: QUIC udp 127.0.0.1:7400, admin 127.0.0.1:7401, [[services]] hello (0 to 3
+#     instances of usher-test-server, one request at a time each, idle after 60 s),
+#   - sidecar: proxy 127.0.0.1:7410, admin 127.0.0.1:7411.
+# State and logs go to ./.quickstart (or $USHER_EXAMPLE_DIR). Ctrl-C stops everything.
+# USHER_BIN=DIR uses the binaries in DIR instead of building.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
+if [ -z "${USHER_BIN:-}" ]; then
+    echo "quickstart: cargo build --release (the first build takes a few minutes)"
+    (cd "$root" && cargo build --release --quiet --bins)
+fi
 bin="${USHER_BIN:-$root/target/release}"
-state="${USHER_QUICKSTART_DIR:-$root/.quickstart}"
+state="${USHER_EXAMPLE_DIR:-$root/.quickstart}"
 
 name=quickstart
 # shellcheck source=examples/common.sh
@@ -20,38 +23,45 @@ need_binaries "$bin" usher-directory usher-agent usher-sidecar usher-test-server
 mkdir -p "$state"
 export USHER_LOG_TEXT=1
 
-"$bin/usher-directory" --listen 127.0.0.1:7400 --admin 127.0.0.1:7401 \
-    --state-dir "$state/directory" >"$state/directory.log" 2>&1 &
+cat >"$state/directory.toml" <<EOT
+listen = "127.0.0.1:7400"
+admin = "127.0.0.1:7401"
+state_dir = "$state/directory"
+
+[[services]]
+name = "hello"
+command = ["$bin/usher-test-server", "--port", "{port}", "--name", "hello"]
+health = "http:/health"
+concurrency = 1
+max_instances = 3
+idle_timeout = "60s"
+EOT
+
+"$bin/usher-directory" --config "$state/directory.toml" >"$state/directory.log" 2>&1 &
 pids+=($!)
 wait_for 15 "the directory" test -s "$state/directory/ca.pem"
-
-for i in 1 2 3; do
-    "$bin/usher-agent" --directory 127.0.0.1:7400 --ca "$state/directory/ca.pem" \
-        --service hello --admin "127.0.0.1:$((7419 + i))" --state-dir "$state/agent-$i" \
-        --health http:/health \
-        -- "$bin/usher-test-server" --port '{port}' --name "hello-$i" \
-        >"$state/agent-$i.log" 2>&1 &
-    pids+=($!)
-done
 
 "$bin/usher-sidecar" --directory 127.0.0.1:7400 --ca "$state/directory/ca.pem" \
     --listen 127.0.0.1:7410 --admin 127.0.0.1:7411 --state-dir "$state/sidecar" \
     >"$state/sidecar.log" 2>&1 &
 pids+=($!)
-
-wait_for 20 "three instances of hello" bash -c "[ \"\$(curl -sf http://127.0.0.1:7411/v1/routes | grep -o '\"state\": *\"up\"' | wc -l)\" -ge 3 ]"
+wait_for 15 "the sidecar" curl -sf http://127.0.0.1:7411/healthz
 
 cat <<EOT
-usher is running: a directory, three instances of 'hello' under agents, and a sidecar.
+usher is running: a directory that scales 'hello' (now at zero instances) and a sidecar.
 
-Try (each request goes to one of hello-1, hello-2, hello-3):
+The first request starts an instance (a cold start); concurrent slow requests add more:
     curl -H 'Host: hello' http://127.0.0.1:7410/
     http_proxy=http://127.0.0.1:7410 curl http://hello/
+    for i in 1 2 3 4 5 6; do curl -s -H 'Host: hello' 'http://127.0.0.1:7410/slow?ms=3000' & done; wait
 
-Look inside:
+Watch the autoscaler's targets and decisions, and the route tables:
+    curl http://127.0.0.1:7401/v1/services
     curl http://127.0.0.1:7401/v1/routes     # the directory's route table
     curl http://127.0.0.1:7411/v1/routes     # the sidecar's replica, with in-flight counts
 
+Kill an instance (pkill -9 -f '^[^ ]*usher-test-server'): the directory starts a new one.
+A minute without requests scales 'hello' back to zero.
 Logs and state: $state
 Press Ctrl-C to stop.
 EOT

@@ -213,6 +213,8 @@ pub struct ServiceReport {
     pub outstanding: u64,
     /// Sidecars whose current load report names this version.
     pub sidecars: u32,
+    /// In-flight requests per instance id, summed over sidecars (idle instances left out).
+    pub busy: BTreeMap<String, u64>,
     /// For a version the directory scales: its target, ideal, started instances, scheduler
     /// and latest decisions with their reasons; `null` otherwise.
     pub scaling: Option<VersionStatus>,
@@ -238,6 +240,7 @@ pub fn services(registry: &Registry, now: Instant) -> ServicesReport {
         r.queued = totals.queued;
         r.outstanding = totals.outstanding();
         r.sidecars = totals.sidecars;
+        r.busy = totals.busy;
     }
     for (service, version) in registry.autoscale().managed() {
         let status = registry.autoscale().get(&service, &version);

@@ -20,11 +20,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use usher_shared::routes::ServiceVersion;
+use usher_shared::routes::{compare_versions, ServiceVersion};
 
 use crate::autoscale::{decide, Reason, ScaleState};
 use crate::registry::Registry;
-use crate::scheduler::{AgentContext, Backend, Scheduler};
+use crate::scheduler::{AgentContext, Backend, Observed, Scheduler};
 use crate::services::ServiceSpec;
 
 /// Time between autoscaler cycles (DESIGN.md: default 1 s).
@@ -151,7 +151,9 @@ pub async fn run(
 ) {
     let status = registry.autoscale();
     let mut managed: Vec<Managed> = Vec::new();
-    reconcile(&mut managed, specs, &agents, &registry).await;
+    // Backends being drained after a reload, so the cycles go on meanwhile.
+    let mut draining = tokio::task::JoinSet::new();
+    reconcile(&mut managed, specs, &agents, &registry, &mut draining).await;
     let mut tick = tokio::time::interval(CYCLE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -163,8 +165,9 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = registry.load().demand() => at_least = CYCLE,
             Some(specs) = reloads.recv() => {
-                reconcile(&mut managed, specs, &agents, &registry).await;
+                reconcile(&mut managed, specs, &agents, &registry, &mut draining).await;
             }
+            Some(_) = draining.join_next(), if !draining.is_empty() => continue,
         }
         cycle(&mut managed, &registry, status, at_least).await;
     }
@@ -172,14 +175,17 @@ pub async fn run(
     for m in &mut managed {
         m.backend.shutdown().await;
     }
+    while draining.join_next().await.is_some() {}
 }
 
-/// Makes `managed` follow `specs`: adds, removes (draining) and changes service versions.
+/// Makes `managed` follow `specs`: adds, removes and changes service versions. Backends that
+/// go away are drained in `draining`, not waited for.
 async fn reconcile(
     managed: &mut Vec<Managed>,
     specs: Vec<ServiceSpec>,
     agents: &AgentContext,
     registry: &Registry,
+    draining: &mut tokio::task::JoinSet<()>,
 ) {
     let key = |s: &ServiceSpec| ServiceVersion {
         service: s.name.clone(),
@@ -201,11 +207,11 @@ async fn reconcile(
                 info!(service = %spec.name, version = %spec.version,
                       "instance settings changed: starting new instances, then draining the old");
                 let mut backend = Backend::new(&spec, agents);
-                if let Err(e) = backend.scale(m.state.target).await {
+                if let Err(e) = backend.scale(m.state.target, &Observed::default()).await {
                     warn!(service = %spec.name, version = %spec.version, error = %e, "cannot scale");
                 }
                 let mut old = std::mem::replace(&mut m.backend, backend);
-                old.shutdown().await;
+                draining.spawn(async move { old.shutdown().await });
                 m.spec = spec;
             }
             None => {
@@ -216,7 +222,7 @@ async fn reconcile(
                 registry.autoscale().lock().insert(
                     (spec.name.clone(), spec.version.clone()),
                     VersionStatus {
-                        scheduler: scheduler_name(&backend),
+                        scheduler: backend.name(),
                         ..VersionStatus::default()
                     },
                 );
@@ -229,7 +235,6 @@ async fn reconcile(
             }
         }
     }
-    // Removed versions last, so new ones start without waiting for old ones to drain.
     for mut m in removed {
         info!(service = %m.spec.name, version = %m.spec.version, "no longer managed: stopping its instances");
         registry.undeclare([key(&m.spec)], now);
@@ -237,7 +242,7 @@ async fn reconcile(
             .autoscale()
             .lock()
             .remove(&(m.spec.name.clone(), m.spec.version.clone()));
-        m.backend.shutdown().await;
+        draining.spawn(async move { m.backend.shutdown().await });
     }
 }
 
@@ -249,11 +254,26 @@ fn same_instances(a: &ServiceSpec, b: &ServiceSpec) -> bool {
         && a.scale.concurrency == b.scale.concurrency
 }
 
-fn scheduler_name(backend: &Backend) -> &'static str {
-    match backend {
-        Backend::Process(_) => "process",
-        Backend::Command(_) => "command",
+/// Each managed version's registered instances, from the route table.
+fn registered(registry: &Registry) -> BTreeMap<(String, String), Vec<String>> {
+    let mut by_version: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for i in registry.table().instances() {
+        by_version
+            .entry((i.service.clone(), i.version.clone()))
+            .or_default()
+            .push(i.id.clone());
     }
+    by_version
+}
+
+/// Whether another managed version of `spec`'s service is newer (compared as the route table
+/// does). An old version is scaled to zero once idle whatever its `min_instances`, so its
+/// routes are withdrawn (Waiter kept old versions running; usher does not).
+fn superseded(spec: &ServiceSpec, managed: &[Managed]) -> bool {
+    managed.iter().any(|m| {
+        m.spec.name == spec.name
+            && compare_versions(&m.spec.version, &spec.version) == std::cmp::Ordering::Greater
+    })
 }
 
 async fn cycle(
@@ -263,18 +283,31 @@ async fn cycle(
     at_least: Duration,
 ) {
     let now = Instant::now();
-    let totals = registry.load().totals(now);
-    for m in managed.iter_mut() {
+    let mut totals = registry.load().totals(now);
+    let mut registered = registered(registry);
+    let old: Vec<bool> = managed
+        .iter()
+        .map(|m| superseded(&m.spec, managed))
+        .collect();
+    for (m, old) in managed.iter_mut().zip(old) {
         let key = (m.spec.name.clone(), m.spec.version.clone());
-        let load = totals.get(&key).copied().unwrap_or_default();
+        let load = totals.remove(&key).unwrap_or_default();
         let outstanding = load.outstanding();
+        let observed = Observed {
+            registered: registered.remove(&key).unwrap_or_default(),
+            busy: load.busy,
+        };
+        let mut settings = m.spec.scale;
+        if old {
+            settings.min_instances = 0;
+        }
         // Only versions with waiting requests take the demand cycle as a full one.
         let elapsed = if load.queued > 0 {
             (now - m.last).max(at_least)
         } else {
             now - m.last
         };
-        let mut decision = decide(outstanding, &m.spec.scale, &m.state, elapsed);
+        let mut decision = decide(outstanding, &settings, &m.state, elapsed);
         let pinned = status.lock().get(&key).and_then(|s| s.pinned);
         if let Some(instances) = pinned {
             decision.state.target = instances;
@@ -288,7 +321,7 @@ async fn cycle(
             info!(service = %m.spec.name, version = %m.spec.version, from, to = decision.state.target,
                   ideal = decision.ideal, outstanding, reasons = ?decision.reasons, "scaling");
         }
-        if let Err(e) = m.backend.scale(decision.state.target).await {
+        if let Err(e) = m.backend.scale(decision.state.target, &observed).await {
             warn!(service = %m.spec.name, version = %m.spec.version, error = %e, "cannot scale");
         }
         let mut versions = status.lock();

@@ -1,5 +1,7 @@
 //! When to publish route-table changes to sidecars (SwarmKit: 100 changes or 100 ms, whichever
-//! comes first). Pure: the caller passes the time.
+//! comes first), and at once for an urgent change: the first `up` instance of a version that
+//! requests may be waiting for (a cold start should not wait out the batch). Pure: the caller
+//! passes the time.
 
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ pub const MAX_BATCH_DELAY: Duration = Duration::from_millis(100);
 pub struct Batcher {
     pending: usize,
     first_at: Option<Instant>,
+    urgent: bool,
 }
 
 impl Batcher {
@@ -24,10 +27,16 @@ impl Batcher {
         self.first_at.get_or_insert(now);
     }
 
+    /// Records one change made at `now` that must not wait: the batch is due at once.
+    pub fn record_urgent(&mut self, now: Instant) {
+        self.record(now);
+        self.urgent = true;
+    }
+
     /// When the pending changes must be published, or `None` when nothing is pending.
     pub fn due_at(&self) -> Option<Instant> {
         let first = self.first_at?;
-        Some(if self.pending >= MAX_BATCH_CHANGES {
+        Some(if self.urgent || self.pending >= MAX_BATCH_CHANGES {
             first
         } else {
             first + MAX_BATCH_DELAY
@@ -84,5 +93,21 @@ mod tests {
         }
         b.record(t0);
         assert!(b.take_if_due(later));
+    }
+
+    #[test]
+    fn an_urgent_change_makes_the_batch_due_at_once() {
+        let t0 = Instant::now();
+        let mut b = Batcher::default();
+        b.record(t0);
+        b.record_urgent(t0 + Duration::from_millis(5));
+        assert_eq!(b.due_at(), Some(t0), "with the changes before it");
+        assert!(b.take_if_due(t0 + Duration::from_millis(5)));
+        b.record(t0 + Duration::from_millis(6));
+        assert_eq!(
+            b.due_at(),
+            Some(t0 + Duration::from_millis(6) + MAX_BATCH_DELAY),
+            "the next batch waits again"
+        );
     }
 }

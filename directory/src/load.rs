@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::time::Instant;
-use usher_shared::protocol::{VersionLoad, MAX_REPORTED_VERSIONS};
+use usher_shared::protocol::{check_load_report, VersionLoad};
 
 use crate::registry::SessionId;
 
@@ -22,12 +22,15 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 pub const REPORT_MAX_AGE: Duration = Duration::from_secs(2);
 
 /// The summed load of one service version.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct VersionTotals {
     pub in_flight: u64,
     pub queued: u64,
     /// Sidecars whose current report names this version.
     pub sidecars: u32,
+    /// In-flight requests per instance id, for instances that have any (an instance left out
+    /// is idle); scale down stops the idlest instances first.
+    pub busy: BTreeMap<String, u64>,
 }
 
 impl VersionTotals {
@@ -57,19 +60,15 @@ impl LoadBoard {
     }
 
     /// Records `versions` as the load of sidecar `session` at `now`. Errors (and keeps the
-    /// previous report) when the report names more than [`MAX_REPORTED_VERSIONS`] versions.
+    /// previous report) when the report is larger than the protocol allows
+    /// ([`check_load_report`]).
     pub fn report(
         &self,
         session: SessionId,
         now: Instant,
         versions: Vec<VersionLoad>,
     ) -> Result<(), String> {
-        if versions.len() > MAX_REPORTED_VERSIONS {
-            return Err(format!(
-                "a load report may name at most {MAX_REPORTED_VERSIONS} versions, not {}",
-                versions.len()
-            ));
-        }
+        check_load_report(&versions)?;
         let queued = versions.iter().any(|v| v.queued > 0);
         self.lock().insert(session, Report { at: now, versions });
         if queued {
@@ -102,6 +101,9 @@ impl LoadBoard {
                 t.in_flight += u64::from(v.in_flight);
                 t.queued += u64::from(v.queued);
                 t.sidecars += 1;
+                for i in &v.instances {
+                    *t.busy.entry(i.id.clone()).or_default() += u64::from(i.in_flight);
+                }
             }
         }
         totals
@@ -118,6 +120,20 @@ mod tests {
             version: "v1".into(),
             in_flight,
             queued,
+            instances: vec![],
+        }
+    }
+
+    fn busy(service: &str, instances: &[(&str, u32)]) -> VersionLoad {
+        VersionLoad {
+            instances: instances
+                .iter()
+                .map(|(id, in_flight)| usher_shared::protocol::InstanceLoad {
+                    id: id.to_string(),
+                    in_flight: *in_flight,
+                })
+                .collect(),
+            ..load(service, instances.iter().map(|i| i.1).sum(), 0)
         }
     }
 
@@ -139,7 +155,8 @@ mod tests {
             VersionTotals {
                 in_flight: 5,
                 queued: 5,
-                sidecars: 2
+                sidecars: 2,
+                busy: BTreeMap::new(),
             }
         );
         assert_eq!(totals[&key("web")].outstanding(), 10);
@@ -163,11 +180,28 @@ mod tests {
     }
 
     #[test]
+    fn per_instance_in_flight_is_summed_over_sidecars() {
+        let t0 = Instant::now();
+        let board = LoadBoard::default();
+        board
+            .report(1, t0, vec![busy("web", &[("a", 2), ("b", 1)])])
+            .unwrap();
+        board.report(2, t0, vec![busy("web", &[("a", 1)])]).unwrap();
+        let totals = board.totals(t0);
+        let web = &totals[&key("web")];
+        assert_eq!(web.in_flight, 4);
+        assert_eq!(
+            web.busy,
+            BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 1)])
+        );
+    }
+
+    #[test]
     fn oversized_reports_are_refused_and_change_nothing() {
         let t0 = Instant::now();
         let board = LoadBoard::default();
         board.report(1, t0, vec![load("web", 1, 0)]).unwrap();
-        let huge = (0..=MAX_REPORTED_VERSIONS)
+        let huge = (0..=usher_shared::protocol::MAX_REPORTED_VERSIONS)
             .map(|_| load("web", 1, 0))
             .collect();
         assert!(board.report(1, t0, huge).is_err());

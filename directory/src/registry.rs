@@ -178,8 +178,13 @@ impl Registry {
     /// Applies `change`; if it changed the table, records it for the next batch and wakes the
     /// publisher (which publishes a full batch at once, else after the batch delay).
     fn update(&self, inner: &mut Inner, change: Change, now: Instant) {
+        let urgent = first_up_of_declared(inner.log.table(), &change);
         if inner.log.update(change).is_some() {
-            inner.batch.record(now);
+            if urgent {
+                inner.batch.record_urgent(now);
+            } else {
+                inner.batch.record(now);
+            }
             self.changed.notify_one();
         }
     }
@@ -406,6 +411,23 @@ pub fn jitter(interval: Duration, unit: f64) -> Duration {
     interval.mul_f64(1.0 + 0.1 * unit.clamp(-1.0, 1.0))
 }
 
+/// Whether `change` brings the first `up` instance of a declared (managed) version: requests
+/// may be queued in sidecars for it (a cold start), so it is published without the batch delay.
+fn first_up_of_declared(table: &RouteTable, change: &Change) -> bool {
+    let Change::Upsert(new) = change else {
+        return false;
+    };
+    let same_version =
+        |service: &str, version: &str| service == new.service && version == new.version;
+    new.state.routable()
+        && table
+            .declared()
+            .any(|d| same_version(&d.service, &d.version))
+        && !table
+            .instances()
+            .any(|i| same_version(&i.service, &i.version) && i.state.routable())
+}
+
 fn validate_instance(i: &Instance) -> Result<(), RegistryError> {
     let bad = |what: String| Err(RegistryError::Invalid(what));
     if let Err(e) = validate_label(&i.service) {
@@ -568,6 +590,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.publish_due(t0), None);
+    }
+
+    #[test]
+    fn the_first_up_instance_of_a_declared_version_is_published_at_once() {
+        let t0 = Instant::now();
+        let r = registry(t0);
+        let web = ServiceVersion {
+            service: "web".into(),
+            version: "v1".into(),
+        };
+        r.declare([web], t0);
+        assert_eq!(r.publish_due(t0 + Duration::from_millis(100)), None);
+        // Starting is not routable: it waits for the batch.
+        r.register(1, instance("a", InstanceState::Starting), t0)
+            .unwrap();
+        assert_eq!(r.publish_due(t0), Some(t0 + Duration::from_millis(100)));
+        // Up, and the first of its version: at once.
+        let at = t0 + Duration::from_millis(20);
+        r.heartbeat(
+            1,
+            &instance("a", InstanceState::Up).key(),
+            InstanceState::Up,
+            at,
+        )
+        .unwrap();
+        assert_eq!(r.publish_due(at), None, "published");
+        // A second up instance waits for the batch again.
+        r.register(2, instance("b", InstanceState::Up), at).unwrap();
+        assert_eq!(r.publish_due(at), Some(at + Duration::from_millis(100)));
     }
 
     #[test]

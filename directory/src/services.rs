@@ -5,16 +5,17 @@
 //! [[services]]
 //! name = "hello"
 //! version = "v1"                  # default "v1"
-//! scheduler = "process"           # "process" (default) or "command"
+//! scheduler = "process"           # "process" (default), "command" or "kubernetes"
 //! command = ["python3", "-m", "http.server", "--bind", "127.0.0.1", "{port}"]
 //! health = "http:/"               # default "tcp"
 //! concurrency = 1                 # default 1
-//! min_instances = 0               # default 0
+//! min_instances = 0               # default 0 (older versions idle to 0 regardless)
 //! max_instances = 4               # default 4
 //! idle_timeout = "60s"            # default 60s
 //! # scale_factor = 1.0, scale_up_factor = 0.9, scale_down_factor = 0.1, scale_down_delay = "5s"
 //! # drain_time = "5s"            # a stopped instance serves its requests this long first
 //! # scale_command = ["/usr/local/bin/scale", "{service}", "{version}", "{instances}"]  # command
+//! # namespace = "default"; deployment = "hello"     # kubernetes (deployment default: name)
 //! ```
 
 use std::time::Duration;
@@ -40,6 +41,8 @@ pub struct ServiceEntry {
     pub scheduler: Option<String>,
     pub command: Option<Vec<String>>,
     pub scale_command: Option<Vec<String>>,
+    pub namespace: Option<String>,
+    pub deployment: Option<String>,
     pub health: Option<String>,
     pub concurrency: Option<u32>,
     pub min_instances: Option<u32>,
@@ -63,6 +66,11 @@ pub enum SchedulerSpec {
     /// The directory runs the operator's hook with the desired count (`{service}`,
     /// `{version}`, `{instances}` substituted).
     Command { scale_command: Vec<String> },
+    /// The directory sets `spec.replicas` of a Deployment through its scale subresource.
+    Kubernetes {
+        namespace: String,
+        deployment: String,
+    },
 }
 
 /// A validated service version the directory scales.
@@ -120,26 +128,42 @@ fn validate_entry(index: usize, e: &ServiceEntry) -> Result<ServiceSpec, Service
             "must be a non-empty list: the program, then its arguments".into(),
         )),
     };
-    let scheduler =
-        match e.scheduler.as_deref().unwrap_or("process") {
-            "process" => SchedulerSpec::Process {
-                command: nonempty("command", &e.command)?,
-            },
-            "command" => SchedulerSpec::Command {
-                scale_command: nonempty("scale_command", &e.scale_command)?,
-            },
-            "kubernetes" => return Err(err(
-                "scheduler",
-                "\"kubernetes\" is not available in this build yet; use \"process\" or \"command\""
-                    .into(),
-            )),
-            other => {
-                return Err(err(
-                    "scheduler",
-                    format!("{other:?} is not one of \"process\", \"command\""),
-                ))
+    let scheduler = match e.scheduler.as_deref().unwrap_or("process") {
+        "process" => SchedulerSpec::Process {
+            command: nonempty("command", &e.command)?,
+        },
+        "command" => SchedulerSpec::Command {
+            scale_command: nonempty("scale_command", &e.scale_command)?,
+        },
+        "kubernetes" => {
+            let namespace = e.namespace.clone().unwrap_or_else(|| "default".into());
+            validate_label(&namespace)
+                .map_err(|r| err("namespace", format!("{namespace:?} {r}")))?;
+            let deployment = e.deployment.clone().unwrap_or_else(|| e.name.clone());
+            validate_subdomain(&deployment)
+                .map_err(|r| err("deployment", format!("{deployment:?} {r}")))?;
+            SchedulerSpec::Kubernetes {
+                namespace,
+                deployment,
             }
-        };
+        }
+        other => {
+            return Err(err(
+                "scheduler",
+                format!("{other:?} is not one of \"process\", \"command\", \"kubernetes\""),
+            ))
+        }
+    };
+    if !matches!(scheduler, SchedulerSpec::Kubernetes { .. }) {
+        for (key, value) in [("namespace", &e.namespace), ("deployment", &e.deployment)] {
+            if value.is_some() {
+                return Err(err(
+                    key,
+                    "applies only to scheduler = \"kubernetes\"".into(),
+                ));
+            }
+        }
+    }
     let health = e.health.clone().unwrap_or_else(|| "tcp".into());
     if !(health == "tcp" || health == "none" || health.starts_with("http:/")) {
         return Err(err(
@@ -201,6 +225,20 @@ fn validate_entry(index: usize, e: &ServiceEntry) -> Result<ServiceSpec, Service
     })
 }
 
+/// Checks a Kubernetes object name (DNS-1123 subdomain): dot-separated DNS labels, at most
+/// 253 characters.
+fn validate_subdomain(name: &str) -> Result<(), String> {
+    if name.len() > 253 {
+        return Err(format!(
+            "is {} characters long; at most 253 are allowed",
+            name.len()
+        ));
+    }
+    name.split('.')
+        .try_for_each(validate_label)
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +271,11 @@ mod tests {
             max_instances = 10
             idle_timeout = "5m"
             scale_down_delay = "10s"
+
+            [[services]]
+            name = "hello"
+            version = "v3"
+            scheduler = "kubernetes"
             "#,
         )
         .unwrap();
@@ -243,6 +286,13 @@ mod tests {
         assert_eq!(specs[1].scale.concurrency, 4);
         assert_eq!(specs[1].scale.idle_timeout, Duration::from_secs(300));
         assert!(matches!(specs[1].scheduler, SchedulerSpec::Command { .. }));
+        assert_eq!(
+            specs[2].scheduler,
+            SchedulerSpec::Kubernetes {
+                namespace: "default".into(),
+                deployment: "hello".into()
+            }
+        );
     }
 
     #[test]
@@ -272,8 +322,16 @@ mod tests {
                 "services[0].health",
             ),
             (
-                "name = \"a\"\nscheduler = \"kubernetes\"",
-                "services[0].scheduler",
+                "name = \"a\"\nscheduler = \"kubernetes\"\ndeployment = \"Web_1\"",
+                "services[0].deployment",
+            ),
+            (
+                "name = \"a\"\nscheduler = \"kubernetes\"\nnamespace = \"a.b\"",
+                "services[0].namespace",
+            ),
+            (
+                "name = \"a\"\ncommand = [\"x\"]\ndeployment = \"web\"",
+                "services[0].deployment",
             ),
             (
                 "name = \"a\"\nscheduler = \"nomad\"",

@@ -546,6 +546,7 @@ async fn sidecar_load_reports_add_up_until_the_sidecar_leaves() {
             version: "v1".into(),
             in_flight,
             queued,
+            instances: vec![],
         }],
     };
     let mut sidecars = Vec::new();
@@ -605,6 +606,7 @@ async fn sidecar_load_reports_add_up_until_the_sidecar_leaves() {
                 version: format!("v{i}"),
                 in_flight: 1,
                 queued: 0,
+                instances: vec![],
             })
             .collect(),
     };

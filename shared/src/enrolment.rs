@@ -355,8 +355,8 @@ async fn exchange(
 
 /// Writes `ca.pem`, `node-key.pem` (0600) and `node.pem` into `dir` (created if missing),
 /// each atomically; the certificate last, so a crash never pairs a new certificate with an
-/// old key.
-fn store(dir: &Path, cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<(), EnrolError> {
+/// old key. Errors name the file.
+pub fn store(dir: &Path, cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<(), EnrolError> {
     std::fs::create_dir_all(dir).map_err(|source| EnrolError::Read {
         path: dir.to_path_buf(),
         source,

@@ -60,10 +60,79 @@ pub struct VersionLoad {
     pub in_flight: u32,
     /// Requests waiting for a free slot.
     pub queued: u32,
+    /// The instances with requests in flight, busiest first, at most
+    /// [`MAX_REPORTED_INSTANCES`]; an instance left out has none. The autoscaler stops the
+    /// idlest instances first (Waiter: scale down kills idle instances). Absent in reports
+    /// from older sidecars.
+    #[serde(default)]
+    pub instances: Vec<InstanceLoad>,
+}
+
+/// The requests one sidecar has in flight on one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceLoad {
+    /// The instance id, as registered.
+    pub id: String,
+    pub in_flight: u32,
 }
 
 /// Most versions one load report may carry (keeps the frame far below 64 KiB).
 pub const MAX_REPORTED_VERSIONS: usize = 512;
+
+/// Most instance entries one load report may carry over all its versions.
+pub const MAX_REPORTED_INSTANCES: usize = 256;
+
+/// Bytes a load report's names may take in all (service, version and instance ids), so the
+/// encoded frame stays below [`crate::codec::MAX_NODE_FRAME`] (64 KiB) whatever the names.
+pub const MAX_LOAD_REPORT_NAME_BYTES: usize = 40 * 1024;
+
+/// Cuts `versions` (ordered most important first) to what one load report may carry: at most
+/// [`MAX_REPORTED_VERSIONS`] versions, [`MAX_REPORTED_INSTANCES`] instance entries and
+/// [`MAX_LOAD_REPORT_NAME_BYTES`] of names. Versions are kept whole or, past the budget,
+/// dropped; instance entries past the budget are dropped (those instances count as idle).
+pub fn fit_load_report(versions: &mut Vec<VersionLoad>) {
+    let mut names = 0usize;
+    let mut instances = 0usize;
+    let mut kept = 0usize;
+    for v in versions.iter_mut() {
+        let cost = v.service.len() + v.version.len();
+        if kept == MAX_REPORTED_VERSIONS || names + cost > MAX_LOAD_REPORT_NAME_BYTES {
+            break;
+        }
+        names += cost;
+        kept += 1;
+        let mut fit = 0;
+        for i in &v.instances {
+            if instances == MAX_REPORTED_INSTANCES
+                || names + i.id.len() > MAX_LOAD_REPORT_NAME_BYTES
+            {
+                break;
+            }
+            names += i.id.len();
+            instances += 1;
+            fit += 1;
+        }
+        v.instances.truncate(fit);
+    }
+    versions.truncate(kept);
+}
+
+/// Why the directory refuses a load report (it keeps the sidecar's previous one).
+pub fn check_load_report(versions: &[VersionLoad]) -> Result<(), String> {
+    if versions.len() > MAX_REPORTED_VERSIONS {
+        return Err(format!(
+            "a load report may name at most {MAX_REPORTED_VERSIONS} versions, not {}",
+            versions.len()
+        ));
+    }
+    let instances: usize = versions.iter().map(|v| v.instances.len()).sum();
+    if instances > MAX_REPORTED_INSTANCES {
+        return Err(format!(
+            "a load report may name at most {MAX_REPORTED_INSTANCES} instances, not {instances}"
+        ));
+    }
+    Ok(())
+}
 
 /// Frames from agents and sidecars to the directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,5 +229,53 @@ impl DirectoryMessage {
             DirectoryMessage::Deltas { .. } => "deltas",
             DirectoryMessage::Error { .. } => "error",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{encode_frame, MAX_NODE_FRAME};
+
+    fn version(name: &str, instances: usize) -> VersionLoad {
+        VersionLoad {
+            service: name.to_string(),
+            version: "v".repeat(63),
+            in_flight: 1,
+            queued: 0,
+            instances: (0..instances)
+                .map(|i| InstanceLoad {
+                    id: format!("{i:0>128}"),
+                    in_flight: 1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_fitted_load_report_always_encodes_within_the_frame_limit() {
+        let mut versions: Vec<_> = (0..2000)
+            .map(|i| version(&format!("{i:s>63}"), 40))
+            .collect();
+        fit_load_report(&mut versions);
+        assert!(check_load_report(&versions).is_ok());
+        assert!(!versions.is_empty());
+        let frame = encode_frame(&NodeMessage::LoadReport { versions }, MAX_NODE_FRAME);
+        assert!(frame.is_ok(), "{frame:?}");
+    }
+
+    #[test]
+    fn a_small_report_is_kept_whole_and_oversized_ones_are_refused() {
+        let mut versions = vec![version("web", 3), version("api", 0)];
+        let before = versions.clone();
+        fit_load_report(&mut versions);
+        assert_eq!(versions, before);
+
+        let too_many: Vec<_> = (0..=MAX_REPORTED_VERSIONS)
+            .map(|_| version("web", 0))
+            .collect();
+        assert!(check_load_report(&too_many).is_err());
+        let too_busy = vec![version("web", MAX_REPORTED_INSTANCES + 1)];
+        assert!(check_load_report(&too_busy).is_err());
     }
 }

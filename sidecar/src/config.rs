@@ -4,6 +4,7 @@
 //! ```text
 //! usher-sidecar --directory ADDR [--join-token TOKEN | --ca FILE --cert FILE --key FILE]
 //!               [--join-address ADDR] [--listen ADDR] [--admin ADDR] [--state-dir DIR]
+//!               [--threads N]
 //! ```
 
 use std::net::SocketAddr;
@@ -104,7 +105,15 @@ pub struct Args {
     /// Bound on a TCP connect to an instance.
     #[arg(long, env = "USHER_SIDECAR_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+
+    /// Worker threads of the proxy's runtime; `1` runs everything on one thread (no
+    /// cross-thread wake-ups). Default: the number of CPUs.
+    #[arg(long, env = "USHER_SIDECAR_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
 }
+
+/// Most worker threads `--threads` accepts.
+pub const MAX_THREADS: usize = 1024;
 
 /// The sidecar's validated configuration. Tests build it directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +129,8 @@ pub struct Config {
     pub max_queued: usize,
     pub instance_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Runtime worker threads, 1..=[`MAX_THREADS`]; 1 means a current-thread runtime.
+    pub threads: usize,
 }
 
 /// A flag with a value the sidecar refuses; the message names the flag.
@@ -146,7 +157,7 @@ impl Config {
     /// Builds and validates the configuration from parsed flags. Pure.
     ///
     /// Errors name the flag: a directory address that is not `host:port`, a zero duration or
-    /// a zero `--max-queued`.
+    /// a zero `--max-queued`, a `--threads` outside 1..=[`MAX_THREADS`].
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         validate_host_port(&args.directory).map_err(|reason| ConfigError {
             flag: "directory",
@@ -176,6 +187,17 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
+        let threads = match args.threads {
+            Some(n) if (1..=MAX_THREADS).contains(&n) => n,
+            Some(n) => {
+                return Err(ConfigError {
+                    flag: "threads",
+                    value: n.to_string(),
+                    reason: format!("must be between 1 and {MAX_THREADS}"),
+                })
+            }
+            None => default_threads(),
+        };
         Ok(Self {
             directory: args.directory,
             tls,
@@ -186,8 +208,14 @@ impl Config {
             max_queued: args.max_queued,
             instance_timeout: args.instance_timeout,
             connect_timeout: args.connect_timeout,
+            threads,
         })
     }
+}
+
+/// One worker thread per CPU the process may use (1 if that cannot be read).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[cfg(test)]
@@ -218,6 +246,8 @@ mod tests {
         assert_eq!(c.max_queued, 1000);
         assert_eq!(c.instance_timeout, Duration::from_secs(60));
         assert_eq!(c.connect_timeout, Duration::from_secs(1));
+        assert_eq!(c.threads, default_threads());
+        assert_eq!(parse(&["--threads", "1"]).unwrap().threads, 1);
     }
 
     #[test]
@@ -229,6 +259,10 @@ mod tests {
             (&["--instance-timeout", "0ms"][..], "--instance-timeout"),
             (&["--connect-timeout", "0s"][..], "--connect-timeout"),
             (&["--listen", "localhost"][..], "--listen"),
+            (&["--threads", "0"][..], "--threads"),
+            (&["--threads=-1"][..], "--threads"),
+            (&["--threads", "many"][..], "--threads"),
+            (&["--threads", "100000"][..], "--threads"),
         ] {
             let e = parse(flags).unwrap_err();
             assert!(e.contains(named), "{flags:?}: {e}");

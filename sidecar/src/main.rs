@@ -1,6 +1,9 @@
 //! The `usher-sidecar` binary: parse flags, install logging, bind the proxy and admin ports,
 //! run until SIGTERM/SIGINT, and map the outcome to an exit code (0 after a signal, 1 on a
-//! startup error, 2 on bad flags, 3 when the directory refused the join token).
+//! startup error, 2 on bad flags, 3 when the directory refused the join token). `--threads`
+//! sizes the tokio runtime built here: `1` is a current-thread runtime (the proxy, the
+//! directory link and the admin port share one thread), more is a multi-thread runtime with
+//! that many workers.
 
 use std::process::ExitCode;
 
@@ -12,8 +15,7 @@ use usher_shared::{signals, telemetry};
 use usher_sidecar::config::{Args, Config};
 use usher_sidecar::Listeners;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = match Config::from_args(Args::parse()) {
         Ok(config) => config,
         Err(e) => {
@@ -21,8 +23,24 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let runtime = match config.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("usher-sidecar: error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
     telemetry::init();
-    match serve(config).await {
+    match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %format!("{e:#}"), "usher-sidecar failed");

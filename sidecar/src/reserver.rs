@@ -18,7 +18,7 @@ use rand::Rng;
 use thiserror::Error;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use usher_shared::protocol::{VersionLoad, MAX_REPORTED_VERSIONS};
+use usher_shared::protocol::{fit_load_report, InstanceLoad, VersionLoad};
 use usher_shared::routes::{Instance, InstanceKey, RouteTable, ServiceVersion};
 
 /// First ejection after a connection failure (Waiter).
@@ -325,13 +325,25 @@ impl Reserver {
     }
 
     /// In-flight and queued requests of this version, for the load report.
+    /// Instances with requests in flight come busiest first.
     pub fn load(&self) -> VersionLoad {
-        let in_flight: u32 = self.lock().slots.values().map(|s| s.in_use).sum();
+        let mut instances: Vec<InstanceLoad> = self
+            .lock()
+            .slots
+            .iter()
+            .filter(|(_, s)| s.in_use > 0)
+            .map(|(id, s)| InstanceLoad {
+                id: id.clone(),
+                in_flight: s.in_use,
+            })
+            .collect();
+        instances.sort_by_key(|i| std::cmp::Reverse(i.in_flight));
         VersionLoad {
             service: self.service.clone(),
             version: self.version.clone(),
-            in_flight,
+            in_flight: instances.iter().map(|i| i.in_flight).sum(),
             queued: u32::try_from(self.queued()).unwrap_or(u32::MAX),
+            instances,
         }
     }
 }
@@ -421,8 +433,8 @@ impl Reservers {
         self.demand.notified().await
     }
 
-    /// The load of every version with requests in flight or queued, busiest first, at most
-    /// [`MAX_REPORTED_VERSIONS`] (Waiter/WSO2: the autoscaler's signal).
+    /// The load of every version with requests in flight or queued, busiest first, cut to what
+    /// one report carries ([`fit_load_report`]) (Waiter/WSO2: the autoscaler's signal).
     pub fn loads(&self) -> Vec<VersionLoad> {
         let reservers: Vec<_> = self.lock().values().cloned().collect();
         let mut loads: Vec<VersionLoad> = reservers
@@ -431,7 +443,7 @@ impl Reservers {
             .filter(|l| l.in_flight > 0 || l.queued > 0)
             .collect();
         loads.sort_by_key(|l| std::cmp::Reverse(u64::from(l.in_flight) + u64::from(l.queued)));
-        loads.truncate(MAX_REPORTED_VERSIONS);
+        fit_load_report(&mut loads);
         loads
     }
 
@@ -685,6 +697,7 @@ mod tests {
             version: "v1".into(),
             in_flight: 0,
             queued: 1,
+            instances: vec![],
         };
         assert_eq!(reservers.loads(), vec![expected]);
         assert!(!waiter.await.unwrap(), "times out with no instance");
@@ -692,6 +705,37 @@ mod tests {
             reservers.loads().is_empty(),
             "idle versions are not reported"
         );
+    }
+
+    #[tokio::test]
+    async fn the_load_names_busy_instances_busiest_first() {
+        let r = reserver(&[
+            instance("a", 1, 5, InstanceState::Up),
+            instance("b", 2, 5, InstanceState::Up),
+            instance("c", 3, 5, InstanceState::Up),
+        ]);
+        let a1 = r
+            .reserve(&["b".into(), "c".into()], SHORT, 10)
+            .await
+            .unwrap();
+        let a2 = r
+            .reserve(&["b".into(), "c".into()], SHORT, 10)
+            .await
+            .unwrap();
+        let b1 = r
+            .reserve(&["a".into(), "c".into()], SHORT, 10)
+            .await
+            .unwrap();
+        let load = r.load();
+        assert_eq!(load.in_flight, 3);
+        let busy: Vec<_> = load
+            .instances
+            .iter()
+            .map(|i| (i.id.as_str(), i.in_flight))
+            .collect();
+        assert_eq!(busy, vec![("a", 2), ("b", 1)], "idle c is left out");
+        drop((a1, a2, b1));
+        assert!(r.load().instances.is_empty());
     }
 
     #[test]

@@ -25,6 +25,8 @@ fn bad_flags_exit_2_naming_the_flag() {
         (&["--queue-timeout", "0s"][..], "--queue-timeout"),
         (&["--max-queued", "none"][..], "--max-queued"),
         (&["--listen", "everywhere"][..], "--listen"),
+        (&["--threads", "0"][..], "--threads"),
+        (&["--threads", "two"][..], "--threads"),
     ] {
         let args: Vec<&str> = base.iter().chain(extra).copied().collect();
         let (code, err) = run(&args);
@@ -34,6 +36,18 @@ fn bad_flags_exit_2_naming_the_flag() {
     let (code, err) = run(&["--directory", "no-port", "--ca", "x"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("--directory"), "{err}");
+}
+
+#[test]
+fn threads_from_the_environment_are_checked_too() {
+    let out = Command::new(env!("CARGO_BIN_EXE_usher-sidecar"))
+        .args(["--directory", "127.0.0.1:7400", "--ca", "x"])
+        .env("USHER_SIDECAR_THREADS", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--threads 0: must be between 1 and"), "{err}");
 }
 
 #[test]

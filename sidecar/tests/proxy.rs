@@ -129,6 +129,7 @@ async fn sidecar_with(
         max_queued: 100,
         instance_timeout,
         connect_timeout: Duration::from_secs(1),
+        threads: 1,
     };
     let proxy_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

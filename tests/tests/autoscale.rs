@@ -14,11 +14,24 @@ fn services() -> String {
 }
 
 fn service(name: &str) -> String {
+    version(name, "v1", 0)
+}
+
+/// One version of `name`; its test servers answer with `name-version` ... except `v1`, which
+/// answers with `name`.
+fn version(name: &str, version: &str, min_instances: u32) -> String {
+    let server = if version == "v1" {
+        name.to_string()
+    } else {
+        format!("{name}-{version}")
+    };
     format!(
         r#"
 [[services]]
 name = "{name}"
-command = ["{}", "--port", "{{port}}", "--name", "{name}"]
+version = "{version}"
+min_instances = {min_instances}
+command = ["{}", "--port", "{{port}}", "--name", "{server}"]
 health = "http:/health"
 concurrency = 1
 max_instances = 3
@@ -39,9 +52,13 @@ struct Scaled {
 }
 
 async fn start() -> Scaled {
+    start_with(&services()).await
+}
+
+async fn start_with(config: &str) -> Scaled {
     let mesh = Mesh::new().unwrap();
     let directory = mesh
-        .start_directory_with_config("directory", &services())
+        .start_directory_with_config("directory", config)
         .await
         .unwrap();
     let addrs = mesh.sidecar_addrs("a");
@@ -75,6 +92,10 @@ async fn scaling(mesh: &Mesh) -> serde_json::Value {
 
 /// The `scaling` object of `service/v1` (`null` when the directory does not manage it).
 async fn scaling_of(mesh: &Mesh, service: &str) -> serde_json::Value {
+    scaling_of_version(mesh, service, "v1").await
+}
+
+async fn scaling_of_version(mesh: &Mesh, service: &str, version: &str) -> serde_json::Value {
     let doc = admin_json(&mesh.directory.admin(), "/v1/services")
         .await
         .unwrap();
@@ -82,7 +103,7 @@ async fn scaling_of(mesh: &Mesh, service: &str) -> serde_json::Value {
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["service"] == service)
+        .find(|s| s["service"] == service && s["version"] == version)
         .map(|s| s["scaling"].clone())
         .unwrap_or_default()
 }
@@ -320,4 +341,107 @@ async fn an_operator_pins_and_releases_a_target() {
     )
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_old_version_goes_to_zero_and_its_routes_are_withdrawn() {
+    // hello/v1 is kept at one instance by min_instances...
+    let s = start_with(&version("hello", "v1", 1)).await;
+    let mesh = &s.mesh;
+    wait_until(Duration::from_secs(15), "v1's minimum instance", || async {
+        let r = admin_json(&mesh.directory.admin(), "/v1/routes").await;
+        r.is_ok_and(|r| usher_tests::instances_in(&r, "hello", "up").len() == 1)
+    })
+    .await
+    .unwrap();
+    let r = http::get(&s.proxy, "hello", "/").await.unwrap();
+    assert_eq!(r.instance().as_deref(), Some("hello"), "v1 serves");
+
+    // ...until v2 arrives: v2 keeps its minimum, v1 idles to zero and leaves the table.
+    let config = s.mesh.dir().join("directory.toml");
+    let both = format!("{}{}", version("hello", "v1", 1), version("hello", "v2", 1));
+    std::fs::write(&config, both).unwrap();
+    s.directory.signal(Signal::SIGHUP);
+    wait_until(
+        Duration::from_secs(25),
+        "v1 at zero and out of the table, v2 up",
+        || async {
+            let v1 = scaling_of_version(mesh, "hello", "v1").await;
+            let Ok(routes) = admin_json(&mesh.directory.admin(), "/v1/routes").await else {
+                return false;
+            };
+            let versions: Vec<_> = routes["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| {
+                    (
+                        i["version"].as_str().unwrap().to_string(),
+                        i["state"].clone(),
+                    )
+                })
+                .collect();
+            v1["target"] == 0
+                && v1["started"] == 0
+                && versions.len() == 1
+                && versions[0] == ("v2".to_string(), serde_json::json!("up"))
+        },
+    )
+    .await
+    .unwrap();
+    let r = http::get(&s.proxy, "hello", "/").await.unwrap();
+    assert_eq!(r.instance().as_deref(), Some("hello-v2"), "{}", r.text());
+    // v1 stays addressable: a request naming it starts it again.
+    let r = http::get(&s.proxy, "v1.hello", "/").await.unwrap();
+    assert_eq!(r.instance().as_deref(), Some("hello"), "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_instance_is_replaced() {
+    let s = start_with(&version("hello", "v1", 1)).await;
+    let admin = s.mesh.directory.admin();
+    let up = || async {
+        admin_json(&admin, "/v1/routes")
+            .await
+            .map(|r| usher_tests::instances_in(&r, "hello", "up"))
+            .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(15), "the minimum instance", || async {
+        up().await.len() == 1
+    })
+    .await
+    .unwrap();
+    let first = up().await;
+
+    // SIGKILL the instance's own process (below its agent, below the directory).
+    let servers: Vec<u32> = usher_tests::descendants(s.directory.pid())
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.split('\0')
+                    .next()
+                    .unwrap_or("")
+                    .ends_with("usher-test-server")
+            })
+        })
+        .collect();
+    assert_eq!(servers.len(), 1, "one instance process");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(servers[0] as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+
+    wait_until(
+        Duration::from_secs(15),
+        "a replacement instance",
+        || async {
+            let now = up().await;
+            now.len() == 1 && now != first
+        },
+    )
+    .await
+    .unwrap();
+    let r = http::get(&s.proxy, "hello", "/").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
 }

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Turns the raw results of bench/proxy into Markdown: prints it and writes it between the
+`<!-- proxy:begin -->` and `<!-- proxy:end -->` markers of docs/BENCHMARKS.md (adding the
+section at the end when the markers are absent; other sections are left as they are).
+
+Input: results.tsv (round, load, target, CPU clock ticks or empty, wrk.lua's JSON summary) and
+rss.tsv (process, `base` or `fleet`, VmRSS in kB). Every figure comes from these files.
+"""
+
+import argparse
+import datetime
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+
+BEGIN, END = "<!-- proxy:begin -->", "<!-- proxy:end -->"
+HEADING = "## Data path: sidecar vs HAProxy vs direct"
+TARGETS = ["direct", "haproxy", "usher-1t", "usher-mt"]
+USHERS = ["usher-1t", "usher-mt"]
+LOADS = {
+    "sat": "saturation, `-t1 -c32`",
+    "one": "one connection, `-t1 -c1`",
+    "paced": "paced",
+}
+THROUGHPUT_TARGET = 1.25
+ADDED_LATENCY_TARGET = 0.6
+RSS_TARGET_MB = 15.0
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__)
+    for name in ["results", "rss", "docs", "cpu", "duration", "haproxy", "nginx", "wrk", "commit"]:
+        p.add_argument("--" + name, required=True)
+    for name in ["nproc", "clk-tck", "rounds", "rate", "paced-conns", "paced-delay-ms", "fleet",
+                 "default-threads"]:
+        p.add_argument("--" + name, required=True, type=int)
+    return p.parse_args()
+
+
+def load_results(path):
+    """{(round, load, target): {"rps", "p50", "p99", "requests", "ticks", "errors"}}"""
+    runs = {}
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            rnd, load, target, ticks, doc = line.split("\t", 4)
+            s = json.loads(doc)
+            seconds = s["duration_us"] / 1e6
+            runs[(int(rnd), load, target)] = {
+                "rps": s["requests"] / seconds if seconds > 0 else 0.0,
+                "p50": s["p50_us"],
+                "p99": s["p99_us"],
+                "requests": s["requests"],
+                "ticks": int(ticks) if ticks else None,
+                "errors": sum(s["errors"].values()),
+            }
+    return runs
+
+
+def load_rss(path):
+    rss = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                name, when, kb = line.split()
+                rss[(name, when)] = int(kb)
+    return rss
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(value, digits=0, suffix=""):
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def verdict(ok):
+    if ok is None:
+        return "**undetermined**"
+    return "**met**" if ok else "**missed**"
+
+
+def main():
+    a = parse_args()
+    runs = load_results(a.results)
+    rss = load_rss(a.rss)
+    rounds = sorted({r for (r, _, _) in runs})
+    label = {
+        "direct": "direct (no proxy)",
+        "haproxy": "HAProxy, nbthread 1",
+        "usher-1t": "usher sidecar, `--threads 1`",
+        "usher-mt": f"usher sidecar, default threads ({a.default_threads})",
+    }
+
+    def per_round(load, target, key):
+        return [runs[(r, load, target)][key] for r in rounds if (r, load, target) in runs]
+
+    def ratio(load, target, base, key):
+        """Median over rounds of target/base, each pair measured in the same round."""
+        out = []
+        for r in rounds:
+            t, b = runs.get((r, load, target)), runs.get((r, load, base))
+            if t and b and b[key]:
+                out.append(t[key] / b[key])
+        return median(out)
+
+    def added(load, target, key):
+        """Median over rounds of target minus direct, in µs."""
+        out = []
+        for r in rounds:
+            t, d = runs.get((r, load, target)), runs.get((r, load, "direct"))
+            if t and d:
+                out.append(t[key] - d[key])
+        return median(out)
+
+    def cpu_us_per_request(load, target):
+        ticks = [runs[(r, load, target)]["ticks"] for r in rounds if (r, load, target) in runs]
+        reqs = sum(per_round(load, target, "requests"))
+        if not ticks or None in ticks or not reqs:
+            return None
+        return sum(ticks) / a.clk_tck * 1e6 / reqs
+
+    errors = sum(run["errors"] for run in runs.values())
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = []
+    w = out.append
+    w(f"Measured {date} at commit `{a.commit}` on {a.nproc} CPUs ({a.cpu}), shared with other "
+      "work, so only ratios within this run mean anything. "
+      f"{a.haproxy.split(' - ')[0]}, {a.nginx.replace('nginx version: ', '')}, {a.wrk}. "
+      f"Median of {len(rounds)} rounds of {a.duration} per load and target; the targets "
+      "alternate, their order rotating each round.")
+    w("")
+    w("```sh")
+    w(f"DURATION={a.duration} ROUNDS={a.rounds} RATE={a.rate} FLEET={a.fleet} bench/proxy")
+    w("# per round, per load, per target (usher adds -H 'Host: bench'):")
+    w(f"wrk -t1 -c32 -d{a.duration} --latency -s bench/proxy.d/wrk.lua http://127.0.0.1:PORT/")
+    w(f"wrk -t1 -c1 -d{a.duration} --latency -s bench/proxy.d/wrk.lua http://127.0.0.1:PORT/")
+    w(f"wrk -t1 -c{a.paced_conns} -d{a.duration} --latency -s bench/proxy.d/wrk.lua "
+      f"http://127.0.0.1:PORT/ -- {a.paced_delay_ms}")
+    w("```")
+    w("")
+    w("Backend: nginx, `worker_processes 1`, `access_log off`, a 17-byte body. HAProxy: http "
+      "mode, `nbthread 1`, `http-reuse always`. usher: one directory, one `usher-agent` "
+      "registering nginx (`--concurrency 256`, so no request queues), two sidecars "
+      f"(`--threads 1` and the default, {a.default_threads}). CPU is the proxy process's "
+      "utime+stime (`/proc/PID/stat`) over the rounds divided by the requests it served.")
+    w("")
+    for load in ["sat", "one"]:
+        w(f"**{LOADS[load]}**")
+        w("")
+        w("| target | req/s | p50 µs | p99 µs | req/s vs HAProxy | req/s vs direct "
+          "| CPU µs/request |")
+        w("|---|---|---|---|---|---|---|")
+        for t in TARGETS:
+            w(f"| {label[t]} | {fmt(median(per_round(load, t, 'rps')))} "
+              f"| {fmt(median(per_round(load, t, 'p50')))} "
+              f"| {fmt(median(per_round(load, t, 'p99')))} "
+              f"| {fmt(ratio(load, t, 'haproxy', 'rps'), 2, '×')} "
+              f"| {fmt(ratio(load, t, 'direct', 'rps'), 2, '×')} "
+              f"| {fmt(cpu_us_per_request(load, t), 1)} |")
+        w("")
+    w(f"**paced, `-t1 -c{a.paced_conns}`, {a.paced_delay_ms} ms before each request "
+      f"(~{a.rate:,} req/s)**: added = target minus direct in the same round.")
+    w("")
+    w("| target | req/s | p50 µs | p99 µs | added p50 µs | added p99 µs "
+      "| added p50 vs HAProxy | added p99 vs HAProxy | CPU µs/request |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    added_ratio = {}
+    for t in TARGETS:
+        row = [fmt(median(per_round("paced", t, "rps"))),
+               fmt(median(per_round("paced", t, "p50"))),
+               fmt(median(per_round("paced", t, "p99")))]
+        if t == "direct":
+            row += ["–"] * 4
+        else:
+            ratios = []
+            for key in ["p50", "p99"]:
+                mine, theirs = added("paced", t, key), added("paced", "haproxy", key)
+                # Below direct is noise, not a figure to divide by: left undetermined.
+                valid = mine is not None and mine >= 0 and theirs is not None and theirs > 0
+                r = mine / theirs if valid else None
+                added_ratio[(t, key)] = r
+                ratios.append(r)
+            row += [fmt(added("paced", t, "p50")), fmt(added("paced", t, "p99"))]
+            row += [fmt(r, 2, "×") if t != "haproxy" else "–" for r in ratios]
+        row.append(fmt(cpu_us_per_request("paced", t), 1))
+        w(f"| {label[t]} | " + " | ".join(row) + " |")
+    w("")
+    w(f"**Memory** (VmRSS, MB = 10⁶ bytes): after the loads above, and with {a.fleet:,} more "
+      "instances in the table (service `fleet`, registered by `usher-bench-fleet`: one QUIC "
+      "session per instance, heartbeating as an agent does; then 2 s of traffic to `fleet` "
+      "so its reserver exists).")
+    w("")
+    w(f"| process | RSS MB | RSS MB with {a.fleet:,} instances |")
+    w("|---|---|---|")
+    for name in ["haproxy", "usher-1t", "usher-mt"]:
+        base, fleet = rss.get((name, "base")), rss.get((name, "fleet"))
+        w(f"| {label[name]} | {fmt(base and base * 1024 / 1e6, 1)} "
+          f"| {fmt(fleet and fleet * 1024 / 1e6, 1)} |")
+    w("")
+    if errors:
+        w(f"wrk counted {errors:,} errors (connect, read, write, timeout or non-2xx) in all; "
+          "see the raw log (`KEEP=1`).")
+    else:
+        w("No request failed (wrk: no connect, read, write or timeout error, no non-2xx).")
+    w("")
+    w("Targets of issue 5 (ratios in this run):")
+    w("")
+    for t in USHERS:
+        r = ratio("sat", t, "haproxy", "rps")
+        w(f"- throughput at `-c32`, {label[t]}: {fmt(r, 2, '×')} HAProxy, target ≥ "
+          f"{THROUGHPUT_TARGET}× — {verdict(None if r is None else r >= THROUGHPUT_TARGET)}")
+    for t in USHERS:
+        r50, r99 = added_ratio.get((t, "p50")), added_ratio.get((t, "p99"))
+        ok = None if r50 is None or r99 is None else (
+            r50 <= ADDED_LATENCY_TARGET and r99 <= ADDED_LATENCY_TARGET)
+        w(f"- added latency at ~{a.rate:,} req/s, {label[t]}: p50 {fmt(r50, 2, '×')}, p99 "
+          f"{fmt(r99, 2, '×')} HAProxy's, target ≤ {ADDED_LATENCY_TARGET}× — {verdict(ok)}"
+          + ("" if ok is not None else " (an added latency below zero: noise at this size)"))
+    for t in USHERS:
+        kb = rss.get((t, "fleet"))
+        mb = kb * 1024 / 1e6 if kb else None
+        w(f"- RSS with {a.fleet:,} instances, {label[t]}: {fmt(mb, 1)} MB, target ≤ "
+          f"{RSS_TARGET_MB:g} MB — {verdict(None if mb is None else mb <= RSS_TARGET_MB)}")
+    section = "\n".join(out)
+    print(section)
+    write_docs(a.docs, section)
+
+
+def write_docs(path, section):
+    try:
+        with open(path) as f:
+            doc = f.read()
+    except FileNotFoundError:
+        doc = "# Benchmarks\n"
+    block = f"{BEGIN}\n{section}\n{END}"
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: block, doc, count=1)
+    else:
+        doc = doc.rstrip("\n") + f"\n\n{HEADING}\n\n`bench/proxy` (see `bench/README.md`).\n\n" \
+            + block + "\n"
+    with open(path, "w") as f:
+        f.write(doc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
