@@ -4,7 +4,7 @@
 //! Authorisation: every request that changes something (`PUT`/`DELETE /v1/pins/...`) and every
 //! `/v1/tokens` request needs `Authorization: Bearer <admin token>` (the content of the admin
 //! token file, `admin-token` in the state directory by default); when the admin port is bound
-//! to a non-loopback address, every request needs it. A missing or wrong token gets `401`,
+//! to a non-loopback address, every request but `GET /healthz` needs it. A missing or wrong token gets `401`,
 //! is logged and counted (`admin_refused` in `/v1/security`).
 //!
 //! Tokens: `POST /v1/tokens?role=agent&service=NAME&ttl=24h` (or `role=sidecar`) answers
@@ -66,7 +66,9 @@ impl AdminContext {
 pub fn respond_secured(ctx: &AdminContext, req: &AdminRequest<'_>) -> AdminResponse {
     let read = req.method == Method::GET || req.method == Method::HEAD;
     let tokens = req.path == "/v1/tokens" || req.path.starts_with("/v1/tokens/");
-    if (ctx.protect_reads || !read || tokens) && !ctx.authorized(req) {
+    // A health check tells nothing worth protecting, and load balancers cannot send tokens.
+    let health = read && req.path == "/healthz";
+    if ((ctx.protect_reads && !health) || !read || tokens) && !ctx.authorized(req) {
         ctx.security
             .admin_refused
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

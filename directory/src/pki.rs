@@ -6,7 +6,8 @@
 //! from the CA key at every start and never written to disk.
 //!
 //! Node certificates ([`CertAuthority::sign_csr`], [`CertAuthority::issue_node`]) are ECDSA
-//! P-256, valid from 5 minutes ago (clock skew) for the configured validity, with extended
+//! P-256, valid from 5 minutes ago (clock skew; at most a tenth of the validity) for the
+//! configured validity, with extended
 //! key usage `clientAuth` and one subject alternative name URI that carries the node's role
 //! and service (`usher://agent/web`, `usher://sidecar`; SwarmKit: the certificate carries
 //! the role). Only the public key of a CSR is used: the directory decides the rest.
@@ -67,7 +68,8 @@ pub enum PkiError {
     BadCsr(rcgen::Error),
 }
 
-/// Clock skew allowed for: node certificates are valid from this long before their issue.
+/// Clock skew allowed for: node certificates are valid from this long before their issue (at
+/// most a tenth of their validity).
 pub const BACKDATE: Duration = Duration::from_secs(300);
 
 /// The cluster CA's certificate and key: issues the directory's and the nodes' certificates.
@@ -188,7 +190,10 @@ fn node_params(
             ))
         })
     };
-    params.not_before = unix(now.checked_sub(BACKDATE).unwrap_or(now))?;
+    // A short validity is backdated less, so that renewal (at two thirds of the validity,
+    // counted from `not_before`) still falls after the issue.
+    let backdate = BACKDATE.min(validity / 10);
+    params.not_before = unix(now.checked_sub(backdate).unwrap_or(now))?;
     params.not_after = unix(now + validity)?;
     Ok(params)
 }

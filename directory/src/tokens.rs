@@ -262,7 +262,7 @@ impl TokenStore {
             return Err((
                 JoinRefusal::WrongRole,
                 format!(
-                    "join token {} is for a {}, not a {role}",
+                    "join token {} was made for {}s; a node running as {role} cannot join with it",
                     token.id, record.role
                 ),
             ));
