@@ -5,12 +5,13 @@
 //!
 //! 1. `--ca`, `--cert` and `--key` (an operator's own PKI): used as given, never renewed.
 //! 2. `node.pem`, `node-key.pem` and `ca.pem` in the state directory, for this node's identity
-//!    (and, with a join token, the token's CA) and with more than a third of their validity
-//!    left: reused.
+//!    (and, with a join token, the token's CA), still valid: reused while more than a third of
+//!    their validity is left, else renewed with themselves as proof (SwarmKit: renew with the
+//!    current certificate); if renewal fails, a join token is tried, and failing that they are
+//!    used as they are (the renewal loop keeps trying).
 //! 3. `--join-token`: enrol over the join endpoint (pin the CA by the token's fingerprint,
 //!    send a CSR with the token, store what comes back; SwarmKit's join).
-//! 4. A stored certificate that is still valid but due for renewal: renewed with itself as
-//!    proof, or used as it is if the directory cannot be reached.
+//! 4. Otherwise: an error saying what to pass (or that the stored certificate expired).
 //!
 //! While the node runs, [`renew`] replaces the certificate when two thirds of its validity
 //! have passed; live connections keep theirs, the next handshake uses the new one.
@@ -177,37 +178,41 @@ pub async fn obtain(tls: &NodeTls) -> Result<Credentials, EnrolError> {
             None
         }
     };
-    if let Some(creds) = &stored {
+    // A stored certificate for this identity (and the token's CA, with a token) that is still
+    // valid: reused, or renewed with itself as proof when due. A token is spent only when
+    // there is no such certificate, or renewal failed (the token may have expired meanwhile:
+    // then the stored certificate is used as it is until the renewal loop succeeds).
+    let usable = stored.filter(|creds| {
         let same_ca = match &tls.join_token {
             Some(token) => ca_fingerprint(&creds.ca_pem).ok().as_deref() == Some(&token.ca_digest),
             None => true,
         };
-        if creds.info.identity == tls.identity
-            && same_ca
-            && creds.info.valid_at(now)
-            && !creds.info.renewal_due(now)
-        {
-            info!(identity = %creds.info.identity, "using the stored node certificate");
-            return Ok(creds.clone());
-        }
-    }
-    if let Some(token) = &tls.join_token {
-        return enrol(tls, token).await;
-    }
-    match stored {
-        Some(creds) if creds.info.identity == tls.identity && creds.info.valid_at(now) => {
-            match renew_once(tls, &creds).await {
-                Ok(renewed) => Ok(renewed),
-                Err(e) => {
-                    warn!(error = %e, "cannot renew the stored certificate yet; using it as it is");
-                    Ok(creds)
+        creds.info.identity == tls.identity && same_ca
+    });
+    match (usable, &tls.join_token) {
+        (Some(creds), token) if creds.info.valid_at(now) => {
+            if !creds.info.renewal_due(now) {
+                info!(identity = %creds.info.identity, "using the stored node certificate");
+                return Ok(creds);
+            }
+            let e = match renew_once(tls, &creds).await {
+                Ok(renewed) => return Ok(renewed),
+                Err(e) => e,
+            };
+            if let Some(token) = token {
+                match enrol(tls, token).await {
+                    Ok(enrolled) => return Ok(enrolled),
+                    Err(e) => warn!(error = %e, "cannot enrol again with the join token"),
                 }
             }
+            warn!(error = %e, "cannot renew the stored certificate yet; using it as it is");
+            Ok(creds)
         }
-        Some(creds) if creds.info.identity == tls.identity => Err(EnrolError::Expired {
+        (_, Some(token)) => enrol(tls, token).await,
+        (Some(_), None) => Err(EnrolError::Expired {
             path: tls.state_dir.join(NODE_CERT_FILE),
         }),
-        _ => Err(EnrolError::NoCredentials),
+        (None, None) => Err(EnrolError::NoCredentials),
     }
 }
 

@@ -332,3 +332,58 @@ pub fn peer_certificates(connection: &quinn::Connection) -> Vec<CertificateDer<'
         .map(|certs| *certs)
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA and a directory certificate from it: `(ca_pem, chain_pem, key_pem)`.
+    fn cluster() -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(vec![]).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let server = rcgen::CertificateParams::new(vec![SERVER_NAME.into()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let chain = format!("{}{}", server.pem(), ca.pem());
+        (ca.pem(), chain, key.serialize_pem())
+    }
+
+    /// A joining node accepts the join endpoint only if its CA has the token's fingerprint:
+    /// a directory of another cluster (or a man in the middle) fails the handshake.
+    #[tokio::test]
+    async fn a_joining_node_pins_the_ca_by_the_token_digest() {
+        let (ca, chain, key) = cluster();
+        let server = join_server_config(chain.as_bytes(), key.as_bytes(), ca.as_bytes()).unwrap();
+        let endpoint =
+            quinn::Endpoint::server(server, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+                .unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let accepting = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(connection) = incoming.await {
+                        connection.closed().await;
+                    }
+                });
+            }
+        });
+        let connect = |digest: String| async move {
+            let mut client =
+                quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+            client.set_default_client_config(join_client_config(&digest).unwrap());
+            client.connect(addr, SERVER_NAME).unwrap().await
+        };
+        let digest = crate::identity::ca_fingerprint(ca.as_bytes()).unwrap();
+        assert!(connect(digest).await.is_ok());
+        let (other_ca, _, _) = cluster();
+        let other = crate::identity::ca_fingerprint(other_ca.as_bytes()).unwrap();
+        let e = connect(other).await.unwrap_err().to_string();
+        assert!(e.contains("fingerprint"), "{e}");
+        endpoint.close(0u32.into(), b"done");
+    }
+}
