@@ -45,33 +45,10 @@ pub struct Args {
     #[arg(long, env = "USHER_AGENT_DIRECTORY", value_name = "ADDR")]
     pub directory: String,
 
-    /// The CA to trust (PEM): an operator's own CA with --cert/--key, or the directory's
-    /// `ca.pem`. Not needed with --join-token (the token pins the CA).
-    #[arg(long, env = "USHER_AGENT_CA", value_name = "FILE")]
-    pub ca: Option<PathBuf>,
-
-    /// This node's certificate (PEM) from an operator's PKI; needs --key and --ca.
-    #[arg(long, env = "USHER_AGENT_CERT", value_name = "FILE")]
-    pub cert: Option<PathBuf>,
-
-    /// The private key of --cert (PEM).
-    #[arg(long, env = "USHER_AGENT_KEY", value_name = "FILE")]
-    pub key: Option<PathBuf>,
-
-    /// A join token from `usher-directory token create --role agent --service NAME`: used to
-    /// get a certificate when the state directory holds none (or one with less than a third
-    /// of its validity left).
-    #[arg(
-        long,
-        env = "USHER_AGENT_JOIN_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
-    pub join_token: Option<String>,
-
-    /// The directory's join endpoint, `host:port` [default: --directory's port + 1].
-    #[arg(long, env = "USHER_AGENT_JOIN_ADDRESS", value_name = "ADDR")]
-    pub join_address: Option<String>,
+    /// How the node gets its certificate: `--join-token`, or `--ca/--cert/--key`
+    /// (environment: see [`usher_shared::enrolment::tls_env`]).
+    #[command(flatten)]
+    pub tls: TlsFlags,
 
     /// Service name (a DNS label).
     #[arg(long, env = "USHER_AGENT_SERVICE", value_name = "NAME")]
@@ -313,19 +290,14 @@ impl Config {
         label("service", &args.service)?;
         label("version", &args.version)?;
         validate_directory(&args.directory)?;
-        let tls = TlsFlags {
-            ca: args.ca,
-            cert: args.cert,
-            key: args.key,
-            join_token: args.join_token,
-            join_address: args.join_address,
-        }
-        .validate(&args.directory)
-        .map_err(|e| ConfigError::Invalid {
-            flag: e.flag,
-            value: String::new(),
-            reason: e.reason,
-        })?;
+        let tls = args
+            .tls
+            .validate(&args.directory)
+            .map_err(|e| ConfigError::Invalid {
+                flag: e.flag,
+                value: String::new(),
+                reason: e.reason,
+            })?;
 
         let health =
             HealthSpec::parse(&args.health).map_err(|r| invalid("health", &args.health, r))?;

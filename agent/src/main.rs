@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use anyhow::anyhow;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tokio::net::TcpListener;
 use tracing::error;
 use usher_agent::config::{hostname, Args, Config};
@@ -13,7 +13,7 @@ use usher_shared::{signals, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Config::from_args(Args::parse(), &hostname()) {
+    let config = match Config::from_args(args(), &hostname()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("usher-agent: error: {e}");
@@ -42,4 +42,11 @@ async fn serve(config: Config) -> anyhow::Result<u8> {
     let shutdown = signals::shutdown_token();
     let exit = usher_agent::run(config, admin, shutdown).await?;
     Ok(exit.code())
+}
+
+/// The flags (and environment), with the TLS flags' environment variables `USHER_AGENT_*`; a
+/// flag clap refuses exits here with code 2 and clap's message.
+fn args() -> Args {
+    let command = usher_shared::enrolment::tls_env(Args::command(), "USHER_AGENT");
+    Args::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
 }

@@ -44,21 +44,9 @@ struct Args {
     /// The directory's QUIC address, `host:port`.
     #[arg(long, value_name = "ADDR")]
     directory: String,
-    /// A join token for an agent of `--service`.
-    #[arg(long, value_name = "TOKEN")]
-    join_token: Option<String>,
-    /// The directory's join endpoint [default: --directory's port + 1].
-    #[arg(long, value_name = "ADDR")]
-    join_address: Option<String>,
-    /// An operator's CA (with --cert and --key).
-    #[arg(long, value_name = "FILE")]
-    ca: Option<PathBuf>,
-    /// An operator-issued agent certificate for `--service`.
-    #[arg(long, value_name = "FILE")]
-    cert: Option<PathBuf>,
-    /// The key of --cert.
-    #[arg(long, value_name = "FILE")]
-    key: Option<PathBuf>,
+    /// An agent certificate for `--service`: `--join-token`, or `--ca/--cert/--key`.
+    #[command(flatten)]
+    tls: TlsFlags,
     /// Where the enrolled certificate is kept.
     #[arg(long, value_name = "DIR")]
     state_dir: PathBuf,
@@ -102,21 +90,17 @@ async fn run(args: Args) -> Result<()> {
         bail!("--count {}: must be between 1 and {MAX_COUNT}", args.count);
     }
     usher_shared::telemetry::init();
-    let tls = TlsFlags {
-        ca: args.ca.clone(),
-        cert: args.cert.clone(),
-        key: args.key.clone(),
-        join_token: args.join_token.clone(),
-        join_address: args.join_address.clone(),
-    }
-    .validate(&args.directory)
-    .map_err(|e| anyhow::anyhow!("--{}: {}", e.flag, e.reason))?
-    .for_node(
-        NodeIdentity::Agent {
-            service: args.service.clone(),
-        },
-        &args.state_dir,
-    );
+    let tls = args
+        .tls
+        .clone()
+        .validate(&args.directory)
+        .map_err(|e| anyhow::anyhow!("--{}: {}", e.flag, e.reason))?
+        .for_node(
+            NodeIdentity::Agent {
+                service: args.service.clone(),
+            },
+            &args.state_dir,
+        );
     let credentials = usher_shared::enrolment::obtain(&tls)
         .await
         .context("no agent certificate")?;

@@ -57,6 +57,12 @@ impl Security {
         }
     }
 
+    /// Counts and logs a failed QUIC handshake from `peer` (no certificate, another CA...).
+    pub fn handshake_refused(&self, peer: SocketAddr, error: &quinn::ConnectionError) {
+        self.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+        warn!(%peer, error = %error, "handshake refused");
+    }
+
     /// Counts and logs a refused message from `peer`.
     pub fn refused(&self, peer: SocketAddr, identity: &NodeIdentity, reason: &str) {
         self.messages_refused.fetch_add(1, Ordering::Relaxed);

@@ -41,14 +41,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let incoming = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => incoming,
-                None => break,
-            },
-        };
+    while let Some(incoming) = crate::server::next_incoming(&endpoint, &shutdown).await {
         let peer = incoming.remote_address();
         tracker
             .spawn(connection(incoming, peer, ctx.clone()).instrument(info_span!("join", %peer)));
@@ -59,13 +52,7 @@ async fn connection(incoming: quinn::Incoming, peer: SocketAddr, ctx: Arc<JoinCo
     let exchange = async {
         let connection = match incoming.await {
             Ok(connection) => connection,
-            Err(e) => {
-                ctx.security
-                    .handshakes_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(%peer, error = %e, "join handshake refused");
-                return;
-            }
+            Err(e) => return ctx.security.handshake_refused(peer, &e),
         };
         // The handshake verified a presented certificate against the CA; read who it is.
         let presented = usher_shared::quic::peer_certificates(&connection)

@@ -52,14 +52,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let incoming = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => incoming,
-                None => break,
-            },
-        };
+    while let Some(incoming) = next_incoming(&endpoint, &shutdown).await {
         let peer = incoming.remote_address();
         tracker.spawn(
             connection(
@@ -71,6 +64,18 @@ pub async fn serve(
             )
             .instrument(info_span!("connection", %peer)),
         );
+    }
+}
+
+/// The next incoming connection on `endpoint`; `None` once `shutdown` fires or the endpoint
+/// is closed.
+pub(crate) async fn next_incoming(
+    endpoint: &quinn::Endpoint,
+    shutdown: &CancellationToken,
+) -> Option<quinn::Incoming> {
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        incoming = endpoint.accept() => incoming,
     }
 }
 
@@ -91,11 +96,7 @@ async fn connection(
     let address = incoming.remote_address();
     let connection = match incoming.await {
         Ok(connection) => connection,
-        Err(e) => {
-            security.handshakes_refused.fetch_add(1, Ordering::Relaxed);
-            warn!(peer = %address, error = %e, "handshake refused");
-            return;
-        }
+        Err(e) => return security.handshake_refused(address, &e),
     };
     let certs = usher_shared::quic::peer_certificates(&connection);
     let identity = match certs

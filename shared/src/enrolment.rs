@@ -429,14 +429,44 @@ pub async fn renew(tls: NodeTls, mut creds: Credentials, shutdown: CancellationT
     }
 }
 
-/// The TLS flags agents and sidecars share, as clap parsed them.
-#[derive(Debug, Clone, Default)]
+/// The TLS flags agents and sidecars share: flattened into their `Args`
+/// (`#[command(flatten)]`), with each binary's environment variables added by [`tls_env`].
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct TlsFlags {
+    /// The CA to trust (PEM): an operator's own CA with --cert/--key, or the directory's
+    /// `ca.pem`. Not needed with --join-token (the token pins the CA).
+    #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
+
+    /// This node's certificate (PEM) from an operator's PKI; needs --key and --ca.
+    #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
+
+    /// The private key of --cert (PEM).
+    #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
+
+    /// A join token from `usher-directory token create` for this node's role (and an agent's
+    /// service): used to get a certificate when the state directory holds no usable one.
+    #[arg(long, value_name = "TOKEN")]
     pub join_token: Option<String>,
+
+    /// The directory's join endpoint, `host:port` [default: --directory's port + 1].
+    #[arg(long, value_name = "ADDR")]
     pub join_address: Option<String>,
+}
+
+/// The ids of the [`TlsFlags`] arguments.
+const TLS_FLAG_IDS: [&str; 5] = ["ca", "cert", "key", "join_token", "join_address"];
+
+/// Gives the [`TlsFlags`] flattened into `command` their environment variables:
+/// `<prefix>_CA`, `<prefix>_CERT`, `<prefix>_KEY`, `<prefix>_JOIN_TOKEN` (its value never
+/// shown in `--help`) and `<prefix>_JOIN_ADDRESS`, for example `prefix = "USHER_AGENT"`.
+pub fn tls_env(command: clap::Command, prefix: &str) -> clap::Command {
+    TLS_FLAG_IDS.into_iter().fold(command, |command, id| {
+        let name = format!("{prefix}_{}", id.to_uppercase());
+        command.mut_arg(id, |arg| arg.env(name).hide_env_values(id == "join_token"))
+    })
 }
 
 /// The validated TLS settings of a node (see [`TlsFlags::validate`]).

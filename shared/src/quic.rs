@@ -156,11 +156,7 @@ fn quic_client(
 /// (mutual TLS), speaks ALPN `usher/1`, TLS 1.3 with the `ring` provider, keep-alive every
 /// second.
 pub fn client_config(ca_pem: &[u8], cert: Arc<NodeCert>) -> Result<quinn::ClientConfig, TlsError> {
-    let tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(ca_pem)?)
-        .with_client_cert_resolver(cert);
-    quic_client(tls, ALPN, true)
+    node_client(ca_pem, cert, ALPN, true)
 }
 
 /// A node's configuration for renewing over the join endpoint: trusts the CA in `ca_pem`,
@@ -169,11 +165,20 @@ pub fn renew_client_config(
     ca_pem: &[u8],
     cert: Arc<NodeCert>,
 ) -> Result<quinn::ClientConfig, TlsError> {
+    node_client(ca_pem, cert, JOIN_ALPN, false)
+}
+
+fn node_client(
+    ca_pem: &[u8],
+    cert: Arc<NodeCert>,
+    alpn: &[u8],
+    keep_alive: bool,
+) -> Result<quinn::ClientConfig, TlsError> {
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(ca_pem)?)
         .with_client_cert_resolver(cert);
-    quic_client(tls, JOIN_ALPN, false)
+    quic_client(tls, alpn, keep_alive)
 }
 
 /// A joining node's configuration: it has no CA yet, so it accepts the directory's
@@ -263,10 +268,37 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
     }
 }
 
+/// Whether a server requires a client certificate (it always verifies a presented one).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientAuth {
+    Required,
+    Optional,
+}
+
 fn quic_server(
-    mut tls: rustls::ServerConfig,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: &[u8],
+    client_auth: ClientAuth,
     alpn: &[u8],
 ) -> Result<quinn::ServerConfig, TlsError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots(client_ca_pem)?,
+        provider(),
+    );
+    let verifier = match client_auth {
+        ClientAuth::Required => verifier,
+        ClientAuth::Optional => verifier.allow_unauthenticated(),
+    }
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            parse_certificates(cert_pem)?,
+            PrivateKeyDer::from_pem_slice(key_pem)?,
+        )?;
     tls.alpn_protocols = vec![alpn.to_vec()];
     tls.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
@@ -284,20 +316,7 @@ pub fn server_config(
     key_pem: &[u8],
     client_ca_pem: &[u8],
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        roots(client_ca_pem)?,
-        provider(),
-    )
-    .build()
-    .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            parse_certificates(cert_pem)?,
-            PrivateKeyDer::from_pem_slice(key_pem)?,
-        )?;
-    quic_server(tls, ALPN)
+    quic_server(cert_pem, key_pem, client_ca_pem, ClientAuth::Required, ALPN)
 }
 
 /// The directory's join endpoint: ALPN `usher-join/1`; a client certificate is optional
@@ -307,21 +326,13 @@ pub fn join_server_config(
     key_pem: &[u8],
     client_ca_pem: &[u8],
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        roots(client_ca_pem)?,
-        provider(),
+    quic_server(
+        cert_pem,
+        key_pem,
+        client_ca_pem,
+        ClientAuth::Optional,
+        JOIN_ALPN,
     )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            parse_certificates(cert_pem)?,
-            PrivateKeyDer::from_pem_slice(key_pem)?,
-        )?;
-    quic_server(tls, JOIN_ALPN)
 }
 
 /// The certificate chain a peer presented on `connection`, leaf first (empty if none).

@@ -29,33 +29,10 @@ pub struct Args {
     #[arg(long, env = "USHER_SIDECAR_DIRECTORY", value_name = "ADDR")]
     pub directory: String,
 
-    /// The CA to trust (PEM): an operator's own CA with --cert/--key, or the directory's
-    /// `ca.pem`. Not needed with --join-token (the token pins the CA).
-    #[arg(long, env = "USHER_SIDECAR_CA", value_name = "FILE")]
-    pub ca: Option<PathBuf>,
-
-    /// This node's certificate (PEM) from an operator's PKI; needs --key and --ca.
-    #[arg(long, env = "USHER_SIDECAR_CERT", value_name = "FILE")]
-    pub cert: Option<PathBuf>,
-
-    /// The private key of --cert (PEM).
-    #[arg(long, env = "USHER_SIDECAR_KEY", value_name = "FILE")]
-    pub key: Option<PathBuf>,
-
-    /// A join token from `usher-directory token create --role sidecar`: used to get a
-    /// certificate when the state directory holds none (or one with less than a third of its
-    /// validity left).
-    #[arg(
-        long,
-        env = "USHER_SIDECAR_JOIN_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
-    pub join_token: Option<String>,
-
-    /// The directory's join endpoint, `host:port` [default: --directory's port + 1].
-    #[arg(long, env = "USHER_SIDECAR_JOIN_ADDRESS", value_name = "ADDR")]
-    pub join_address: Option<String>,
+    /// How the node gets its certificate: `--join-token`, or `--ca/--cert/--key`
+    /// (environment: see [`usher_shared::enrolment::tls_env`]).
+    #[command(flatten)]
+    pub tls: TlsFlags,
 
     /// The HTTP proxy address clients send to.
     #[arg(
@@ -164,19 +141,14 @@ impl Config {
             value: args.directory.clone(),
             reason,
         })?;
-        let tls = TlsFlags {
-            ca: args.ca,
-            cert: args.cert,
-            key: args.key,
-            join_token: args.join_token,
-            join_address: args.join_address,
-        }
-        .validate(&args.directory)
-        .map_err(|e| ConfigError {
-            flag: e.flag,
-            value: String::new(),
-            reason: e.reason,
-        })?;
+        let tls = args
+            .tls
+            .validate(&args.directory)
+            .map_err(|e| ConfigError {
+                flag: e.flag,
+                value: String::new(),
+                reason: e.reason,
+            })?;
         positive("queue-timeout", args.queue_timeout)?;
         positive("instance-timeout", args.instance_timeout)?;
         positive("connect-timeout", args.connect_timeout)?;

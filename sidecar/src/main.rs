@@ -8,7 +8,7 @@
 use std::process::ExitCode;
 
 use anyhow::anyhow;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tokio::net::TcpListener;
 use tracing::error;
 use usher_shared::{signals, telemetry};
@@ -16,7 +16,7 @@ use usher_sidecar::config::{Args, Config};
 use usher_sidecar::Listeners;
 
 fn main() -> ExitCode {
-    let config = match Config::from_args(Args::parse()) {
+    let config = match Config::from_args(args()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("usher-sidecar: error: {e}");
@@ -69,4 +69,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = signals::shutdown_token();
     usher_sidecar::run(config, Listeners { proxy, admin }, shutdown).await?;
     Ok(())
+}
+
+/// The flags (and environment), with the TLS flags' environment variables `USHER_SIDECAR_*`; a
+/// flag clap refuses exits here with code 2 and clap's message.
+fn args() -> Args {
+    let command = usher_shared::enrolment::tls_env(Args::command(), "USHER_SIDECAR");
+    Args::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
 }

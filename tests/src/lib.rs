@@ -432,6 +432,18 @@ impl Mesh {
     /// Starts a sidecar at `addrs` and waits until its admin port answers; it joins with the
     /// harness's sidecar token ([`Mesh::join_flags`]).
     pub async fn start_sidecar(&self, name: &str, addrs: &SidecarAddrs) -> Result<Process> {
+        let credentials = self.join_flags("sidecar", None)?;
+        self.start_sidecar_as(name, addrs, &credentials).await
+    }
+
+    /// Starts a sidecar as [`Mesh::start_sidecar`] does, with `credentials` instead of the
+    /// harness's join flags (a test's own token, or `--ca/--cert/--key`).
+    pub async fn start_sidecar_as(
+        &self,
+        name: &str,
+        addrs: &SidecarAddrs,
+        credentials: &[String],
+    ) -> Result<Process> {
         let mut args = vec![
             "--directory".into(),
             self.directory.quic(),
@@ -444,7 +456,7 @@ impl Mesh {
             "--queue-timeout".into(),
             "5s".into(),
         ];
-        args.extend(self.join_flags("sidecar", None)?);
+        args.extend(credentials.iter().cloned());
         let process = Process::start(name, self.dir(), &bin("usher-sidecar"), &args)?;
         let admin = addrs.admin();
         wait_until(Duration::from_secs(20), "sidecar to serve", || {

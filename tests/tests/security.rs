@@ -7,7 +7,7 @@
 //! from the legitimate instance.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -139,11 +139,25 @@ impl Secured {
     }
 
     /// Starts an agent `name` of `service` with `credentials` instead of the harness's token.
-    fn intruder(&self, name: &str, service: &str, credentials: &[&str]) -> Process {
-        let credentials: Vec<String> = credentials.iter().map(|s| s.to_string()).collect();
+    fn intruder(&self, name: &str, service: &str, credentials: &[String]) -> Process {
         self.mesh
-            .start_agent_as(name, service, &credentials, &[])
+            .start_agent_as(name, service, credentials, &[])
             .unwrap()
+    }
+
+    /// Starts a sidecar `name` with `credentials` instead of the harness's token.
+    async fn intruding_sidecar(
+        &self,
+        name: &str,
+        credentials: &[String],
+    ) -> (Process, SidecarAddrs) {
+        let addrs = self.mesh.sidecar_addrs(name);
+        let process = self
+            .mesh
+            .start_sidecar_as(name, &addrs, credentials)
+            .await
+            .unwrap();
+        (process, addrs)
     }
 
     /// The flags that make a node join with `token` at this directory.
@@ -156,13 +170,13 @@ impl Secured {
         ]
     }
 
-    /// The legitimate agent's stored certificate: `(ca.pem, node.pem, node-key.pem)`.
-    fn web_agent_files(&self) -> (PathBuf, PathBuf, PathBuf) {
+    /// Operator-PKI flags with the legitimate agent's stored certificate (for `web`).
+    fn web_agent_flags(&self) -> Vec<String> {
         let dir = self.mesh.dir().join("agent-web-1");
-        (
-            dir.join("ca.pem"),
-            dir.join("node.pem"),
-            dir.join("node-key.pem"),
+        pki_flags(
+            &dir.join("ca.pem"),
+            &dir.join("node.pem"),
+            &dir.join("node-key.pem"),
         )
     }
 }
@@ -184,13 +198,18 @@ fn token_id(token: &str) -> &str {
     token.split('-').nth(2).expect("a token has four fields")
 }
 
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
+/// `--ca CA --cert CERT --key KEY`.
+fn pki_flags(ca: &Path, cert: &Path, key: &Path) -> Vec<String> {
+    [("--ca", ca), ("--cert", cert), ("--key", key)]
+        .into_iter()
+        .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+        .collect()
 }
 
-/// A CA that is not the directory's, and a certificate from it for `uri` (`usher://...`):
-/// `(ca.pem, node.pem, node-key.pem)` written in `dir`.
-fn foreign_pki(dir: &Path, uri: &str) -> (PathBuf, PathBuf, PathBuf) {
+/// A CA that is not the directory's, and a certificate from it for `uri` (`usher://...`),
+/// written in `dir`: the operator-PKI flags of a node that trusts the directory's real CA
+/// `trusted` but presents that certificate.
+fn foreign_flags(dir: &Path, uri: &str, trusted: &Path) -> Vec<String> {
     std::fs::create_dir_all(dir).unwrap();
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
@@ -212,40 +231,7 @@ fn foreign_pki(dir: &Path, uri: &str) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::write(&paths.0, ca.pem()).unwrap();
     std::fs::write(&paths.1, cert.pem()).unwrap();
     std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
-}
-
-/// Starts a sidecar with `credentials` (no harness token); returns it once its admin answers.
-async fn start_sidecar_as(
-    mesh: &Mesh,
-    name: &str,
-    credentials: &[&str],
-) -> (Process, SidecarAddrs) {
-    let addrs = mesh.sidecar_addrs(name);
-    let mut args: Vec<String> = vec![
-        "--directory".into(),
-        mesh.directory.quic(),
-        "--listen".into(),
-        addrs.proxy(),
-        "--admin".into(),
-        addrs.admin(),
-        "--state-dir".into(),
-        addrs.state_dir.display().to_string(),
-    ];
-    args.extend(credentials.iter().map(|s| s.to_string()));
-    let process = Process::start(name, mesh.dir(), &bin("usher-sidecar"), &args).unwrap();
-    let admin = addrs.admin();
-    wait_until(
-        Duration::from_secs(20),
-        "intruding sidecar to serve",
-        || {
-            let admin = admin.clone();
-            async move { http::get(&admin, "localhost", "/healthz").await.is_ok() }
-        },
-    )
-    .await
-    .unwrap();
-    (process, addrs)
+    pki_flags(trusted, &paths.1, &paths.2)
 }
 
 /// A sidecar that was refused holds no routes: not connected, no instances, and a request for
@@ -302,33 +288,11 @@ async fn a_node_without_a_certificate_is_refused_at_the_handshake() {
 async fn a_certificate_from_another_ca_is_refused() {
     let s = secured().await;
     let ca = s.mesh.directory.ca();
-    let (_, cert, key) = foreign_pki(&s.mesh.dir().join("foreign-agent"), "usher://agent/web");
-    let agent = s.intruder(
-        "forger",
-        "web",
-        &[
-            "--ca",
-            path_str(&ca),
-            "--cert",
-            path_str(&cert),
-            "--key",
-            path_str(&key),
-        ],
-    );
-    let (_, cert, key) = foreign_pki(&s.mesh.dir().join("foreign-sidecar"), "usher://sidecar");
-    let (sidecar, addrs) = start_sidecar_as(
-        &s.mesh,
-        "forged-sidecar",
-        &[
-            "--ca",
-            path_str(&ca),
-            "--cert",
-            path_str(&cert),
-            "--key",
-            path_str(&key),
-        ],
-    )
-    .await;
+    let dir = s.mesh.dir();
+    let flags = foreign_flags(&dir.join("foreign-agent"), "usher://agent/web", &ca);
+    let agent = s.intruder("forger", "web", &flags);
+    let flags = foreign_flags(&dir.join("foreign-sidecar"), "usher://sidecar", &ca);
+    let (sidecar, addrs) = s.intruding_sidecar("forged-sidecar", &flags).await;
     s.wait_for_counter("handshakes_refused", 2).await;
     tokio::time::sleep(INTRUSION).await;
     s.assert_unchanged().await;
@@ -346,7 +310,6 @@ async fn an_expired_token_is_refused() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let flags = s.token_flags(&token);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     assert_join_refused(s.intruder("late", "web", &flags), "expired");
     assert!(
         s.directory.log().contains("join refused")
@@ -385,7 +348,6 @@ async fn a_revoked_token_is_refused() {
     assert!(line.contains("revoked"), "token list: {list}");
 
     let flags = s.token_flags(&token);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     assert_join_refused(s.intruder("revoked", "web", &flags), "was revoked");
     assert_eq!(s.security().await["joins_refused"], 1);
 
@@ -411,14 +373,12 @@ async fn a_sidecar_token_used_by_an_agent_is_refused() {
     let s = secured().await;
     let sidecar_token = s.mesh.create_token("sidecar", None, None).unwrap();
     let flags = s.token_flags(&sidecar_token);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     assert_join_refused(
         s.intruder("wrong-role", "web", &flags),
         "was made for sidecars",
     );
     let web_token = s.mesh.create_token("agent", Some("web"), None).unwrap();
     let flags = s.token_flags(&web_token);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     assert_join_refused(s.intruder("wrong-service", "db", &flags), "is for service");
     assert_eq!(s.security().await["joins_refused"], 2);
     s.assert_unchanged().await;
@@ -429,19 +389,7 @@ async fn a_sidecar_token_used_by_an_agent_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_cannot_register_another_service() {
     let s = secured().await;
-    let (ca, cert, key) = s.web_agent_files();
-    let agent = s.intruder(
-        "db-1",
-        "db",
-        &[
-            "--ca",
-            path_str(&ca),
-            "--cert",
-            path_str(&cert),
-            "--key",
-            path_str(&key),
-        ],
-    );
+    let agent = s.intruder("db-1", "db", &s.web_agent_flags());
     s.wait_for_counter("messages_refused", 1).await;
     tokio::time::sleep(INTRUSION).await;
     let log = s.directory.log();
@@ -457,20 +405,9 @@ async fn an_agent_cannot_register_another_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_certificate_cannot_subscribe() {
     let s = secured().await;
-    let (ca, cert, key) = s.web_agent_files();
-    let (sidecar, addrs) = start_sidecar_as(
-        &s.mesh,
-        "agent-as-sidecar",
-        &[
-            "--ca",
-            path_str(&ca),
-            "--cert",
-            path_str(&cert),
-            "--key",
-            path_str(&key),
-        ],
-    )
-    .await;
+    let (sidecar, addrs) = s
+        .intruding_sidecar("agent-as-sidecar", &s.web_agent_flags())
+        .await;
     s.wait_for_counter("messages_refused", 1).await;
     tokio::time::sleep(INTRUSION).await;
     assert_sidecar_got_nothing(&addrs).await;
