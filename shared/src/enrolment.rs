@@ -391,24 +391,7 @@ pub async fn renew(tls: NodeTls, mut creds: Credentials, shutdown: CancellationT
         match renew_once(&tls, &creds).await {
             Ok(renewed) => {
                 // Keep one swappable certificate: the endpoint's TLS configuration holds it.
-                let key_pem = match std::fs::read(tls.state_dir.join(NODE_KEY_FILE)) {
-                    Ok(key) => key,
-                    Err(e) => {
-                        warn!(error = %e, "cannot read the renewed key back");
-                        continue;
-                    }
-                };
-                let cert_pem = match std::fs::read(tls.state_dir.join(NODE_CERT_FILE)) {
-                    Ok(cert) => cert,
-                    Err(e) => {
-                        warn!(error = %e, "cannot read the renewed certificate back");
-                        continue;
-                    }
-                };
-                if let Err(e) = cert.replace(&cert_pem, &key_pem) {
-                    warn!(error = %e, "cannot use the renewed certificate");
-                    continue;
-                }
+                cert.adopt(&renewed.cert);
                 info!(
                     not_after = renewed.info.not_after,
                     "renewed the node certificate"

@@ -92,14 +92,13 @@ impl NodeCert {
         })
     }
 
-    /// Replaces the certificate and key for the next handshakes.
-    pub fn replace(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<(), TlsError> {
-        let key = certified_key(cert_pem, key_pem)?;
+    /// Uses `other`'s certificate and key for the next handshakes (a renewal).
+    pub fn adopt(&self, other: &NodeCert) {
+        let key = other.get();
         match self.current.write() {
             Ok(mut current) => *current = key,
             Err(poisoned) => *poisoned.into_inner() = key,
         }
-        Ok(())
     }
 
     fn get(&self) -> Arc<CertifiedKey> {
