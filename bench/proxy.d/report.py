@@ -33,6 +33,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__)
     for name in ["results", "rss", "docs", "cpu", "duration", "haproxy", "nginx", "wrk", "commit"]:
         p.add_argument("--" + name, required=True)
+    p.add_argument("--instructions", help="instructions.tsv: name, requests, instructions")
+    p.add_argument("--instructions-duration", default="")
     for name in ["nproc", "clk-tck", "rounds", "rate", "paced-conns", "paced-delay-ms", "fleet",
                  "default-threads"]:
         p.add_argument("--" + name, required=True, type=int)
@@ -69,6 +71,19 @@ def load_rss(path):
                 name, when, kb = line.split()
                 rss[(name, when)] = int(kb)
     return rss
+
+
+def load_instructions(path):
+    """{name: (requests, instructions)}; empty when the phase was skipped."""
+    out = {}
+    if not path:
+        return out
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3:
+                out[parts[0]] = (int(parts[1]), int(parts[2]))
+    return out
 
 
 def median(values):
@@ -128,6 +143,7 @@ def main():
             return None
         return sum(ticks) / a.clk_tck * 1e6 / reqs
 
+    instructions = load_instructions(a.instructions)
     errors = sum(run["errors"] for run in runs.values())
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = []
@@ -206,6 +222,22 @@ def main():
         w(f"| {label[name]} | {fmt(base and base * 1024 / 1e6, 1)} "
           f"| {fmt(fleet and fleet * 1024 / 1e6, 1)} |")
     w("")
+    per_request = {n: i / r for n, (r, i) in instructions.items() if r}
+    if per_request:
+        w(f"**Instructions per request** (user space, valgrind's callgrind, `wrk -t1 -c8 "
+          f"-d{a.instructions_duration}` after a 1 s warm-up; the count does not drift with the "
+          "machine's other load; the kernel's share, the same four system calls per request for "
+          "both proxies, is not counted):")
+        w("")
+        w("| process | requests | instructions/request | vs HAProxy |")
+        w("|---|---|---|---|")
+        for name in ["haproxy", "usher-1t"]:
+            if name in per_request:
+                vs = per_request[name] / per_request["haproxy"] if "haproxy" in per_request \
+                    else None
+                w(f"| {label[name]} | {instructions[name][0]:,} | {fmt(per_request[name])} "
+                  f"| {fmt(vs, 2, '×')} |")
+        w("")
     if errors:
         w(f"wrk counted {errors:,} errors (connect, read, write, timeout or non-2xx) in all; "
           "see the raw log (`KEEP=1`).")

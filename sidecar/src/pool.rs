@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::proxy::Body;
+use crate::reserver::FastHash;
 
 /// Idle connections kept per instance.
 pub const MAX_IDLE_PER_INSTANCE: usize = 64;
@@ -46,7 +47,7 @@ pub enum ConnectError {
 /// Idle connections by instance address.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<SendRequest<Body>>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<SendRequest<Body>>, FastHash>>,
 }
 
 impl Pool {
@@ -59,6 +60,9 @@ impl Pool {
             };
             if sender.is_closed() {
                 continue;
+            }
+            if sender.is_ready() {
+                return Some(sender);
             }
             // It was returned after its response ended; its dispatcher may need a moment.
             if let Ok(Ok(())) =
@@ -76,7 +80,9 @@ impl Pool {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(address).or_default();
-        list.retain(|s| !s.is_closed());
+        if list.len() >= MAX_IDLE_PER_INSTANCE {
+            list.retain(|s| !s.is_closed());
+        }
         if list.len() < MAX_IDLE_PER_INSTANCE {
             list.push(sender);
         }

@@ -23,6 +23,7 @@ use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use smallvec::SmallVec;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,8 +31,8 @@ use tracing::{debug, debug_span, warn, Instrument};
 
 use crate::pool::Pool;
 use crate::replica::Replica;
-use crate::reserver::{Reservation, ReserveError};
-use crate::route::{decide, request_host};
+use crate::reserver::{InstanceId, Reservation, ReserveError};
+use crate::route::request_host;
 
 /// The body type on both sides of the proxy: streamed, never buffered whole.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -79,6 +80,15 @@ struct Head {
 }
 
 impl Head {
+    fn into_request(self, body: Body) -> Request<Body> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = self.headers;
+        request
+    }
+
     fn request(&self, body: Body) -> Request<Body> {
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
@@ -112,25 +122,35 @@ impl Proxy {
         }
     }
 
-    /// Proxies one request from `client`.
-    pub async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
-        let table = self.replica.table();
-        let target =
-            match request_host(request.uri(), request.headers()).and_then(|h| decide(&h, &table)) {
-                Ok(target) => target,
-                Err(e) => return error(e.status(), &e.to_string()),
-            };
-        let reserver = self.replica.reservers().get(&target, &table);
-        drop(table);
+    /// Proxies one request from the client whose address is `client_ip` (for
+    /// `X-Forwarded-For`, formatted once per connection).
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client_ip: &HeaderValue,
+    ) -> Response<Body> {
+        let routed = request_host(request.uri(), request.headers())
+            .and_then(|host| self.replica.route(&host));
+        let reserver = match routed {
+            Ok(reserver) => reserver,
+            Err(e) => return error(e.status(), &e.to_string()),
+        };
 
         let (parts, body) = request.into_parts();
-        let head = forwarded_head(parts.method, parts.uri, parts.headers, client);
+        let head = forwarded_head(parts.method, parts.uri, parts.headers, client_ip);
         let replayable = matches!(head.method, Method::GET | Method::HEAD | Method::OPTIONS)
             && body.is_end_stream();
-        let mut pending = Some(head.request(body.boxed()));
-        let mut tried: Vec<String> = Vec::new();
-        let mut last_failure = String::from("no instance answered");
+        // A copy of the head is kept only for a request that may be sent again after its
+        // instance failed; any other request comes back whole only when it was not sent.
+        let (mut pending, replay) = if replayable {
+            (Some(head.request(body.boxed())), Some(head))
+        } else {
+            (Some(head.into_request(body.boxed())), None)
+        };
+        let mut tried: SmallVec<[InstanceId; MAX_ATTEMPTS]> = SmallVec::new();
+        let mut last_failure: Option<String> = None;
         for _ in 0..MAX_ATTEMPTS {
+            let Some(request) = pending.take() else { break };
             let mut reservation = match reserver
                 .reserve(&tried, self.limits.queue_timeout, self.limits.max_queued)
                 .await
@@ -139,11 +159,7 @@ impl Proxy {
                 Err(ReserveError::NoOtherInstance { .. }) => break,
                 Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
             };
-            tried.push(reservation.id().to_string());
-            let request = match pending.take() {
-                Some(request) => request,
-                None => head.request(empty()),
-            };
+            tried.push(reservation.id().clone());
             match self.attempt(&reservation, request).await {
                 Ok((response, sender)) => {
                     reservation.succeeded();
@@ -151,26 +167,24 @@ impl Proxy {
                 }
                 Err(Failure::NotSent { request, reason }) => {
                     let period = reservation.failed();
-                    warn!(instance = reservation.id(), address = %reservation.address(), reason = %reason,
+                    warn!(instance = &**reservation.id(), address = %reservation.address(), reason = %reason,
                           ejected_for = ?period, "instance unreachable; retrying elsewhere");
-                    last_failure = reason;
+                    last_failure = Some(reason);
                     pending = Some(*request);
                 }
                 Err(Failure::Failed(reason)) => {
                     let period = reservation.failed();
-                    warn!(instance = reservation.id(), address = %reservation.address(), reason = %reason,
+                    warn!(instance = &**reservation.id(), address = %reservation.address(), reason = %reason,
                           ejected_for = ?period, replayable, "instance failed mid-request");
-                    last_failure = reason;
-                    if !replayable {
-                        break;
-                    }
+                    last_failure = Some(reason);
+                    pending = replay.as_ref().map(|head| head.request(empty()));
                 }
                 Err(Failure::Timeout) => {
                     let message = format!(
                         "instance {} of {}/{} did not answer within {:?}",
                         reservation.id(),
-                        target.service,
-                        target.version,
+                        reserver.service(),
+                        reserver.version(),
                         self.limits.instance_timeout
                     );
                     return error(StatusCode::GATEWAY_TIMEOUT, &message);
@@ -180,8 +194,10 @@ impl Proxy {
         error(
             StatusCode::BAD_GATEWAY,
             &format!(
-                "instance failure for {}/{}: {last_failure}",
-                target.service, target.version
+                "instance failure for {}/{}: {}",
+                reserver.service(),
+                reserver.version(),
+                last_failure.as_deref().unwrap_or("no instance answered")
             ),
         )
     }
@@ -254,50 +270,77 @@ impl Proxy {
 
 /// The request head as the instance gets it: origin-form URI, `Host` kept (or taken from an
 /// absolute-form URI), hop-by-hop headers removed, the client appended to `X-Forwarded-For`.
-fn forwarded_head(method: Method, uri: Uri, mut headers: HeaderMap, client: SocketAddr) -> Head {
+fn forwarded_head(
+    method: Method,
+    uri: Uri,
+    mut headers: HeaderMap,
+    client_ip: &HeaderValue,
+) -> Head {
     strip_hop_by_hop(&mut headers);
-    if let Some(authority) = uri.authority() {
-        if !headers.contains_key(HOST) {
-            if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-                headers.insert(HOST, value);
+    let uri = match uri.authority() {
+        // Origin form already, as clients send it when not using the sidecar as a proxy.
+        None => uri,
+        Some(authority) => {
+            if !headers.contains_key(HOST) {
+                if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+                    headers.insert(HOST, value);
+                }
             }
+            uri.path_and_query()
+                .map(|pq| pq.as_str())
+                .unwrap_or("/")
+                .parse::<Uri>()
+                .unwrap_or_else(|_| Uri::from_static("/"))
         }
-    }
-    let origin = uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/")
-        .parse::<Uri>()
-        .unwrap_or_else(|_| Uri::from_static("/"));
-    let forwarded_for = HeaderName::from_static("x-forwarded-for");
-    let client_ip = client.ip().to_string();
-    let value = match headers.get(&forwarded_for).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {client_ip}"),
-        None => client_ip,
     };
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    let forwarded_for = HeaderName::from_static("x-forwarded-for");
+    let value = match headers.get(&forwarded_for).map(HeaderValue::to_str) {
+        None => Some(client_ip.clone()),
+        Some(Ok(earlier)) => {
+            let client_ip = client_ip.to_str().unwrap_or_default();
+            HeaderValue::from_str(&format!("{earlier}, {client_ip}")).ok()
+        }
+        // Not text: replaced by what this hop knows.
+        Some(Err(_)) => Some(client_ip.clone()),
+    };
+    if let Some(value) = value {
         headers.insert(forwarded_for, value);
     }
     Head {
         method,
-        uri: origin,
+        uri,
         headers,
     }
 }
 
-/// Removes hop-by-hop headers, including those named in `Connection`.
+/// Whether `name` (lowercase, as [`HeaderName`] keeps it) describes one hop only.
+fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+}
+
+/// Removes hop-by-hop headers, including those named in `Connection`. One pass over the
+/// names, and a removal only for those present (it runs twice per request).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    let mut remove: SmallVec<[HeaderName; 4]> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name.as_str()))
+        .cloned()
         .collect();
-    for name in named {
-        headers.remove(name);
+    if remove.is_empty() {
+        return;
     }
-    for name in HOP_BY_HOP {
+    for value in headers.get_all(CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for listed in value.split(',').map(str::trim) {
+            if listed.is_empty() || HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(listed)) {
+                continue; // already handled, or not a name ("close" is neither listed nor sent)
+            }
+            if let Ok(name) = HeaderName::from_bytes(listed.as_bytes()) {
+                remove.push(name);
+            }
+        }
+    }
+    for name in remove {
         headers.remove(name);
     }
 }
@@ -386,6 +429,12 @@ impl hyper::body::Body for Released {
     }
 }
 
+/// The client's IP address as an `X-Forwarded-For` entry.
+fn client_ip_header(client: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&client.ip().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
 /// Accepts client connections until `shutdown`; then each connection finishes its in-flight
 /// request and closes (graceful shutdown). Connections are tracked by `tracker`.
 pub async fn serve(
@@ -409,14 +458,16 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
+        let client_ip = client_ip_header(client);
         let shutdown = shutdown.clone();
         tracker.spawn(
             async move {
                 let service = service_fn(move |request: Request<Incoming>| {
                     let proxy = proxy.clone();
+                    let client_ip = client_ip.clone();
                     let span =
                         debug_span!("request", method = %request.method(), uri = %request.uri());
-                    async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
+                    async move { Ok::<_, Infallible>(proxy.handle(request, &client_ip).await) }
                         .instrument(span)
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
@@ -458,7 +509,7 @@ mod tests {
             Method::GET,
             "http://web:8080/a?b=1".parse().unwrap(),
             headers,
-            "127.0.0.1:5555".parse().unwrap(),
+            &client_ip_header("127.0.0.1:5555".parse().unwrap()),
         );
         assert_eq!(head.uri, "/a?b=1");
         assert_eq!(head.headers["host"], "web:8080");

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use usher_shared::routes::{Instance, RouteTable, ServiceVersion};
 
-use crate::reserver::Reservers;
+use crate::reserver::{Reserver, Reservers};
+use crate::route::{RouteError, RouteIndex};
 
 /// File name of the persisted table in the state directory.
 pub const ROUTES_FILE: &str = "routes.json";
@@ -127,6 +128,8 @@ pub fn save(dir: &Path, table: &RouteTable) -> Result<(), PersistError> {
 #[derive(Debug)]
 pub struct Replica {
     table: ArcSwap<RouteTable>,
+    /// The routing decisions of `table`, rebuilt with it.
+    index: ArcSwap<RouteIndex>,
     source: AtomicU8,
     connected: AtomicBool,
     reservers: Arc<Reservers>,
@@ -139,6 +142,7 @@ impl Replica {
     pub fn new(reservers: Arc<Reservers>) -> Self {
         Self {
             table: ArcSwap::from_pointee(RouteTable::default()),
+            index: ArcSwap::from_pointee(RouteIndex::default()),
             source: AtomicU8::new(Source::None as u8),
             connected: AtomicBool::new(false),
             reservers,
@@ -149,6 +153,12 @@ impl Replica {
     /// The table to route with (lock-free).
     pub fn table(&self) -> Arc<RouteTable> {
         self.table.load_full()
+    }
+
+    /// The reserver of the service version `host` names (lock-free, no allocation); see
+    /// [`RouteIndex::decide`] for the errors.
+    pub fn route(&self, host: &str) -> Result<Arc<Reserver>, RouteError> {
+        self.index.load().decide(host).cloned()
     }
 
     pub fn source(&self) -> Source {
@@ -178,8 +188,9 @@ impl Replica {
 
     /// Routes with `table` from now on.
     pub fn set(&self, table: RouteTable, source: Source) {
-        self.reservers.sync(&table);
+        let index = RouteIndex::new(self.reservers.sync(&table));
         self.table.store(Arc::new(table));
+        self.index.store(Arc::new(index));
         self.source.store(source as u8, Ordering::Release);
         if source == Source::Directory {
             self.received.send_modify(|n| *n += 1);

@@ -8,7 +8,7 @@
 //! by a success. If every routable instance is ejected, they are used anyway ("panic mode"),
 //! so a blip never black-holes a service.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,6 +25,13 @@ use usher_shared::routes::{Instance, InstanceKey, RouteTable, ServiceVersion};
 pub const EJECTION_BASE: Duration = Duration::from_secs(10);
 /// Longest ejection (Waiter).
 pub const EJECTION_MAX: Duration = Duration::from_secs(300);
+
+/// The hasher of the request path's maps: foldhash, seeded per process. Their keys come from
+/// the route table, not from clients (a client's `Host` is only looked up).
+pub type FastHash = foldhash::fast::RandomState;
+
+/// An instance's id as the reserver keeps it: shared, so a reservation holds it without a copy.
+pub type InstanceId = Arc<str>;
 
 /// Why no instance was reserved.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -86,37 +93,41 @@ struct Slot {
 
 #[derive(Debug, Default)]
 struct State {
-    slots: HashMap<String, Slot>,
+    slots: HashMap<InstanceId, Slot, FastHash>,
 }
 
 impl State {
-    /// Picks an instance for a request that already tried `exclude`. `Err(true)` when no
-    /// routable instance outside `exclude` exists at all, `Err(false)` when all are busy.
-    fn pick(&self, exclude: &[String], now: Instant) -> Result<String, bool> {
-        let routable: Vec<(&String, &Slot)> = self
-            .slots
-            .iter()
-            .filter(|(id, s)| s.present && s.routable && !exclude.contains(id))
-            .collect();
-        if routable.is_empty() {
+    /// Picks an instance for a request that already tried `exclude`, without allocating (this
+    /// runs on every request). `Err(true)` when no routable instance outside `exclude` exists
+    /// at all, `Err(false)` when all are busy.
+    fn pick(&self, exclude: &[InstanceId], now: Instant) -> Result<InstanceId, bool> {
+        let candidate =
+            |id: &InstanceId, s: &Slot| s.present && s.routable && !exclude.contains(id);
+        let (mut routable, mut healthy, mut healthy_free, mut free) =
+            (0usize, 0usize, 0usize, 0usize);
+        for (id, s) in &self.slots {
+            if !candidate(id, s) {
+                continue;
+            }
+            routable += 1;
+            let is_free = s.in_use < s.capacity;
+            free += usize::from(is_free);
+            if !s.ejection.active(now) {
+                healthy += 1;
+                healthy_free += usize::from(is_free);
+            }
+        }
+        if routable == 0 {
             return Err(true);
         }
-        let healthy: Vec<_> = routable
-            .iter()
-            .filter(|(_, s)| !s.ejection.active(now))
-            .copied()
-            .collect();
         // Panic mode: when every routable instance is ejected, use them all.
-        let pool = if healthy.is_empty() {
-            routable
-        } else {
-            healthy
-        };
-        let free: Vec<_> = pool
-            .into_iter()
-            .filter(|(_, s)| s.in_use < s.capacity)
-            .collect();
-        choose(&free).cloned().ok_or(false)
+        let panic = healthy == 0;
+        let eligible = self.slots.iter().filter(|(id, s)| {
+            candidate(id, s) && s.in_use < s.capacity && (panic || !s.ejection.active(now))
+        });
+        choose(eligible, if panic { free } else { healthy_free })
+            .cloned()
+            .ok_or(false)
     }
 }
 
@@ -125,13 +136,16 @@ fn less_loaded(a: &Slot, b: &Slot) -> bool {
     (a.in_use as u64) * (b.capacity as u64) < (b.in_use as u64) * (a.capacity as u64)
 }
 
-/// Power of two random choices: the less loaded of two distinct random candidates, so with
-/// two candidates the least loaded always wins, and ties go either way (sequential traffic
-/// still spreads).
-fn choose<'a>(free: &[(&'a String, &'a Slot)]) -> Option<&'a String> {
-    match free.len() {
-        0 => None,
-        1 => Some(free[0].0),
+/// Power of two random choices over the `n` items of `eligible`: the less loaded of two
+/// distinct random candidates, so with two candidates the least loaded always wins, and ties
+/// go either way (sequential traffic still spreads).
+fn choose<'a>(
+    eligible: impl Iterator<Item = (&'a InstanceId, &'a Slot)>,
+    n: usize,
+) -> Option<&'a InstanceId> {
+    let (a, b) = match n {
+        0 => return None,
+        1 => (0, 0),
         n => {
             let mut rng = rand::rng();
             let a = rng.random_range(0..n);
@@ -139,13 +153,27 @@ fn choose<'a>(free: &[(&'a String, &'a Slot)]) -> Option<&'a String> {
             if b >= a {
                 b += 1;
             }
-            Some(if less_loaded(free[b].1, free[a].1) {
-                free[b].0
-            } else {
-                free[a].0
-            })
+            (a, b)
+        }
+    };
+    let (mut first, mut second) = (None, None);
+    for (i, candidate) in eligible.enumerate() {
+        if i == a {
+            first = Some(candidate);
+        }
+        if i == b {
+            second = Some(candidate);
+        }
+        if first.is_some() && second.is_some() {
+            break;
         }
     }
+    let (first, second) = (first?, second?);
+    Some(if less_loaded(second.1, first.1) {
+        second.0
+    } else {
+        first.0
+    })
 }
 
 /// The instance reserver of one service version.
@@ -187,7 +215,7 @@ impl Reserver {
             slot.present = false;
         }
         for i in instances {
-            let slot = state.slots.entry(i.id.clone()).or_insert(Slot {
+            let slot = state.slots.entry(i.id.as_str().into()).or_insert(Slot {
                 address: i.address,
                 capacity: i.capacity,
                 in_use: 0,
@@ -214,34 +242,37 @@ impl Reserver {
     /// (with a non-empty `exclude`, i.e. a retry) no other routable instance exists.
     pub async fn reserve(
         self: &Arc<Self>,
-        exclude: &[String],
+        exclude: &[InstanceId],
         timeout: Duration,
         max_queued: usize,
     ) -> Result<Reservation, ReserveError> {
+        // The fast path: a free slot, no waiter registered, no timer.
+        let no_instance = match self.try_reserve(exclude)? {
+            Ok(reservation) => return Ok(reservation),
+            Err(no_instance) => no_instance,
+        };
+        // Counted as queued before it looks again, so a release that sees no request queued
+        // cannot have missed this one (see `release`).
+        let now_queued = self.queued.fetch_add(1, Ordering::SeqCst);
+        let _ticket = QueueTicket(&self.queued);
+        if now_queued >= max_queued {
+            return Err(ReserveError::QueueFull {
+                service: self.service.clone(),
+                version: self.version.clone(),
+                queued: now_queued,
+            });
+        }
+        if no_instance {
+            self.demand.notify_one();
+        }
         let deadline = Instant::now() + timeout;
-        let mut queued: Option<QueueTicket<'_>> = None;
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let no_instance = match self.try_reserve(exclude)? {
-                Ok(reservation) => return Ok(reservation),
-                Err(no_instance) => no_instance,
-            };
-            if queued.is_none() {
-                let now_queued = self.queued.fetch_add(1, Ordering::AcqRel);
-                let ticket = QueueTicket(&self.queued);
-                if now_queued >= max_queued {
-                    return Err(ReserveError::QueueFull {
-                        service: self.service.clone(),
-                        version: self.version.clone(),
-                        queued: now_queued,
-                    });
-                }
-                queued = Some(ticket);
-                if no_instance {
-                    self.demand.notify_one();
-                }
+            // Looked at again once registered, so a release in between is not missed.
+            if let Ok(reservation) = self.try_reserve(exclude)? {
+                return Ok(reservation);
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 // One last look: a slot may have been freed just at the deadline.
@@ -261,7 +292,7 @@ impl Reserver {
     /// request must wait (`no_instance`: no routable instance at all, so not just busy).
     fn try_reserve(
         self: &Arc<Self>,
-        exclude: &[String],
+        exclude: &[InstanceId],
     ) -> Result<Result<Reservation, bool>, ReserveError> {
         let mut state = self.lock();
         match state.pick(exclude, Instant::now()) {
@@ -297,7 +328,11 @@ impl Reserver {
             }
         }
         drop(state);
-        self.freed.notify_waiters();
+        // A waiter counts itself queued before it takes the lock to look, so either it saw
+        // this slot free or it is counted here (the lock orders the two).
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
+        }
     }
 
     fn with_slot(&self, id: &str, f: impl FnOnce(&mut Slot)) {
@@ -319,6 +354,19 @@ impl Reserver {
             .is_some_and(|s| s.ejection.active(Instant::now()))
     }
 
+    /// Nothing in use and nothing waiting: the reserver can be forgotten.
+    pub fn idle(&self) -> bool {
+        self.queued() == 0 && self.lock().slots.values().all(|s| s.in_use == 0)
+    }
+
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
     /// Requests waiting for a slot now.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
@@ -333,7 +381,7 @@ impl Reserver {
             .iter()
             .filter(|(_, s)| s.in_use > 0)
             .map(|(id, s)| InstanceLoad {
-                id: id.clone(),
+                id: id.to_string(),
                 in_flight: s.in_use,
             })
             .collect();
@@ -361,14 +409,14 @@ impl Drop for QueueTicket<'_> {
 #[derive(Debug)]
 pub struct Reservation {
     reserver: Arc<Reserver>,
-    id: String,
+    id: InstanceId,
     address: SocketAddr,
     /// The instance answered; its ejection is cleared on release.
     succeeded: bool,
 }
 
 impl Reservation {
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &InstanceId {
         &self.id
     }
 
@@ -396,36 +444,27 @@ impl Drop for Reservation {
     }
 }
 
-/// Every service version's reserver, created on first use and kept in step with the table.
+/// Every service version's reserver: one per version the route table names, kept in step with
+/// the table, and kept after the version leaves the table while requests still hold it.
 #[derive(Debug, Default)]
 pub struct Reservers {
     by_version: Mutex<HashMap<ServiceVersion, Arc<Reserver>>>,
     demand: Arc<Notify>,
 }
 
+/// One version of the table, as [`Reservers::sync`] leaves it: its reserver and whether it
+/// has a routable instance (the router's fallback needs it).
+#[derive(Debug, Clone)]
+pub struct SyncedVersion {
+    pub service: String,
+    pub version: String,
+    pub reserver: Arc<Reserver>,
+    pub routable: bool,
+}
+
 impl Reservers {
     fn lock(&self) -> MutexGuard<'_, HashMap<ServiceVersion, Arc<Reserver>>> {
         self.by_version.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The reserver of `target`, created from `table` if new.
-    pub fn get(&self, target: &ServiceVersion, table: &RouteTable) -> Arc<Reserver> {
-        let mut map = self.lock();
-        if let Some(r) = map.get(target) {
-            return r.clone();
-        }
-        let reserver = Arc::new(Reserver::new(
-            &target.service,
-            &target.version,
-            self.demand.clone(),
-        ));
-        reserver.sync(
-            table
-                .instances()
-                .filter(|i| i.service == target.service && i.version == target.version),
-        );
-        map.insert(target.clone(), reserver.clone());
-        reserver
     }
 
     /// Resolves when a request starts waiting for a version with no routable instance.
@@ -447,16 +486,52 @@ impl Reservers {
         loads
     }
 
-    /// Brings every reserver in step with a new table.
-    pub fn sync(&self, table: &RouteTable) {
-        let reservers: Vec<_> = self.lock().values().cloned().collect();
-        for r in reservers {
-            r.sync(
-                table
-                    .instances()
-                    .filter(|i| i.service == r.service && i.version == r.version),
-            );
+    /// Brings the reservers in step with `table` in one pass over its instances: a reserver
+    /// for every version it names (declared or with instances), synced with that version's
+    /// instances; a version gone from the table keeps its reserver only while requests use or
+    /// wait on it. Returns the table's versions (for [`crate::route::RouteIndex`]).
+    pub fn sync(&self, table: &RouteTable) -> Vec<SyncedVersion> {
+        let mut grouped: BTreeMap<(&str, &str), Vec<&Instance>> = BTreeMap::new();
+        for declared in table.declared() {
+            grouped
+                .entry((&declared.service, &declared.version))
+                .or_default();
         }
+        for instance in table.instances() {
+            grouped
+                .entry((&instance.service, &instance.version))
+                .or_default()
+                .push(instance);
+        }
+        let mut map = self.lock();
+        let mut synced = Vec::with_capacity(grouped.len());
+        let mut kept = HashSet::with_capacity(grouped.len());
+        for ((service, version), instances) in grouped {
+            let key = ServiceVersion {
+                service: service.to_string(),
+                version: version.to_string(),
+            };
+            let reserver = map
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(Reserver::new(service, version, self.demand.clone())))
+                .clone();
+            reserver.sync(instances.iter().copied());
+            synced.push(SyncedVersion {
+                service: key.service.clone(),
+                version: key.version.clone(),
+                reserver,
+                routable: instances.iter().any(|i| i.state.routable()),
+            });
+            kept.insert(key);
+        }
+        map.retain(|key, reserver| {
+            if kept.contains(key) {
+                return true;
+            }
+            reserver.sync(std::iter::empty());
+            !reserver.idle()
+        });
+        synced
     }
 
     /// In-use slots and ejection of one instance, for the admin API.
@@ -528,7 +603,7 @@ mod tests {
             instance("c", 3, 5, InstanceState::Up),
         ]);
         for _ in 0..5 {
-            assert_eq!(r.reserve(&[], SHORT, 10).await.unwrap().id(), "c");
+            assert_eq!(r.reserve(&[], SHORT, 10).await.unwrap().id().as_ref(), "c");
         }
     }
 
@@ -621,7 +696,7 @@ mod tests {
         drop(second);
         assert_eq!(r.in_use("a"), 0);
         let again = r.reserve(&[], SHORT, 10).await.unwrap();
-        assert_eq!(again.id(), "a");
+        assert_eq!(again.id().as_ref(), "a");
     }
 
     #[tokio::test]
@@ -646,12 +721,12 @@ mod tests {
             instance("b", 2, 5, InstanceState::Up),
         ]);
         let g = r.reserve(&["b".into()], SHORT, 10).await.unwrap();
-        assert_eq!(g.id(), "a");
+        assert_eq!(g.id().as_ref(), "a");
         assert_eq!(g.failed(), EJECTION_BASE);
         drop(g);
         assert!(r.ejected("a"));
         for _ in 0..5 {
-            assert_eq!(r.reserve(&[], SHORT, 10).await.unwrap().id(), "b");
+            assert_eq!(r.reserve(&[], SHORT, 10).await.unwrap().id().as_ref(), "b");
         }
         // b fails too: both are ejected, so both are used rather than nothing.
         let g = r.reserve(&[], SHORT, 10).await.unwrap();
@@ -684,7 +759,10 @@ mod tests {
             service: "web".into(),
             version: "v1".into(),
         };
-        let r = reservers.get(&web, &RouteTable::new(1));
+        let synced = reservers.sync(&RouteTable::new(1).with_declared(vec![web]));
+        assert_eq!(synced.len(), 1, "a declared version gets a reserver");
+        assert!(!synced[0].routable);
+        let r = synced[0].reserver.clone();
         let waiter =
             tokio::spawn(
                 async move { r.reserve(&[], Duration::from_millis(500), 10).await.is_ok() },
@@ -704,6 +782,11 @@ mod tests {
         assert!(
             reservers.loads().is_empty(),
             "idle versions are not reported"
+        );
+        assert!(reservers.sync(&RouteTable::new(1)).is_empty());
+        assert!(
+            reservers.lock().is_empty(),
+            "an idle version gone from the table is dropped"
         );
     }
 
@@ -769,7 +852,7 @@ mod tests {
         let mut state = State::default();
         for (i, in_use) in [9u32, 9, 9, 0].iter().enumerate() {
             state.slots.insert(
-                format!("i{i}"),
+                format!("i{i}").into(),
                 Slot {
                     address: SocketAddr::from(([127, 0, 0, 1], 1)),
                     capacity: 10,
@@ -782,7 +865,7 @@ mod tests {
         }
         let now = Instant::now();
         let idle = (0..400)
-            .filter(|_| state.pick(&[], now).unwrap() == "i3")
+            .filter(|_| &*state.pick(&[], now).unwrap() == "i3")
             .count();
         // i3 wins whenever it is one of the two choices: half the draws.
         assert!(idle > 120, "idle instance chosen {idle} times of 400");

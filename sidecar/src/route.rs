@@ -3,13 +3,20 @@
 //!
 //! The host comes from an absolute-form request URI (`http_proxy=http://127.0.0.1:7410`) or
 //! else the `Host` header; a port is ignored. `web` is the newest version of `web` that has
-//! `up` instances (natural order, `v2 < v10`); `v2.web` is version `v2`.
+//! `up` instances (natural order, `v2 < v10`); `v2.web` is version `v2`. The decision is
+//! precomputed per route table ([`RouteIndex`]), not per request.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use http::header::HOST;
 use http::{HeaderMap, Uri};
 use thiserror::Error;
 use usher_shared::names::validate_label;
-use usher_shared::routes::{RouteTable, ServiceVersion};
+use usher_shared::routes::compare_versions;
+
+use crate::reserver::{FastHash, Reserver, SyncedVersion};
 
 /// Why a request cannot be routed; each maps to a status and a one-line reason.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -34,23 +41,28 @@ impl RouteError {
     }
 }
 
-/// The host a request names, lowercased and without port or trailing dot.
-pub fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<String, RouteError> {
+/// The host a request names, lowercased and without port or trailing dot; borrowed from the
+/// request unless it had to be lowercased.
+pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Result<Cow<'a, str>, RouteError> {
     let raw = match uri.authority() {
-        Some(authority) => authority.host().to_string(),
+        Some(authority) => authority.host(),
         None => {
             let value = headers.get(HOST).ok_or(RouteError::MissingHost)?;
             let value = value.to_str().map_err(|_| {
                 RouteError::BadHost(String::from_utf8_lossy(value.as_bytes()).into())
             })?;
-            strip_port(value).to_string()
+            strip_port(value)
         }
     };
-    let host = raw.trim_end_matches('.').to_ascii_lowercase();
+    let host = raw.trim_end_matches('.');
     if host.is_empty() {
         return Err(RouteError::MissingHost);
     }
-    Ok(host)
+    Ok(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    })
 }
 
 /// `web:7410` → `web`; IPv6 literals (`[::1]:80`) keep their brackets and are refused later.
@@ -64,50 +76,87 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
-/// Decides the service version for `host` over `table`.
-pub fn decide(host: &str, table: &RouteTable) -> Result<ServiceVersion, RouteError> {
-    let (version, service) = match host.split_once('.') {
-        None => (None, host),
-        Some((version, service)) => (Some(version), service),
-    };
-    let bad = || RouteError::BadHost(host.to_string());
-    validate_label(service).map_err(|_| bad())?;
-    if let Some(version) = version {
-        validate_label(version).map_err(|_| bad())?;
-    }
-    let versions = table.versions_of(service);
-    if versions.is_empty() {
-        return Err(RouteError::UnknownService(service.to_string()));
-    }
-    let chosen = match version {
-        Some(version) => versions
-            .iter()
-            .find(|(v, _)| *v == version)
-            .map(|(v, _)| *v)
-            .ok_or_else(|| RouteError::UnknownVersion {
-                service: service.to_string(),
-                version: version.to_string(),
-            })?,
-        // Newest version with an `up` instance, else the newest (its requests then queue).
-        None => {
-            versions
-                .iter()
-                .find(|(_, instances)| instances.iter().any(|i| i.state.routable()))
-                .unwrap_or(&versions[0])
-                .0
+/// The routing decision precomputed for one route table, so a request costs one hash lookup
+/// and no allocation: per service, its versions newest first (natural order, see
+/// [`compare_versions`]) with their reservers, and the version plain `Host: <service>` goes
+/// to (Waiter's fallback: the newest version with a routable instance, else the newest).
+/// Rebuilt by the replica whenever the table changes.
+#[derive(Debug, Default)]
+pub struct RouteIndex {
+    services: HashMap<String, ServiceRoutes, FastHash>,
+}
+
+#[derive(Debug)]
+struct ServiceRoutes {
+    /// Newest first; never empty.
+    versions: Vec<(String, Arc<Reserver>)>,
+    /// Index into `versions` of the version plain `<service>` routes to.
+    default: usize,
+}
+
+impl RouteIndex {
+    /// The index of the versions [`crate::reserver::Reservers::sync`] returned for a table.
+    pub fn new(synced: Vec<SyncedVersion>) -> Self {
+        let mut by_service: HashMap<String, Vec<SyncedVersion>> = HashMap::new();
+        for version in synced {
+            by_service
+                .entry(version.service.clone())
+                .or_default()
+                .push(version);
         }
-    };
-    Ok(ServiceVersion {
-        service: service.to_string(),
-        version: chosen.to_string(),
-    })
+        let services = by_service
+            .into_iter()
+            .map(|(service, mut versions)| {
+                versions.sort_by(|a, b| compare_versions(&b.version, &a.version));
+                let default = versions.iter().position(|v| v.routable).unwrap_or(0);
+                let versions = versions
+                    .into_iter()
+                    .map(|v| (v.version, v.reserver))
+                    .collect();
+                (service, ServiceRoutes { versions, default })
+            })
+            .collect();
+        Self { services }
+    }
+
+    /// The reserver of the service version `host` names: `<service>` or
+    /// `<version>.<service>`. Errors: a host that is not DNS labels (400), an unknown service
+    /// or version (404).
+    pub fn decide(&self, host: &str) -> Result<&Arc<Reserver>, RouteError> {
+        let (version, service) = match host.split_once('.') {
+            None => (None, host),
+            Some((version, service)) => (Some(version), service),
+        };
+        let bad = || RouteError::BadHost(host.to_string());
+        validate_label(service).map_err(|_| bad())?;
+        if let Some(version) = version {
+            validate_label(version).map_err(|_| bad())?;
+        }
+        let routes = self
+            .services
+            .get(service)
+            .ok_or_else(|| RouteError::UnknownService(service.to_string()))?;
+        match version {
+            None => Ok(&routes.versions[routes.default].1),
+            Some(version) => routes
+                .versions
+                .iter()
+                .find(|(v, _)| v == version)
+                .map(|(_, reserver)| reserver)
+                .ok_or_else(|| RouteError::UnknownVersion {
+                    service: service.to_string(),
+                    version: version.to_string(),
+                }),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reserver::Reservers;
     use std::collections::BTreeMap;
-    use usher_shared::routes::{Change, Instance, InstanceState};
+    use usher_shared::routes::{Change, Instance, InstanceState, RouteTable, ServiceVersion};
 
     fn table(entries: &[(&str, &str, InstanceState)]) -> RouteTable {
         let mut t = RouteTable::new(1);
@@ -132,7 +181,17 @@ mod tests {
         if let Some(h) = host {
             headers.insert(HOST, h.parse().unwrap());
         }
-        request_host(&uri.parse().unwrap(), &headers)
+        let uri: Uri = uri.parse().unwrap();
+        request_host(&uri, &headers).map(|h| h.into_owned())
+    }
+
+    /// The service version `host` routes to over `table`.
+    fn decide(host: &str, t: &RouteTable) -> Result<ServiceVersion, RouteError> {
+        let index = RouteIndex::new(Reservers::default().sync(t));
+        index.decide(host).map(|r| ServiceVersion {
+            service: r.service().into(),
+            version: r.version().into(),
+        })
     }
 
     #[test]
