@@ -69,7 +69,7 @@ pub struct Args {
     pub join_listen: Option<SocketAddr>,
 
     /// File holding the admin bearer token, created (mode 0600) if missing; `scale` and
-    /// `token` read it too [default: <state-dir>/admin-token].
+    /// `token` read it too [default: the state directory's `admin-token`].
     #[arg(
         long,
         env = "USHER_DIRECTORY_ADMIN_TOKEN_FILE",
