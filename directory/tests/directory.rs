@@ -18,6 +18,8 @@ const HEARTBEAT: Duration = Duration::from_millis(100);
 
 struct Running {
     quic: String,
+    /// The join endpoint.
+    join: String,
     admin: String,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -46,6 +48,7 @@ async fn start(state_dir: &Path) -> Running {
     let join = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let quic_addr = quic.local_addr().unwrap().to_string();
+    let join_addr = join.local_addr().unwrap().to_string();
     let admin_addr = admin.local_addr().unwrap().to_string();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
@@ -67,6 +70,7 @@ async fn start(state_dir: &Path) -> Running {
     };
     Running {
         quic: quic_addr,
+        join: join_addr,
         admin: admin_addr,
         shutdown,
         task,
@@ -514,6 +518,58 @@ async fn certificates_decide_what_a_node_may_do() {
 
     // The legitimate agent beside them still registers.
     let _ok = register(&d, instance("good", InstanceState::Up)).await;
+    d.stop().await;
+}
+
+/// A node whose stored certificate is due for renewal renews it with itself as proof and
+/// does not spend its join token, which may have expired meanwhile (SwarmKit: renew with the
+/// current certificate).
+#[tokio::test]
+async fn a_certificate_due_for_renewal_is_renewed_with_itself() {
+    use usher_shared::enrolment::{obtain, store, NodeTls, NODE_CERT_FILE};
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path()).await;
+    let node = dir.path().join("node");
+    // Issued 100 s ago for 120 s: two thirds have passed, it is still valid.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let issued = std::time::SystemTime::now() - Duration::from_secs(100);
+    let old = d
+        .authority
+        .issue_for_key(
+            &NodeIdentity::Sidecar,
+            &key,
+            Duration::from_secs(120),
+            issued,
+        )
+        .unwrap();
+    store(&node, &old, &key.serialize_pem(), &d.authority.ca_pem).unwrap();
+    let tls = NodeTls {
+        identity: NodeIdentity::Sidecar,
+        ca: None,
+        cert: None,
+        // A token this directory does not know: refused if it were tried.
+        join_token: Some(usher_shared::identity::JoinToken::generate(
+            &d.authority.fingerprint,
+        )),
+        join_address: d.join.clone(),
+        state_dir: node.clone(),
+    };
+    let creds = obtain(&tls).await.unwrap();
+    let now = (usher_shared::unix_millis() / 1000) as i64;
+    assert!(creds.info.valid_at(now) && !creds.info.renewal_due(now));
+    assert_ne!(
+        std::fs::read_to_string(node.join(NODE_CERT_FILE)).unwrap(),
+        old
+    );
+    let security: serde_json::Value =
+        serde_json::from_str(&admin_get(&d.admin, "/v1/security").await).unwrap();
+    assert_eq!(security["certificates_issued"], 1, "{security}");
+    assert_eq!(security["joins_refused"], 0, "{security}");
+    // The renewed certificate is accepted on the control plane.
+    let endpoint = usher_shared::session::node_endpoint(&creds).unwrap();
+    open(&endpoint, &d.quic, Role::Sidecar, "renewed/1")
+        .await
+        .unwrap();
     d.stop().await;
 }
 
