@@ -181,14 +181,14 @@ impl Secured {
     }
 }
 
-/// An agent refused at the join endpoint exits 3 and says why; returns its log.
-fn assert_join_refused(mut agent: Process, reason: &str) -> String {
-    let code = agent.wait_exit(Duration::from_secs(20));
-    let log = agent.log();
+/// A node refused at the join endpoint exits 3 and says why; returns its log.
+fn assert_join_refused(mut node: Process, reason: &str) -> String {
+    let code = node.wait_exit(Duration::from_secs(20));
+    let log = node.log();
     assert_eq!(code, Some(3), "{log}");
     assert!(
         log.contains("the directory refused to issue a certificate") && log.contains(reason),
-        "the agent should say {reason:?}: {log}"
+        "the node should say {reason:?}: {log}"
     );
     log
 }
@@ -367,7 +367,8 @@ async fn a_revoked_token_is_refused() {
 }
 
 /// 5. A token is for one role: an agent with a sidecar token is refused at the join endpoint,
-///    and so is an agent whose token was made for another service.
+///    and so are an agent whose token was made for another service and a sidecar with an
+///    agent token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_token_used_by_an_agent_is_refused() {
     let s = secured().await;
@@ -380,7 +381,28 @@ async fn a_sidecar_token_used_by_an_agent_is_refused() {
     let web_token = s.mesh.create_token("agent", Some("web"), None).unwrap();
     let flags = s.token_flags(&web_token);
     assert_join_refused(s.intruder("wrong-service", "db", &flags), "is for service");
-    assert_eq!(s.security().await["joins_refused"], 2);
+    // And a sidecar with an agent token.
+    let addrs = s.mesh.sidecar_addrs("wrong-role-sidecar");
+    let mut args = vec![
+        "--directory".to_string(),
+        s.mesh.directory.quic(),
+        "--listen".into(),
+        addrs.proxy(),
+        "--admin".into(),
+        addrs.admin(),
+        "--state-dir".into(),
+        addrs.state_dir.display().to_string(),
+    ];
+    args.extend(flags);
+    let sidecar = Process::start(
+        "wrong-role-sidecar",
+        s.mesh.dir(),
+        &bin("usher-sidecar"),
+        &args,
+    )
+    .unwrap();
+    assert_join_refused(sidecar, "was made for agents");
+    assert_eq!(s.security().await["joins_refused"], 3);
     s.assert_unchanged().await;
 }
 
