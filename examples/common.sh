@@ -1,5 +1,7 @@
-# Shared by the example scripts (sourced): `need_binaries`, `wait_for`, and a trap that stops
-# every process whose pid was added to `pids` on exit or Ctrl-C. Set `name` and `state` first.
+# Shared by the example scripts (sourced): `need_binaries`, `wait_for`, `wait_for_directory`,
+# `join_token`, and a trap that stops every process whose pid was added to `pids` on exit or
+# Ctrl-C. Set `name`, `bin` and `state` first; the directory is at 127.0.0.1:7400 (admin
+# 127.0.0.1:7401) with its state in "$state/directory".
 
 need_binaries() { # need_binaries DIR BINARY...
     local dir=$1
@@ -34,4 +36,17 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
         fi
         sleep 0.2
     done
+}
+
+wait_for_directory() { # wait_for_directory: until the directory serves and its admin token exists
+    wait_for 15 "the directory" test -s "$state/directory/admin-token"
+    wait_for 15 "the directory's admin port" curl -sf http://127.0.0.1:7401/healthz
+}
+
+join_token() { # join_token ROLE [SERVICE]: prints a new join token for a node of ROLE
+    local args=(--admin 127.0.0.1:7401 --state-dir "$state/directory" token create --role "$1")
+    if [ $# -gt 1 ]; then
+        args+=(--service "$2")
+    fi
+    "$bin/usher-directory" "${args[@]}"
 }

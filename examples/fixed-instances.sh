@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Starts a local usher mesh with a fixed set of instances, started by hand (no autoscaling), for
 # trying failures: kill an instance or the directory and requests keep succeeding.
-#   - a directory (QUIC udp 127.0.0.1:7400, admin 127.0.0.1:7401),
+#   - a directory (QUIC udp 127.0.0.1:7400, join endpoint udp 127.0.0.1:7401, admin tcp
+#     127.0.0.1:7401),
 #   - three instances of the example service `hello` (usher-test-server), each under an agent
 #     (admin 127.0.0.1:7420-7422),
-#   - a sidecar (proxy 127.0.0.1:7410, admin 127.0.0.1:7411).
+#   - a sidecar (proxy 127.0.0.1:7410, admin 127.0.0.1:7411),
+# every node joined with a token from `usher-directory token create`.
 # State and logs go to ./.fixed-instances (or $USHER_EXAMPLE_DIR). Ctrl-C stops everything.
 #
 # Build first: cargo build --release
@@ -24,10 +26,14 @@ export USHER_LOG_TEXT=1
 "$bin/usher-directory" --listen 127.0.0.1:7400 --admin 127.0.0.1:7401 \
     --state-dir "$state/directory" >"$state/directory.log" 2>&1 &
 pids+=($!)
-wait_for 15 "the directory" test -s "$state/directory/ca.pem"
+wait_for_directory
+
+# Every node joins with a token: one for the agents of hello, one for the sidecars.
+agent_token="$(join_token agent hello)"
+sidecar_token="$(join_token sidecar)"
 
 for i in 1 2 3; do
-    "$bin/usher-agent" --directory 127.0.0.1:7400 --ca "$state/directory/ca.pem" \
+    "$bin/usher-agent" --directory 127.0.0.1:7400 --join-token "$agent_token" \
         --service hello --admin "127.0.0.1:$((7419 + i))" --state-dir "$state/agent-$i" \
         --health http:/health \
         -- "$bin/usher-test-server" --port '{port}' --name "hello-$i" \
@@ -35,7 +41,7 @@ for i in 1 2 3; do
     pids+=($!)
 done
 
-"$bin/usher-sidecar" --directory 127.0.0.1:7400 --ca "$state/directory/ca.pem" \
+"$bin/usher-sidecar" --directory 127.0.0.1:7400 --join-token "$sidecar_token" \
     --listen 127.0.0.1:7410 --admin 127.0.0.1:7411 --state-dir "$state/sidecar" \
     >"$state/sidecar.log" 2>&1 &
 pids+=($!)

@@ -68,7 +68,7 @@ pub fn respond(status: &InstanceStatus, method: &Method, path: &str) -> AdminRes
 
 /// The handler for [`usher_shared::admin::serve`].
 pub fn handler(status: InstanceStatus) -> AdminHandler {
-    Arc::new(move |method, path| respond(&status, method, path))
+    Arc::new(move |req| respond(&status, req.method, req.path))
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! validated [`Config`] built from it by a pure function.
 //!
 //! ```text
-//! usher-agent --directory ADDR --ca FILE --service NAME [--version V] --address ADDR
+//! usher-agent --directory ADDR --service NAME [--version V] --address ADDR
+//!             [--join-token TOKEN | --ca FILE --cert FILE --key FILE] [--join-address ADDR]
 //!             [--health http:PATH | tcp | none] [--concurrency N] [--admin ADDR]
 //!             [--state-dir DIR] [-- COMMAND ARGS...]
 //! ```
@@ -16,6 +17,7 @@ use std::time::Duration;
 use clap::Parser;
 use http::uri::PathAndQuery;
 use thiserror::Error;
+use usher_shared::enrolment::{TlsFlags, TlsSettings};
 use usher_shared::names::{validate_host_port, validate_instance_id, validate_label, NameError};
 
 /// The directory's batching period (SwarmKit: 100 changes or 100 ms): `--drain-time` must be
@@ -43,9 +45,10 @@ pub struct Args {
     #[arg(long, env = "USHER_AGENT_DIRECTORY", value_name = "ADDR")]
     pub directory: String,
 
-    /// The cluster CA certificate (PEM; the directory's `ca.pem`).
-    #[arg(long, env = "USHER_AGENT_CA", value_name = "FILE")]
-    pub ca: PathBuf,
+    /// How the node gets its certificate: `--join-token`, or `--ca/--cert/--key`
+    /// (environment: see [`usher_shared::enrolment::tls_env`]).
+    #[command(flatten)]
+    pub tls: TlsFlags,
 
     /// Service name (a DNS label).
     #[arg(long, env = "USHER_AGENT_SERVICE", value_name = "NAME")]
@@ -209,8 +212,8 @@ pub struct ChildCommand {
 pub struct Config {
     /// The directory's QUIC address, `host:port` (resolved at each connect).
     pub directory: String,
-    /// The cluster CA certificate (PEM).
-    pub ca: PathBuf,
+    /// How the agent gets and renews its certificate.
+    pub tls: TlsSettings,
     pub service: String,
     pub version: String,
     /// The instance id, stable for the agent's lifetime and across reconnects.
@@ -249,7 +252,7 @@ pub enum ConfigError {
         #[source]
         source: NameError,
     },
-    #[error("--{flag} {value:?}: {reason}")]
+    #[error("--{flag}{}: {reason}", if value.is_empty() { String::new() } else { format!(" {value:?}") })]
     Invalid {
         flag: &'static str,
         value: String,
@@ -287,6 +290,14 @@ impl Config {
         label("service", &args.service)?;
         label("version", &args.version)?;
         validate_directory(&args.directory)?;
+        let tls = args
+            .tls
+            .validate(&args.directory)
+            .map_err(|e| ConfigError::Invalid {
+                flag: e.flag,
+                value: String::new(),
+                reason: e.reason,
+            })?;
 
         let health =
             HealthSpec::parse(&args.health).map_err(|r| invalid("health", &args.health, r))?;
@@ -347,7 +358,7 @@ impl Config {
 
         Ok(Config {
             directory: args.directory,
-            ca: args.ca,
+            tls,
             service: args.service,
             version: args.version,
             id,

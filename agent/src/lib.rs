@@ -41,8 +41,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
+use usher_shared::enrolment::EnrolError;
+use usher_shared::identity::NodeIdentity;
 use usher_shared::routes::{Instance, InstanceState};
-use usher_shared::session::{endpoint_for_ca_file, EndpointError};
+use usher_shared::session::{node_endpoint, EndpointError};
 
 pub use crate::child::ChildError;
 use crate::child::Supervised;
@@ -59,6 +61,8 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 pub enum AgentError {
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    #[error(transparent)]
+    Enrol(#[from] EnrolError),
     #[error(transparent)]
     Child(#[from] ChildError),
 }
@@ -88,8 +92,9 @@ impl Exit {
 /// Runs the agent until `shutdown` fires (then drains and returns [`Exit::Shutdown`]) or the
 /// supervised child exits (then deregisters and returns [`Exit::ChildExited`]).
 ///
-/// `admin_listener` is the bound admin HTTP socket. Errors only at startup: the CA cannot be
-/// read or used, no UDP socket, no free port, or the child cannot be started.
+/// `admin_listener` is the bound admin HTTP socket. Errors only at startup: no usable
+/// certificate (none stored and no join token, or the directory refused the token: see
+/// [`EnrolError::is_refusal`]), no UDP socket, no free port, or the child cannot be started.
 pub async fn run(
     config: Config,
     admin_listener: TcpListener,
@@ -98,7 +103,14 @@ pub async fn run(
     let started_at_ms = usher_shared::unix_millis();
     prepare_state_dir(&config.state_dir);
 
-    let endpoint = endpoint_for_ca_file(&config.ca)?;
+    let tls = config.tls.for_node(
+        NodeIdentity::Agent {
+            service: config.service.clone(),
+        },
+        &config.state_dir,
+    );
+    let credentials = usher_shared::enrolment::obtain(&tls).await?;
+    let endpoint = node_endpoint(&credentials)?;
 
     let address: SocketAddr = match config.address {
         AddressSpec::Fixed(address) => address,
@@ -123,6 +135,10 @@ pub async fn run(
     let connected = Arc::new(AtomicBool::new(false));
     let tracker = TaskTracker::new();
     let tasks = CancellationToken::new();
+    tracker.spawn(
+        usher_shared::enrolment::renew(tls, credentials, tasks.clone())
+            .instrument(info_span!("renewal")),
+    );
 
     let status = admin::InstanceStatus {
         service: config.service.clone(),
@@ -287,8 +303,8 @@ async fn withdraw(
     deregistered
 }
 
-/// Creates the state directory if missing. Nothing is stored there yet, so failure is only
-/// a warning.
+/// Creates the state directory if missing (it holds the node certificate); failure is a
+/// warning here, and an error naming the file when the certificate is stored.
 fn prepare_state_dir(dir: &Path) {
     if let Err(e) = std::fs::create_dir_all(dir) {
         warn!(state_dir = %dir.display(), error = %e, "cannot create the state directory");

@@ -51,18 +51,32 @@ fn bad_names_and_values_exit_2_naming_the_flag() {
     }
 }
 
+/// Startup errors about the certificate exit 1 and say which file is missing, or what to pass.
 #[test]
-fn a_missing_ca_is_a_startup_error_naming_the_file() {
+fn certificate_errors_name_the_file_or_what_to_pass() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (code, err) = run(&with(&[
-        "--service",
-        "web",
-        "--admin",
-        "127.0.0.1:0",
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]));
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    let operator = [
+        "--cert",
+        "/nonexistent/node.pem",
+        "--key",
+        "/nonexistent/node-key.pem",
+    ];
+    for (extra, said) in [
+        (&operator[..], "/nonexistent/ca.pem"),
+        (&[][..], "--join-token"),
+    ] {
+        let mut flags = vec![
+            "--service",
+            "web",
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ];
+        flags.extend(extra);
+        let (code, err) = run(&with(&flags));
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(said), "{err}");
+    }
 }

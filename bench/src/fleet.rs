@@ -4,8 +4,13 @@
 //! process and without health checks: every instance is `up` and points at `--address`.
 //!
 //! ```text
-//! usher-bench-fleet --directory ADDR --ca FILE --service NAME --address IP:PORT --count N
+//! usher-bench-fleet --directory ADDR --service NAME --address IP:PORT --count N
+//!                   --state-dir DIR [--join-token TOKEN | --ca FILE --cert FILE --key FILE]
 //! ```
+//!
+//! Every instance presents the same agent certificate for `--service`, obtained as an agent
+//! does (`usher_shared::enrolment::obtain`): a join token from
+//! `usher-directory token create --role agent --service NAME`, or an operator's certificate.
 //!
 //! Runs until SIGTERM/SIGINT, then deregisters every instance. `bench/proxy` uses it to measure
 //! the sidecar's memory with 1,000 instances in its route table.
@@ -22,8 +27,10 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tokio::sync::{oneshot, watch};
 use usher_agent::session::{self, SessionContext};
+use usher_shared::enrolment::TlsFlags;
+use usher_shared::identity::NodeIdentity;
 use usher_shared::routes::{Instance, InstanceState};
-use usher_shared::session::{endpoint_for_ca_file, node_name};
+use usher_shared::session::{node_endpoint, node_name};
 
 /// Most fake instances one process registers.
 const MAX_COUNT: usize = 100_000;
@@ -37,9 +44,12 @@ struct Args {
     /// The directory's QUIC address, `host:port`.
     #[arg(long, value_name = "ADDR")]
     directory: String,
-    /// The cluster CA certificate (the directory's `ca.pem`).
-    #[arg(long, value_name = "FILE")]
-    ca: PathBuf,
+    /// An agent certificate for `--service`: `--join-token`, or `--ca/--cert/--key`.
+    #[command(flatten)]
+    tls: TlsFlags,
+    /// Where the enrolled certificate is kept.
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
     /// Service name of every instance.
     #[arg(long, value_name = "NAME")]
     service: String,
@@ -80,8 +90,21 @@ async fn run(args: Args) -> Result<()> {
         bail!("--count {}: must be between 1 and {MAX_COUNT}", args.count);
     }
     usher_shared::telemetry::init();
-    let endpoint = endpoint_for_ca_file(&args.ca)
-        .with_context(|| format!("cannot use the CA {}", args.ca.display()))?;
+    let tls = args
+        .tls
+        .clone()
+        .validate(&args.directory)
+        .map_err(|e| anyhow::anyhow!("--{}: {}", e.flag, e.reason))?
+        .for_node(
+            NodeIdentity::Agent {
+                service: args.service.clone(),
+            },
+            &args.state_dir,
+        );
+    let credentials = usher_shared::enrolment::obtain(&tls)
+        .await
+        .context("no agent certificate")?;
+    let endpoint = node_endpoint(&credentials).context("cannot open the QUIC endpoint")?;
     let shutdown = usher_shared::signals::shutdown_token();
     let node = node_name();
     let started_at_ms = usher_shared::unix_millis();

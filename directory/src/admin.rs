@@ -1,4 +1,18 @@
-//! The directory's admin endpoints: `GET /healthz`, `GET /v1/routes` and `GET /v1/services`.
+//! The directory's admin endpoints: `GET /healthz`, `GET /v1/routes`, `GET /v1/services`,
+//! `GET /v1/security`, the pins and the join tokens.
+//!
+//! Authorisation: every request that changes something (`PUT`/`DELETE /v1/pins/...`) and every
+//! `/v1/tokens` request needs `Authorization: Bearer <admin token>` (the content of the admin
+//! token file, `admin-token` in the state directory by default); when the admin port is bound
+//! to a non-loopback address, every request but `GET /healthz` needs it. A missing or wrong token gets `401`,
+//! is logged and counted (`admin_refused` in `/v1/security`).
+//!
+//! Tokens: `POST /v1/tokens?role=agent&service=NAME&ttl=24h` (or `role=sidecar`) answers
+//! `{"token","id","role","service","created_ms","expires_ms",...}`; `GET /v1/tokens` answers
+//! `{"tokens":[{"id","role","service","created_ms","expires_ms","revoked","expired","uses"}]}`;
+//! `DELETE /v1/tokens/ID` revokes and answers the token's entry.
+//!
+//! `/v1/security` answers the counters of [`crate::authz::SecurityReport`].
 //!
 //! `/v1/services` answers `{"services":[{"service","version","instances","up","in_flight",
 //! "queued","outstanding","sidecars","scaling"}]}`: per service version its instances, the
@@ -19,8 +33,123 @@ use serde::Serialize;
 use tokio::time::Instant;
 use usher_shared::admin::{refuse, AdminHandler, AdminResponse};
 
+use usher_shared::admin::AdminRequest;
+use usher_shared::identity::NodeIdentity;
+use usher_shared::protocol::Role;
+
+use crate::authz::Security;
 use crate::autoscaler::{PinError, VersionStatus};
 use crate::registry::Registry;
+use crate::tokens::{TokenError, TokenStore, TokenView, DEFAULT_TTL};
+
+/// What the admin API needs besides the registry.
+#[derive(Debug)]
+pub struct AdminContext {
+    pub registry: Arc<Registry>,
+    pub security: Arc<Security>,
+    pub tokens: Arc<TokenStore>,
+    /// The bearer token mutations need (the admin token file's content, trimmed).
+    pub admin_token: String,
+    /// Whether reads need the token too (the admin port is not on loopback).
+    pub protect_reads: bool,
+}
+
+impl AdminContext {
+    fn authorized(&self, req: &AdminRequest<'_>) -> bool {
+        req.bearer().is_some_and(|t| {
+            usher_shared::identity::secrets_equal(t.as_bytes(), self.admin_token.as_bytes())
+        })
+    }
+}
+
+/// Answers one admin request, checking the bearer token first (see the module docs).
+pub fn respond_secured(ctx: &AdminContext, req: &AdminRequest<'_>) -> AdminResponse {
+    let read = req.method == Method::GET || req.method == Method::HEAD;
+    let tokens = req.path == "/v1/tokens" || req.path.starts_with("/v1/tokens/");
+    // A health check tells nothing worth protecting, and load balancers cannot send tokens.
+    let health = read && req.path == "/healthz";
+    if ((ctx.protect_reads && !health) || !read || tokens) && !ctx.authorized(req) {
+        ctx.security
+            .admin_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(method = %req.method, path = req.path, "admin request refused: no valid bearer token");
+        return AdminResponse::text(
+            StatusCode::UNAUTHORIZED,
+            "this request needs `Authorization: Bearer <admin token>` (the directory's admin token file)\n",
+        );
+    }
+    if tokens {
+        return token_request(ctx, req);
+    }
+    if req.path == "/v1/security" {
+        if let Some(refusal) = refuse(req.method, req.path, &["/v1/security"]) {
+            return refusal;
+        }
+        return AdminResponse::json(&ctx.security.report());
+    }
+    respond(&ctx.registry, req.method, req.path)
+}
+
+/// The body of `POST /v1/tokens`: the token text (shown once) and its entry.
+#[derive(Debug, Serialize)]
+pub struct CreatedToken {
+    pub token: String,
+    #[serde(flatten)]
+    pub entry: TokenView,
+}
+
+fn token_request(ctx: &AdminContext, req: &AdminRequest<'_>) -> AdminResponse {
+    let now = usher_shared::unix_millis();
+    let bad = |message: String| AdminResponse::text(StatusCode::BAD_REQUEST, message + "\n");
+    match (req.method, req.path.strip_prefix("/v1/tokens/")) {
+        (&Method::GET, None) => {
+            AdminResponse::json(&serde_json::json!({ "tokens": ctx.tokens.list(now) }))
+        }
+        (&Method::POST, None) => {
+            let role = match req.query_value("role") {
+                Some("agent") => Role::Agent,
+                Some("sidecar") => Role::Sidecar,
+                other => return bad(format!("role {other:?}: must be agent or sidecar")),
+            };
+            let identity = match NodeIdentity::new(role, req.query_value("service")) {
+                Ok(identity) => identity,
+                Err(e) => return bad(format!("{e} (service: --service NAME for agents only)")),
+            };
+            let ttl = match req.query_value("ttl") {
+                None => DEFAULT_TTL,
+                Some(ttl) => match humantime::parse_duration(ttl) {
+                    Ok(ttl) => ttl,
+                    Err(e) => return bad(format!("ttl {ttl:?}: {e}")),
+                },
+            };
+            match ctx.tokens.create(&identity, ttl, now) {
+                Ok((entry, token)) => {
+                    tracing::info!(id = %entry.id, %identity, ttl = ?ttl, "join token created");
+                    AdminResponse::json(&CreatedToken {
+                        token: token.to_string(),
+                        entry,
+                    })
+                }
+                Err(e @ TokenError::Invalid(_)) => bad(e.to_string()),
+                Err(e) => AdminResponse::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
+        }
+        (&Method::DELETE, Some(id)) => match ctx.tokens.revoke(id, now) {
+            Ok(entry) => {
+                tracing::info!(id, "join token revoked");
+                AdminResponse::json(&entry)
+            }
+            Err(e @ TokenError::NotFound(_)) => {
+                AdminResponse::text(StatusCode::NOT_FOUND, format!("{e}\n"))
+            }
+            Err(e) => AdminResponse::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
+        _ => AdminResponse::text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET /v1/tokens, POST /v1/tokens?role=..., DELETE /v1/tokens/ID\n",
+        ),
+    }
+}
 
 /// Answers one admin request: `/healthz` 200 `ok`, `/v1/routes` JSON, other methods on those
 /// paths 405, anything else 404.
@@ -137,8 +266,8 @@ fn version_entry<'a>(
         })
 }
 /// The handler given to [`usher_shared::admin::serve`].
-pub fn handler(registry: Arc<Registry>) -> AdminHandler {
-    Arc::new(move |method, path| respond(&registry, method, path))
+pub fn handler(ctx: Arc<AdminContext>) -> AdminHandler {
+    Arc::new(move |req| respond_secured(&ctx, req))
 }
 
 #[cfg(test)]
@@ -171,5 +300,68 @@ mod tests {
             respond(&registry, &Method::GET, "/nope").status,
             StatusCode::NOT_FOUND
         );
+    }
+
+    #[test]
+    fn mutations_and_tokens_need_the_bearer_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = AdminContext {
+            registry: Arc::new(Registry::new(Settings {
+                epoch: 5,
+                heartbeat_interval: Duration::from_secs(1),
+                ttl: Duration::from_secs(3),
+                grace_period: Duration::from_secs(6),
+                started: Instant::now(),
+            })),
+            security: Arc::default(),
+            tokens: Arc::new(TokenStore::open(dir.path(), &"a".repeat(64)).unwrap()),
+            admin_token: "s3cret".into(),
+            protect_reads: false,
+        };
+        let req =
+            |method: &'static Method, path: &'static str, query: &'static str, auth| AdminRequest {
+                method,
+                path,
+                query,
+                authorization: auth,
+            };
+        let status = |r: AdminRequest<'_>| respond_secured(&ctx, &r).status;
+        assert_eq!(
+            status(req(&Method::GET, "/healthz", "", None)),
+            StatusCode::OK
+        );
+        assert_eq!(
+            status(req(&Method::PUT, "/v1/pins/web/2", "", None)),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            status(req(&Method::GET, "/v1/tokens", "", Some("Bearer wrong"))),
+            StatusCode::UNAUTHORIZED
+        );
+        let auth = Some("Bearer s3cret");
+        assert_eq!(
+            status(req(
+                &Method::POST,
+                "/v1/tokens",
+                "role=sidecar&service=web",
+                auth
+            )),
+            StatusCode::BAD_REQUEST
+        );
+        let created = respond_secured(
+            &ctx,
+            &req(
+                &Method::POST,
+                "/v1/tokens",
+                "role=agent&service=web&ttl=1h",
+                auth,
+            ),
+        );
+        assert_eq!(created.status, StatusCode::OK);
+        let doc: serde_json::Value = serde_json::from_slice(&created.body).unwrap();
+        assert!(doc["token"].as_str().unwrap().starts_with("USHER1-"));
+        let security = respond_secured(&ctx, &req(&Method::GET, "/v1/security", "", None));
+        let doc: serde_json::Value = serde_json::from_slice(&security.body).unwrap();
+        assert_eq!(doc["admin_refused"], 2);
     }
 }

@@ -2,8 +2,13 @@
 //! optional TOML file, and the typed, validated [`Config`] built from both by a pure function.
 //!
 //! ```text
-//! usher-directory [--config FILE] [--listen ADDR] [--admin ADDR] [--state-dir DIR]
+//! usher-directory [--config FILE] [--listen ADDR] [--join-listen ADDR] [--admin ADDR]
+//!                 [--admin-token-file FILE] [--state-dir DIR] [--node-cert-validity DURATION]
 //!                 [--heartbeat-interval DURATION] [--grace-period DURATION]
+//! usher-directory scale TARGET N|release
+//! usher-directory token create --role agent|sidecar [--service NAME] [--ttl DURATION]
+//! usher-directory token list
+//! usher-directory token revoke ID
 //! ```
 //!
 //! Precedence: flag (or its environment variable) over the TOML key over the default.
@@ -24,6 +29,12 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7400";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:7401";
 /// Default state directory (systemd `StateDirectory=usher/directory`).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/usher/directory";
+/// Default validity of the node certificates the directory issues.
+pub const DEFAULT_NODE_CERT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Node certificate validities outside this range are refused.
+pub const MIN_NODE_CERT_VALIDITY: Duration = Duration::from_secs(10);
+/// See [`MIN_NODE_CERT_VALIDITY`].
+pub const MAX_NODE_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Default heartbeat interval dictated to agents (SwarmKit: the manager sets the period).
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// An instance is withdrawn after this many heartbeat intervals of silence (DESIGN.md).
@@ -52,6 +63,26 @@ pub struct Args {
     #[arg(long, env = "USHER_DIRECTORY_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
+    /// Join endpoint (UDP, QUIC ALPN `usher-join/1`): nodes enrol with a join token and renew
+    /// their certificates there [default: the --listen address with its port + 1].
+    #[arg(long, env = "USHER_DIRECTORY_JOIN_LISTEN", value_name = "ADDR")]
+    pub join_listen: Option<SocketAddr>,
+
+    /// File holding the admin bearer token, created (mode 0600) if missing; `scale` and
+    /// `token` read it too [default: the state directory's `admin-token`].
+    #[arg(
+        long,
+        env = "USHER_DIRECTORY_ADMIN_TOKEN_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Validity of the node certificates the directory issues; nodes renew after two thirds
+    /// of it [default: 30 days].
+    #[arg(long, env = "USHER_DIRECTORY_NODE_CERT_VALIDITY", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub node_cert_validity: Option<Duration>,
+
     /// Admin HTTP address (`/healthz`, `/v1/routes`, `/v1/services`) [default: 127.0.0.1:7401].
     #[arg(
         long,
@@ -61,8 +92,14 @@ pub struct Args {
     )]
     pub admin: Option<SocketAddr>,
 
-    /// Holds the cluster CA (`ca.pem`, `ca-key.pem`) [default: /var/lib/usher/directory].
-    #[arg(long, env = "USHER_DIRECTORY_STATE_DIR", value_name = "DIR")]
+    /// Holds the cluster CA (`ca.pem`, `ca-key.pem`), `tokens.json` and `admin-token`
+    /// [default: /var/lib/usher/directory].
+    #[arg(
+        long,
+        env = "USHER_DIRECTORY_STATE_DIR",
+        value_name = "DIR",
+        global = true
+    )]
     pub state_dir: Option<PathBuf>,
 
     /// Heartbeat interval dictated to agents (±10% jitter); TTL is 3 intervals [default: 1s].
@@ -90,6 +127,34 @@ pub enum Command {
         /// A number of instances, or `release`.
         instances: String,
     },
+    /// Join tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `usher-directory token ...`: talks to the running directory's admin port with the admin
+/// token.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Prints a new join token (only its SHA-256 is kept by the directory).
+    Create {
+        /// `agent` or `sidecar`.
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+        /// The service an agent token is for (agents only).
+        #[arg(long, value_name = "NAME")]
+        service: Option<String>,
+        /// How long the token can be used to join [default: 24h].
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// Lists the tokens (id, role, service, expiry, revoked, uses).
+    List,
+    /// Revokes a token: no node can join with it any more.
+    Revoke {
+        /// The token id (second-to-last field of the token, or from `token list`).
+        id: String,
+    },
 }
 
 /// The TOML file: the same keys as the flags, all optional.
@@ -97,7 +162,11 @@ pub enum Command {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
+    pub join_listen: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    pub admin_token_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub node_cert_validity: Option<Duration>,
     pub state_dir: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     pub heartbeat_interval: Option<Duration>,
@@ -115,8 +184,14 @@ pub struct FileConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The join endpoint's address (enrolment and renewal).
+    pub join_listen: SocketAddr,
     pub admin: SocketAddr,
+    /// The admin bearer token's file.
+    pub admin_token_file: PathBuf,
     pub state_dir: PathBuf,
+    /// Validity of issued node certificates.
+    pub node_cert_validity: Duration,
     /// The interval told to agents before jitter.
     pub heartbeat_interval: Duration,
     /// How long sidecars that hold another epoch's table wait for their first update.
@@ -163,8 +238,11 @@ impl Config {
     pub fn for_tests(state_dir: &Path, heartbeat_interval: Duration) -> Self {
         Self {
             listen: "127.0.0.1:0".parse().expect("valid literal"),
+            join_listen: "127.0.0.1:0".parse().expect("valid literal"),
             admin: "127.0.0.1:0".parse().expect("valid literal"),
+            admin_token_file: state_dir.join(crate::admin_token::ADMIN_TOKEN_FILE),
             state_dir: state_dir.to_path_buf(),
+            node_cert_validity: DEFAULT_NODE_CERT_VALIDITY,
             heartbeat_interval,
             grace_period: heartbeat_interval * TTL_INTERVALS * 2,
             agent_binary: None,
@@ -219,19 +297,59 @@ impl Config {
                 ),
             });
         }
+        let node_cert_validity = args
+            .node_cert_validity
+            .or(file.node_cert_validity)
+            .unwrap_or(DEFAULT_NODE_CERT_VALIDITY);
+        if !(MIN_NODE_CERT_VALIDITY..=MAX_NODE_CERT_VALIDITY).contains(&node_cert_validity) {
+            return Err(ConfigError::Invalid {
+                flag: "node-cert-validity",
+                value: humantime::format_duration(node_cert_validity).to_string(),
+                reason: "must be between 10s and 365 days".into(),
+            });
+        }
+        let listen: SocketAddr = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid literal"));
+        let join_listen = match args.join_listen.or(file.join_listen) {
+            Some(addr) => addr,
+            None => {
+                let mut addr = listen;
+                addr.set_port(listen.port().checked_add(1).ok_or_else(|| {
+                    ConfigError::Invalid {
+                        flag: "join-listen",
+                        value: "(default)".into(),
+                        reason: format!(
+                            "--listen port {} has no next port; set --join-listen",
+                            listen.port()
+                        ),
+                    }
+                })?);
+                if listen.port() == 0 {
+                    addr.set_port(0);
+                }
+                addr
+            }
+        };
+        let state_dir: PathBuf = args
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let admin_token_file = args
+            .admin_token_file
+            .or(file.admin_token_file)
+            .unwrap_or_else(|| state_dir.join(crate::admin_token::ADMIN_TOKEN_FILE));
         Ok(Self {
-            listen: args
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid literal")),
+            listen,
+            join_listen,
             admin: args
                 .admin
                 .or(file.admin)
                 .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("valid literal")),
-            state_dir: args
-                .state_dir
-                .or(file.state_dir)
-                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            admin_token_file,
+            state_dir,
+            node_cert_validity,
             heartbeat_interval,
             grace_period,
             agent_binary: file.agent_binary,
@@ -252,7 +370,13 @@ mod tests {
     fn defaults_follow_the_design() {
         let c = Config::resolve(Args::default(), FileConfig::default()).unwrap();
         assert_eq!(c.listen, "0.0.0.0:7400".parse().unwrap());
+        assert_eq!(c.join_listen, "0.0.0.0:7401".parse().unwrap());
         assert_eq!(c.admin, "127.0.0.1:7401".parse().unwrap());
+        assert_eq!(
+            c.admin_token_file,
+            PathBuf::from("/var/lib/usher/directory/admin-token")
+        );
+        assert_eq!(c.node_cert_validity, Duration::from_secs(30 * 24 * 3600));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/usher/directory"));
         assert_eq!(c.heartbeat_interval, Duration::from_secs(1));
         assert_eq!(c.ttl(), Duration::from_secs(3));
@@ -287,6 +411,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("--grace-period"), "{e}");
+        let e = Config::resolve(
+            parse(&["--node-cert-validity", "1s"]).unwrap(),
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--node-cert-validity"), "{e}");
+        let e = Config::resolve(
+            parse(&["--listen", "127.0.0.1:65535"]).unwrap(),
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--join-listen"), "{e}");
         let e = parse(&["--listen", "nowhere"]).unwrap_err().to_string();
         assert!(e.contains("--listen"), "{e}");
         let e = parse(&["--heartbeat-interval", "soon"])

@@ -7,12 +7,17 @@
 //! # Layout
 //!
 //! - [`config`]: flags (`USHER_DIRECTORY_*`) over a TOML file, validated into [`Config`].
-//! - [`pki`]: the cluster CA in the state directory and the server certificate.
+//! - [`pki`]: the cluster CA in the state directory, the server and node certificates.
+//! - [`authz`]: who may do what (from the client certificate) and the refusal counters.
+//! - [`tokens`]: join tokens in `tokens.json`; [`enrol`]: the join endpoint that trades a
+//!   token (or the current certificate) and a CSR for a node certificate (SwarmKit's join).
+//! - [`admin_token`]: the admin bearer token file.
 //! - [`registry`]: the route table, registrations and their owners, TTLs, batches.
 //! - [`presence`]: the TTL timer heap; [`batch`]: when a batch is due.
 //! - [`server`]: QUIC accept loops and the hello; `registration` (agents) and
 //!   `subscription` (sidecars) are the two conversations.
-//! - [`admin`]: `GET /healthz`, `GET /v1/routes`, `GET /v1/services`.
+//! - [`admin`]: `GET /healthz`, `GET /v1/routes`, `GET /v1/services`, `GET /v1/security`,
+//!   pins and tokens (mutations need the admin bearer token).
 //! - [`autoscale`]: the autoscaler's pure decision per service version; [`autoscaler`]
 //!   runs it every cycle; [`scheduler`] starts and stops instances; [`services`] and [`load`]
 //!   are the managed services and the sidecars' load reports.
@@ -20,11 +25,14 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_token;
+pub mod authz;
 pub mod autoscale;
 pub mod autoscaler;
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod enrol;
 pub mod load;
 pub mod pki;
 pub mod presence;
@@ -34,6 +42,7 @@ pub mod scheduler;
 pub mod server;
 pub mod services;
 mod subscription;
+pub mod tokens;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -68,11 +77,17 @@ pub enum DirectoryError {
     },
     #[error("cannot start the QUIC endpoint: {0}")]
     Endpoint(#[source] std::io::Error),
+    #[error(transparent)]
+    Tokens(#[from] tokens::TokenError),
+    #[error(transparent)]
+    AdminToken(#[from] admin_token::AdminTokenError),
 }
 
 /// Sockets the caller bound (tests bind port 0 and read the real ports back).
 pub struct Listeners {
     pub quic: std::net::UdpSocket,
+    /// The join endpoint (enrolment and renewal).
+    pub join: std::net::UdpSocket,
     pub admin: TcpListener,
 }
 
@@ -99,16 +114,28 @@ pub async fn run_with_reloads(
     if credentials.created_ca {
         info!(ca = %config.state_dir.join(pki::CA_CERT_FILE).display(), "created the cluster CA");
     }
+    let tls_error = |source| DirectoryError::Tls {
+        state_dir: config.state_dir.clone(),
+        source,
+    };
     let server_config = usher_shared::quic::server_config(
         credentials.chain_pem.as_bytes(),
         credentials.key_pem.as_bytes(),
+        credentials.ca_pem.as_bytes(),
     )
-    .map_err(|source| DirectoryError::Tls {
-        state_dir: config.state_dir.clone(),
-        source,
-    })?;
+    .map_err(tls_error)?;
+    let join_config = usher_shared::quic::join_server_config(
+        credentials.chain_pem.as_bytes(),
+        credentials.key_pem.as_bytes(),
+        credentials.ca_pem.as_bytes(),
+    )
+    .map_err(tls_error)?;
     let quic_addr = listeners
         .quic
+        .local_addr()
+        .map_err(DirectoryError::Endpoint)?;
+    let join_addr = listeners
+        .join
         .local_addr()
         .map_err(DirectoryError::Endpoint)?;
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &credentials.reset_secret);
@@ -119,6 +146,23 @@ pub async fn run_with_reloads(
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(DirectoryError::Endpoint)?;
+    let join_endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(join_config),
+        listeners.join,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(DirectoryError::Endpoint)?;
+    let authority = credentials.authority.clone();
+    let tokens = Arc::new(tokens::TokenStore::open(
+        &config.state_dir,
+        &authority.fingerprint,
+    )?);
+    let (admin_token, created_token) = admin_token::load_or_create(&config.admin_token_file)?;
+    if created_token {
+        info!(file = %config.admin_token_file.display(), "created the admin token");
+    }
+    let security = Arc::new(authz::Security::default());
 
     // 53 bits, so the epoch survives JSON tools that read numbers as doubles.
     let epoch: u64 = rand::random::<u64>() >> 11;
@@ -136,10 +180,25 @@ pub async fn run_with_reloads(
         server::serve(
             endpoint.clone(),
             registry.clone(),
+            security.clone(),
             tasks.clone(),
             tracker.clone(),
         )
         .instrument(info_span!("quic", listen = %quic_addr)),
+    );
+    tracker.spawn(
+        enrol::serve(
+            join_endpoint.clone(),
+            Arc::new(enrol::JoinContext {
+                authority: authority.clone(),
+                tokens: tokens.clone(),
+                security: security.clone(),
+                validity: config.node_cert_validity,
+            }),
+            tasks.clone(),
+            tracker.clone(),
+        )
+        .instrument(info_span!("join", listen = %join_addr)),
     );
     tracker.spawn(publisher(registry.clone(), tasks.clone()).instrument(info_span!("publisher")));
     tracker.spawn(expiry(registry.clone(), tasks.clone()).instrument(info_span!("ttl")));
@@ -149,6 +208,11 @@ pub async fn run_with_reloads(
         directory: dialable(quic_addr),
         ca: config.state_dir.join(pki::CA_CERT_FILE),
         state_dir: config.state_dir.join("instances"),
+        identity: Some(scheduler::AgentIdentity {
+            authority: authority.clone(),
+            validity: config.node_cert_validity,
+            join: dialable(join_addr),
+        }),
     };
     let autoscaler = tokio::spawn(
         autoscaler::run(
@@ -164,7 +228,13 @@ pub async fn run_with_reloads(
     tracker.spawn(
         usher_shared::admin::serve(
             listeners.admin,
-            admin::handler(registry.clone()),
+            admin::handler(Arc::new(admin::AdminContext {
+                registry: registry.clone(),
+                security: security.clone(),
+                tokens,
+                admin_token,
+                protect_reads: !config.admin.ip().is_loopback(),
+            })),
             tasks.clone(),
             tracker.clone(),
         )
@@ -173,6 +243,8 @@ pub async fn run_with_reloads(
     info!(
         epoch = %format!("{epoch:016x}"),
         listen = %quic_addr,
+        join = %join_addr,
+        ca_fingerprint = %authority.fingerprint,
         admin = ?admin_addr,
         heartbeat_interval = ?config.heartbeat_interval,
         ttl = ?config.ttl(),
@@ -198,6 +270,7 @@ pub async fn run_with_reloads(
     }
     tasks.cancel();
     endpoint.close(server::CLOSE_OK.into(), b"directory shutting down");
+    join_endpoint.close(server::CLOSE_OK.into(), b"directory shutting down");
     if tokio::time::timeout(SHUTDOWN_TIMEOUT, endpoint.wait_idle())
         .await
         .is_err()

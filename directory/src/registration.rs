@@ -15,18 +15,24 @@ use usher_shared::codec::{read_frame, MAX_NODE_FRAME};
 use usher_shared::protocol::{DirectoryMessage, ErrorCode, NodeMessage};
 use usher_shared::routes::InstanceKey;
 
+use crate::authz::{check_register, Security};
 use crate::registry::{Registry, SessionId};
-use crate::server::{read_first, NodeStream};
+use crate::server::{read_first, NodeStream, Peer};
 
 fn millis(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
 }
 
 /// Runs an agent's conversation until it deregisters, the stream ends or `shutdown` fires.
+///
+/// Only an agent whose certificate names the instance's service may register it
+/// ([`crate::authz::check_register`]).
 pub(crate) async fn run(
     mut stream: NodeStream,
     session: SessionId,
+    peer: &Peer,
     registry: Arc<Registry>,
+    security: &Security,
     shutdown: CancellationToken,
 ) {
     let registration = match read_first(&mut stream.recv).await {
@@ -38,6 +44,10 @@ pub(crate) async fn run(
         Ok(None) => return,
         Err(refusal) => return stream.refuse(refusal.0, refusal.1).await,
     };
+    if let Err(message) = check_register(&peer.identity, &registration.instance.service) {
+        security.refused(peer.address, &peer.identity, &message);
+        return stream.refuse(ErrorCode::InvalidRequest, message).await;
+    }
     let key = registration.instance.key();
     if let Err(e) = registry.register(session, registration.instance, Instant::now()) {
         return stream

@@ -2,9 +2,13 @@
 //! hand each stream to the agent (`registration`) or sidecar
 //! (`subscription`) conversation.
 //!
-//! Every stream starts with a hello carrying the protocol version and role; a version this
-//! directory does not speak, a missing hello, or anything malformed gets an error frame and
-//! the stream is closed. Nothing a peer sends can change state before it is validated.
+//! Every connection is mutual TLS: the handshake already refused peers without a certificate
+//! from the cluster CA, and the identity its certificate carries (role, an agent's service) is
+//! read here once per connection. Every stream starts with a hello carrying the protocol
+//! version and role; a version this directory does not speak, a role the certificate does not
+//! grant, a missing hello, or anything malformed gets an error frame and the stream is closed.
+//! Nothing a peer sends can change state before it is validated and authorised
+//! ([`crate::authz`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,12 +17,15 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, info_span, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 use usher_shared::codec::{
     encode_frame, read_frame, write_frame, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
 };
 use usher_shared::protocol::{DirectoryMessage, ErrorCode, NodeMessage, Role, PROTOCOL_VERSION};
 
+use usher_shared::identity::NodeIdentity;
+
+use crate::authz::Security;
 use crate::registry::Registry;
 
 /// A stream must say hello (and then register or subscribe) within this time.
@@ -30,6 +37,9 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// QUIC application close code for a clean close.
 pub const CLOSE_OK: u32 = 0;
 
+/// QUIC application close code for a peer whose certificate grants nothing.
+pub const CLOSE_REFUSED: u32 = 1;
+
 /// Hands out a distinct id per stream (the owner of a registration).
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -38,22 +48,17 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 pub async fn serve(
     endpoint: quinn::Endpoint,
     registry: Arc<Registry>,
+    security: Arc<Security>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let incoming = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => incoming,
-                None => break,
-            },
-        };
+    while let Some(incoming) = next_incoming(&endpoint, &shutdown).await {
         let peer = incoming.remote_address();
         tracker.spawn(
             connection(
                 incoming,
                 registry.clone(),
+                security.clone(),
                 shutdown.clone(),
                 tracker.clone(),
             )
@@ -62,20 +67,61 @@ pub async fn serve(
     }
 }
 
+/// The next incoming connection on `endpoint`; `None` once `shutdown` fires or the endpoint
+/// is closed.
+pub(crate) async fn next_incoming(
+    endpoint: &quinn::Endpoint,
+    shutdown: &CancellationToken,
+) -> Option<quinn::Incoming> {
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        incoming = endpoint.accept() => incoming,
+    }
+}
+
+/// The node identity on a connection, with the address it came from.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    pub address: std::net::SocketAddr,
+    pub identity: NodeIdentity,
+}
+
 async fn connection(
     incoming: quinn::Incoming,
     registry: Arc<Registry>,
+    security: Arc<Security>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let address = incoming.remote_address();
     let connection = match incoming.await {
         Ok(connection) => connection,
-        Err(e) => {
-            debug!(error = %e, "handshake failed");
+        Err(e) => return security.handshake_refused(address, &e),
+    };
+    let certs = usher_shared::quic::peer_certificates(&connection);
+    let identity = match certs
+        .first()
+        .map(|c| usher_shared::identity::inspect(c.as_ref()))
+    {
+        Some(Ok(info)) => info.identity,
+        Some(Err(e)) => {
+            security.identities_refused.fetch_add(1, Ordering::Relaxed);
+            warn!(peer = %address, error = %e, "refused: the certificate names no usher identity");
+            connection.close(
+                CLOSE_REFUSED.into(),
+                b"the certificate names no usher identity",
+            );
+            return;
+        }
+        None => {
+            security.identities_refused.fetch_add(1, Ordering::Relaxed);
+            warn!(peer = %address, "refused: no client certificate");
+            connection.close(CLOSE_REFUSED.into(), b"no client certificate");
             return;
         }
     };
-    debug!("connection established");
+    debug!(%identity, "connection established");
+    let peer = Peer { address, identity };
     loop {
         let (send, recv) = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -91,8 +137,17 @@ async fn connection(
             },
         };
         let span = info_span!("stream", id = %send.id());
-        tracker
-            .spawn(conversation(send, recv, registry.clone(), shutdown.clone()).instrument(span));
+        tracker.spawn(
+            conversation(
+                send,
+                recv,
+                peer.clone(),
+                registry.clone(),
+                security.clone(),
+                shutdown.clone(),
+            )
+            .instrument(span),
+        );
     }
 }
 
@@ -100,7 +155,9 @@ async fn connection(
 async fn conversation(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    peer: Peer,
     registry: Arc<Registry>,
+    security: Arc<Security>,
     shutdown: CancellationToken,
 ) {
     let hello = match read_first(&mut recv).await {
@@ -119,6 +176,10 @@ async fn conversation(
         );
         return refuse(&mut send, ErrorCode::UnsupportedProtocol, message).await;
     }
+    if let Err(message) = crate::authz::check_hello(&peer.identity, hello.role) {
+        security.refused(peer.address, &peer.identity, &message);
+        return refuse(&mut send, ErrorCode::InvalidRequest, message).await;
+    }
     let epoch = registry.settings().epoch;
     let welcome = DirectoryMessage::Welcome {
         protocol: PROTOCOL_VERSION,
@@ -131,9 +192,9 @@ async fn conversation(
     let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("node", role = %hello.role, node = %hello.node, session);
     let stream = NodeStream { send, recv };
-    match hello.role {
+    match peer.identity.role() {
         Role::Agent => {
-            crate::registration::run(stream, session, registry, shutdown)
+            crate::registration::run(stream, session, &peer, registry, &security, shutdown)
                 .instrument(span)
                 .await
         }

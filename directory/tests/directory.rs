@@ -8,7 +8,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use usher_directory::{Config, Listeners};
 use usher_shared::codec::{read_frame, write_frame, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
+use usher_shared::identity::NodeIdentity;
 use usher_shared::protocol::{DirectoryMessage, ErrorCode, Hello, NodeMessage, Registration, Role};
+use usher_shared::quic::{client_config, NodeCert};
 use usher_shared::routes::{Instance, InstanceState, RouteTable};
 use usher_shared::session::{client_endpoint, open, Session};
 
@@ -16,39 +18,65 @@ const HEARTBEAT: Duration = Duration::from_millis(100);
 
 struct Running {
     quic: String,
+    /// The join endpoint.
+    join: String,
     admin: String,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
-    endpoint: quinn::Endpoint,
+    /// Presents an agent certificate for service `web`.
+    agent: quinn::Endpoint,
+    /// Presents a sidecar certificate.
+    sidecar: quinn::Endpoint,
+    authority: usher_directory::pki::CertAuthority,
+}
+
+/// A client endpoint that presents a certificate for `identity` issued by the directory's CA.
+fn endpoint_as(
+    authority: &usher_directory::pki::CertAuthority,
+    identity: &NodeIdentity,
+) -> quinn::Endpoint {
+    let (cert, key) = authority
+        .issue_node(identity, Duration::from_secs(3600))
+        .unwrap();
+    let cert = std::sync::Arc::new(NodeCert::from_pem(cert.as_bytes(), key.as_bytes()).unwrap());
+    client_endpoint(client_config(authority.ca_pem.as_bytes(), cert).unwrap()).unwrap()
 }
 
 async fn start(state_dir: &Path) -> Running {
     let config = Config::for_tests(state_dir, HEARTBEAT);
     let quic = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let join = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let quic_addr = quic.local_addr().unwrap().to_string();
+    let join_addr = join.local_addr().unwrap().to_string();
     let admin_addr = admin.local_addr().unwrap().to_string();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
-        usher_directory::run(config, Listeners { quic, admin }, token)
+        usher_directory::run(config, Listeners { quic, join, admin }, token)
             .await
             .unwrap()
     });
     let ca = state_dir.join("ca.pem");
     for _ in 0..200 {
-        if ca.exists() {
+        if ca.exists() && state_dir.join("ca-key.pem").exists() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let endpoint = client_endpoint(&std::fs::read(&ca).unwrap()).unwrap();
+    let authority = usher_directory::pki::CertAuthority::load(state_dir).unwrap();
+    let web = NodeIdentity::Agent {
+        service: "web".into(),
+    };
     Running {
         quic: quic_addr,
+        join: join_addr,
         admin: admin_addr,
         shutdown,
         task,
-        endpoint,
+        agent: endpoint_as(&authority, &web),
+        sidecar: endpoint_as(&authority, &NodeIdentity::Sidecar),
+        authority,
     }
 }
 
@@ -62,9 +90,11 @@ impl Running {
     }
 
     async fn session(&self, role: Role) -> Session {
-        open(&self.endpoint, &self.quic, role, "test/1")
-            .await
-            .unwrap()
+        let endpoint = match role {
+            Role::Agent => &self.agent,
+            Role::Sidecar => &self.sidecar,
+        };
+        open(endpoint, &self.quic, role, "test/1").await.unwrap()
     }
 }
 
@@ -321,7 +351,7 @@ async fn a_restart_keeps_the_ca_and_holds_updates_for_the_grace_period() {
 async fn raw_stream(d: &Running) -> (quinn::SendStream, quinn::RecvStream) {
     let addr = d.quic.parse().unwrap();
     let conn = d
-        .endpoint
+        .agent
         .connect(addr, usher_shared::quic::SERVER_NAME)
         .unwrap()
         .await
@@ -419,6 +449,127 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     assert_eq!(doc["revision"], 0);
     assert!(doc["instances"].as_array().unwrap().is_empty());
     let _ok = register(&d, instance("good", InstanceState::Up)).await;
+    d.stop().await;
+}
+
+/// The certificate, not the hello, decides: a hello claiming the other role, an agent
+/// registering another service, and a certificate without an usher identity are refused,
+/// counted, and change nothing.
+#[tokio::test]
+async fn certificates_decide_what_a_node_may_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path()).await;
+
+    // A sidecar certificate saying "agent" in its hello.
+    let e = open(&d.sidecar, &d.quic, Role::Agent, "liar/1")
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("not authorised"), "{e}");
+    // An agent certificate saying "sidecar".
+    assert!(open(&d.agent, &d.quic, Role::Sidecar, "liar/2")
+        .await
+        .is_err());
+
+    // The agent of `web` registering `db`.
+    let mut agent = d.session(Role::Agent).await;
+    let mut other = instance("db-1", InstanceState::Up);
+    other.service = "db".into();
+    agent
+        .send(&NodeMessage::Register(Registration { instance: other }))
+        .await
+        .unwrap();
+    let e = agent.recv().await.unwrap_err().to_string();
+    assert!(e.contains("not authorised") && e.contains("db"), "{e}");
+
+    // A certificate from this CA that names no usher identity: the connection is closed.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["someone".into()]).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.path().join("ca-key.pem")).unwrap())
+            .unwrap();
+    let ca_cert = rcgen::CertificateParams::from_ca_cert_pem(&d.authority.ca_pem)
+        .unwrap()
+        .self_signed(&ca_key)
+        .unwrap();
+    let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    let anonymous = client_endpoint(
+        client_config(
+            d.authority.ca_pem.as_bytes(),
+            std::sync::Arc::new(
+                NodeCert::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).unwrap(),
+            ),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(open(&anonymous, &d.quic, Role::Sidecar, "anon/1")
+        .await
+        .is_err());
+
+    let routes: serde_json::Value =
+        serde_json::from_str(&admin_get(&d.admin, "/v1/routes").await).unwrap();
+    assert!(routes["instances"].as_array().unwrap().is_empty());
+    let security: serde_json::Value =
+        serde_json::from_str(&admin_get(&d.admin, "/v1/security").await).unwrap();
+    assert_eq!(security["messages_refused"], 3, "{security}");
+    assert_eq!(security["identities_refused"], 1, "{security}");
+
+    // The legitimate agent beside them still registers.
+    let _ok = register(&d, instance("good", InstanceState::Up)).await;
+    d.stop().await;
+}
+
+/// A node whose stored certificate is due for renewal renews it with itself as proof and
+/// does not spend its join token, which may have expired meanwhile (SwarmKit: renew with the
+/// current certificate).
+#[tokio::test]
+async fn a_certificate_due_for_renewal_is_renewed_with_itself() {
+    use usher_shared::enrolment::{obtain, store, NodeTls, NODE_CERT_FILE};
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path()).await;
+    let node = dir.path().join("node");
+    // Issued 100 s ago for 120 s: two thirds have passed, it is still valid.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let issued = std::time::SystemTime::now() - Duration::from_secs(100);
+    let old = d
+        .authority
+        .issue_for_key(
+            &NodeIdentity::Sidecar,
+            &key,
+            Duration::from_secs(120),
+            issued,
+        )
+        .unwrap();
+    store(&node, &old, &key.serialize_pem(), &d.authority.ca_pem).unwrap();
+    let tls = NodeTls {
+        identity: NodeIdentity::Sidecar,
+        ca: None,
+        cert: None,
+        // A token this directory does not know: refused if it were tried.
+        join_token: Some(usher_shared::identity::JoinToken::generate(
+            &d.authority.fingerprint,
+        )),
+        join_address: d.join.clone(),
+        state_dir: node.clone(),
+    };
+    let creds = obtain(&tls).await.unwrap();
+    let now = (usher_shared::unix_millis() / 1000) as i64;
+    assert!(creds.info.valid_at(now) && !creds.info.renewal_due(now));
+    assert_ne!(
+        std::fs::read_to_string(node.join(NODE_CERT_FILE)).unwrap(),
+        old
+    );
+    let security: serde_json::Value =
+        serde_json::from_str(&admin_get(&d.admin, "/v1/security").await).unwrap();
+    assert_eq!(security["certificates_issued"], 1, "{security}");
+    assert_eq!(security["joins_refused"], 0, "{security}");
+    // The renewed certificate is accepted on the control plane.
+    let endpoint = usher_shared::session::node_endpoint(&creds).unwrap();
+    open(&endpoint, &d.quic, Role::Sidecar, "renewed/1")
+        .await
+        .unwrap();
     d.stop().await;
 }
 

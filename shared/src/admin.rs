@@ -73,8 +73,40 @@ pub fn refuse(method: &Method, path: &str, known: &[&str]) -> Option<AdminRespon
     None
 }
 
-/// What answers admin requests: `(method, path)` to a response.
-pub type AdminHandler = Arc<dyn Fn(&Method, &str) -> AdminResponse + Send + Sync>;
+/// What an admin handler sees of a request: no body (every admin endpoint takes its
+/// arguments in the path or query).
+#[derive(Debug, Clone, Copy)]
+pub struct AdminRequest<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    /// The query string without `?` (empty if none).
+    pub query: &'a str,
+    /// The `Authorization` header, if present and valid UTF-8.
+    pub authorization: Option<&'a str>,
+}
+
+impl AdminRequest<'_> {
+    /// The token of an `Authorization: Bearer <token>` header.
+    pub fn bearer(&self) -> Option<&str> {
+        let value = self.authorization?.trim();
+        let (scheme, token) = value.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then_some(token.trim())
+    }
+
+    /// The value of `key` in the query (`a=1&b=2`), if present; no percent-decoding.
+    pub fn query_value(&self, key: &str) -> Option<&str> {
+        self.query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+}
+
+/// What answers admin requests.
+pub type AdminHandler = Arc<dyn Fn(&AdminRequest<'_>) -> AdminResponse + Send + Sync>;
 
 /// Serves `handler` on `listener` until `shutdown` fires; connections are tracked by
 /// `tracker` so the caller can wait for them.
@@ -102,7 +134,15 @@ pub async fn serve(
         tracker.spawn(
             async move {
                 let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let reply = handler(req.method(), req.uri().path());
+                    let reply = handler(&AdminRequest {
+                        method: req.method(),
+                        path: req.uri().path(),
+                        query: req.uri().query().unwrap_or(""),
+                        authorization: req
+                            .headers()
+                            .get(http::header::AUTHORIZATION)
+                            .and_then(|v| v.to_str().ok()),
+                    });
                     async move {
                         Ok::<_, Infallible>(
                             Response::builder()

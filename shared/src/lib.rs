@@ -15,6 +15,11 @@
 //! - [`backoff`]: exponential backoff with full jitter (Baker: retry forever; SwarmKit: jitter).
 //! - [`quic`]: ALPN, transport limits and TLS configuration for both ends of a QUIC connection.
 //! - [`session`]: the node side of connecting to the directory (hello, welcome).
+//! - [`identity`]: the role and service a node certificate carries, CA fingerprints, the join
+//!   token's text, when a certificate is due for renewal (SwarmKit's join tokens).
+//! - [`join`]: the join endpoint's messages (enrol with a token and a CSR, renew).
+//! - [`enrolment`]: the node side of getting, storing and renewing its certificate.
+//! - [`files`]: atomic state-file writes (temp, fsync, rename) with a given mode.
 //! - [`admin`], [`telemetry`], [`signals`]: the admin HTTP server, logging setup and shutdown
 //!   signals every binary uses.
 #![forbid(unsafe_code)]
@@ -22,6 +27,10 @@
 pub mod admin;
 pub mod backoff;
 pub mod codec;
+pub mod enrolment;
+pub mod files;
+pub mod identity;
+pub mod join;
 pub mod names;
 pub mod protocol;
 pub mod quic;

@@ -1,17 +1,26 @@
-//! QUIC and TLS settings both ends must agree on: ALPN, server name, idle timeout, keep-alive.
+//! QUIC and TLS settings both ends must agree on: ALPN, server name, idle timeout, keep-alive,
+//! and who verifies whom.
 //!
 //! The directory's certificate always names [`SERVER_NAME`], whatever address it listens on,
-//! so nodes verify it against the cluster CA (`ca.pem`) and may dial it by any address.
+//! so nodes verify it against the cluster CA (`ca.pem`) and may dial it by any address. The
+//! control plane (ALPN `usher/1`) is mutual TLS: a node presents its node certificate
+//! ([`NodeCert`]), which must chain to the same CA. The join endpoint (ALPN `usher-join/1`)
+//! takes nodes without a certificate; a joining node pins the CA by the fingerprint in its
+//! join token instead of trusting a CA file.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 use thiserror::Error;
 
 /// ALPN protocol id of the usher control plane.
 pub const ALPN: &[u8] = b"usher/1";
+
+/// ALPN protocol id of the directory's join endpoint (enrolment and renewal).
+pub const JOIN_ALPN: &[u8] = b"usher-join/1";
 
 /// The DNS name in the directory's certificate; nodes verify the directory against it.
 pub const SERVER_NAME: &str = "usher-directory";
@@ -34,6 +43,8 @@ pub enum TlsError {
     Pem(#[from] rustls::pki_types::pem::Error),
     #[error("TLS configuration refused: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("cannot build the certificate verifier: {0}")]
+    Verifier(String),
     #[error("QUIC cannot use this TLS configuration: {0}")]
     Quic(String),
 }
@@ -66,38 +77,323 @@ pub fn parse_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, Tl
     Ok(certs)
 }
 
-/// A node's QUIC client configuration: trusts only the CA in `ca_pem`, speaks ALPN `usher/1`,
-/// TLS 1.3 with the `ring` provider, keep-alive every second.
-pub fn client_config(ca_pem: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
+/// A node's certificate and key, swappable while connections live: a renewed certificate is
+/// used from the next handshake on, the live session keeps the one it was opened with.
+#[derive(Debug)]
+pub struct NodeCert {
+    current: std::sync::RwLock<Arc<CertifiedKey>>,
+}
+
+impl NodeCert {
+    /// Parses a certificate chain and its private key (PEM).
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
+        Ok(Self {
+            current: std::sync::RwLock::new(certified_key(cert_pem, key_pem)?),
+        })
+    }
+
+    /// Uses `other`'s certificate and key for the next handshakes (a renewal).
+    pub fn adopt(&self, other: &NodeCert) {
+        let key = other.get();
+        match self.current.write() {
+            Ok(mut current) => *current = key,
+            Err(poisoned) => *poisoned.into_inner() = key,
+        }
+    }
+
+    fn get(&self) -> Arc<CertifiedKey> {
+        match self.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+impl rustls::client::ResolvesClientCert for NodeCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.get())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<CertifiedKey>, TlsError> {
+    let certs = parse_certificates(cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)?;
+    Ok(Arc::new(CertifiedKey::new(certs, signer)))
+}
+
+fn roots(ca_pem: &[u8]) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in parse_certificates(ca_pem)? {
         roots.add(cert)?;
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(roots))
+}
+
+fn quic_client(
+    mut tls: rustls::ClientConfig,
+    alpn: &[u8],
+    keep_alive: bool,
+) -> Result<quinn::ClientConfig, TlsError> {
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport(true));
+    config.transport_config(transport(keep_alive));
     Ok(config)
 }
 
-/// The directory's QUIC server configuration from its certificate chain and private key (PEM).
-pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<quinn::ServerConfig, TlsError> {
-    let certs = parse_certificates(cert_pem)?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem)?;
+/// A node's QUIC client configuration: trusts only the CA in `ca_pem`, presents `cert`
+/// (mutual TLS), speaks ALPN `usher/1`, TLS 1.3 with the `ring` provider, keep-alive every
+/// second.
+pub fn client_config(ca_pem: &[u8], cert: Arc<NodeCert>) -> Result<quinn::ClientConfig, TlsError> {
+    node_client(ca_pem, cert, ALPN, true)
+}
+
+/// A node's configuration for renewing over the join endpoint: trusts the CA in `ca_pem`,
+/// presents its current certificate `cert` as proof, ALPN `usher-join/1`.
+pub fn renew_client_config(
+    ca_pem: &[u8],
+    cert: Arc<NodeCert>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    node_client(ca_pem, cert, JOIN_ALPN, false)
+}
+
+fn node_client(
+    ca_pem: &[u8],
+    cert: Arc<NodeCert>,
+    alpn: &[u8],
+    keep_alive: bool,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_cert_resolver(cert);
+    quic_client(tls, alpn, keep_alive)
+}
+
+/// A joining node's configuration: it has no CA yet, so it accepts the directory's
+/// certificate only if it chains (webpki) to a CA certificate in the presented chain whose
+/// SHA-256 equals `ca_digest`, the digest in its join token (SwarmKit: the token pins the CA).
+/// No client certificate; ALPN `usher-join/1`.
+pub fn join_client_config(ca_digest: &str) -> Result<quinn::ClientConfig, TlsError> {
+    let verifier = Arc::new(PinnedCa {
+        digest: ca_digest.to_string(),
+        provider: provider(),
+    });
+    let tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    quic_client(tls, JOIN_ALPN, false)
+}
+
+/// Verifies a server against the CA in its own chain whose fingerprint is pinned.
+#[derive(Debug)]
+struct PinnedCa {
+    digest: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| crate::identity::sha256_hex(c.as_ref()) == self.digest)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the directory's CA does not match the join token's CA fingerprint".into(),
+                )
+            })?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Whether a server requires a client certificate (it always verifies a presented one).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientAuth {
+    Required,
+    Optional,
+}
+
+fn quic_server(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: &[u8],
+    client_auth: ClientAuth,
+    alpn: &[u8],
+) -> Result<quinn::ServerConfig, TlsError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots(client_ca_pem)?,
+        provider(),
+    );
+    let verifier = match client_auth {
+        ClientAuth::Required => verifier,
+        ClientAuth::Optional => verifier.allow_unauthenticated(),
+    }
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            parse_certificates(cert_pem)?,
+            PrivateKeyDer::from_pem_slice(key_pem)?,
+        )?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
     tls.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(transport(false));
     Ok(config)
+}
+
+/// The directory's QUIC server configuration from its certificate chain and private key
+/// (PEM): ALPN `usher/1`, and every client must present a certificate chaining to the CA in
+/// `client_ca_pem` (rustls `WebPkiClientVerifier`), or the handshake fails.
+pub fn server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: &[u8],
+) -> Result<quinn::ServerConfig, TlsError> {
+    quic_server(cert_pem, key_pem, client_ca_pem, ClientAuth::Required, ALPN)
+}
+
+/// The directory's join endpoint: ALPN `usher-join/1`; a client certificate is optional
+/// (joining nodes have none) but, when presented, must chain to `client_ca_pem` (renewal).
+pub fn join_server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: &[u8],
+) -> Result<quinn::ServerConfig, TlsError> {
+    quic_server(
+        cert_pem,
+        key_pem,
+        client_ca_pem,
+        ClientAuth::Optional,
+        JOIN_ALPN,
+    )
+}
+
+/// The certificate chain a peer presented on `connection`, leaf first (empty if none).
+pub fn peer_certificates(connection: &quinn::Connection) -> Vec<CertificateDer<'static>> {
+    connection
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|certs| *certs)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA and a directory certificate from it: `(ca_pem, chain_pem, key_pem)`.
+    fn cluster() -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(vec![]).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let server = rcgen::CertificateParams::new(vec![SERVER_NAME.into()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let chain = format!("{}{}", server.pem(), ca.pem());
+        (ca.pem(), chain, key.serialize_pem())
+    }
+
+    /// A joining node accepts the join endpoint only if its CA has the token's fingerprint:
+    /// a directory of another cluster (or a man in the middle) fails the handshake.
+    #[tokio::test]
+    async fn a_joining_node_pins_the_ca_by_the_token_digest() {
+        let (ca, chain, key) = cluster();
+        let server = join_server_config(chain.as_bytes(), key.as_bytes(), ca.as_bytes()).unwrap();
+        let endpoint =
+            quinn::Endpoint::server(server, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+                .unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let accepting = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(connection) = incoming.await {
+                        connection.closed().await;
+                    }
+                });
+            }
+        });
+        let connect = |digest: String| async move {
+            let mut client =
+                quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+            client.set_default_client_config(join_client_config(&digest).unwrap());
+            client.connect(addr, SERVER_NAME).unwrap().await
+        };
+        let digest = crate::identity::ca_fingerprint(ca.as_bytes()).unwrap();
+        assert!(connect(digest).await.is_ok());
+        let (other_ca, _, _) = cluster();
+        let other = crate::identity::ca_fingerprint(other_ca.as_bytes()).unwrap();
+        let e = connect(other).await.unwrap_err().to_string();
+        assert!(e.contains("fingerprint"), "{e}");
+        endpoint.close(0u32.into(), b"done");
+    }
 }

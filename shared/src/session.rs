@@ -123,44 +123,26 @@ pub fn node_name() -> String {
 /// Why a node cannot open its QUIC endpoint.
 #[derive(Debug, Error)]
 pub enum EndpointError {
-    #[error("cannot read the CA certificate {path}: {source}")]
-    ReadCa {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot use the CA certificate {path}: {source}")]
-    BadCa {
-        path: std::path::PathBuf,
-        #[source]
-        source: crate::quic::TlsError,
-    },
+    #[error("cannot use the node's TLS material: {0}")]
+    Tls(#[from] crate::quic::TlsError),
     #[error("cannot open a QUIC endpoint: {0}")]
     Socket(#[source] std::io::Error),
 }
 
-/// A client endpoint that trusts the CA in the PEM file `ca` (the directory's `ca.pem`).
-pub fn endpoint_for_ca_file(ca: &std::path::Path) -> Result<quinn::Endpoint, EndpointError> {
-    let pem = std::fs::read(ca).map_err(|source| EndpointError::ReadCa {
-        path: ca.to_path_buf(),
-        source,
-    })?;
-    client_endpoint(&pem).map_err(|e| match e {
-        EndpointError::BadCa { source, .. } => EndpointError::BadCa {
-            path: ca.to_path_buf(),
-            source,
-        },
-        other => other,
-    })
+/// A node's client endpoint on an ephemeral UDP port: trusts the CA of `creds` and presents
+/// its certificate (swapped in place when it is renewed).
+pub fn node_endpoint(
+    creds: &crate::enrolment::Credentials,
+) -> Result<quinn::Endpoint, EndpointError> {
+    client_endpoint(crate::quic::client_config(
+        &creds.ca_pem,
+        creds.cert.clone(),
+    )?)
 }
 
-/// A client endpoint bound to an ephemeral UDP port, trusting the CA in `ca_pem`.
-pub fn client_endpoint(ca_pem: &[u8]) -> Result<quinn::Endpoint, EndpointError> {
-    let config = crate::quic::client_config(ca_pem).map_err(|source| EndpointError::BadCa {
-        path: "<memory>".into(),
-        source,
-    })?;
-    let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("valid literal"))
+/// A client endpoint bound to an ephemeral UDP port with `config` as its default.
+pub fn client_endpoint(config: quinn::ClientConfig) -> Result<quinn::Endpoint, EndpointError> {
+    let mut endpoint = quinn::Endpoint::client(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
         .map_err(EndpointError::Socket)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)

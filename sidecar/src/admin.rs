@@ -76,7 +76,7 @@ pub fn respond(replica: &Replica, method: &Method, path: &str) -> AdminResponse 
 
 /// The handler given to [`usher_shared::admin::serve`].
 pub fn handler(replica: Arc<Replica>) -> AdminHandler {
-    Arc::new(move |method, path| respond(&replica, method, path))
+    Arc::new(move |req| respond(&replica, req.method, req.path))
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! typed, validated [`Config`] built from it by a pure function.
 //!
 //! ```text
-//! usher-sidecar --directory ADDR --ca FILE [--listen ADDR] [--admin ADDR] [--state-dir DIR]
+//! usher-sidecar --directory ADDR [--join-token TOKEN | --ca FILE --cert FILE --key FILE]
+//!               [--join-address ADDR] [--listen ADDR] [--admin ADDR] [--state-dir DIR]
 //!               [--threads N]
 //! ```
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use thiserror::Error;
+use usher_shared::enrolment::{TlsFlags, TlsSettings};
 use usher_shared::names::validate_host_port;
 
 /// The sidecar's flags as clap parses them; see [`Config::from_args`] for the checks.
@@ -27,9 +29,10 @@ pub struct Args {
     #[arg(long, env = "USHER_SIDECAR_DIRECTORY", value_name = "ADDR")]
     pub directory: String,
 
-    /// The cluster CA certificate (PEM; the directory's `ca.pem`).
-    #[arg(long, env = "USHER_SIDECAR_CA", value_name = "FILE")]
-    pub ca: PathBuf,
+    /// How the node gets its certificate: `--join-token`, or `--ca/--cert/--key`
+    /// (environment: see [`usher_shared::enrolment::tls_env`]).
+    #[command(flatten)]
+    pub tls: TlsFlags,
 
     /// The HTTP proxy address clients send to.
     #[arg(
@@ -49,7 +52,8 @@ pub struct Args {
     )]
     pub admin: SocketAddr,
 
-    /// Where the last route table is persisted (`routes.json`); created if missing.
+    /// Where the last route table (`routes.json`) and the node certificate (`node.pem`,
+    /// `node-key.pem`, `ca.pem`) are kept; created if missing.
     #[arg(
         long,
         env = "USHER_SIDECAR_STATE_DIR",
@@ -93,7 +97,8 @@ pub const MAX_THREADS: usize = 1024;
 pub struct Config {
     /// The directory's QUIC address, `host:port` (resolved at each connect).
     pub directory: String,
-    pub ca: PathBuf,
+    /// How the sidecar gets and renews its certificate.
+    pub tls: TlsSettings,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub state_dir: PathBuf,
@@ -107,7 +112,7 @@ pub struct Config {
 
 /// A flag with a value the sidecar refuses; the message names the flag.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("--{flag} {value}: {reason}")]
+#[error("--{flag}{}: {reason}", if value.is_empty() { String::new() } else { format!(" {value}") })]
 pub struct ConfigError {
     pub flag: &'static str,
     pub value: String,
@@ -136,6 +141,14 @@ impl Config {
             value: args.directory.clone(),
             reason,
         })?;
+        let tls = args
+            .tls
+            .validate(&args.directory)
+            .map_err(|e| ConfigError {
+                flag: e.flag,
+                value: String::new(),
+                reason: e.reason,
+            })?;
         positive("queue-timeout", args.queue_timeout)?;
         positive("instance-timeout", args.instance_timeout)?;
         positive("connect-timeout", args.connect_timeout)?;
@@ -159,7 +172,7 @@ impl Config {
         };
         Ok(Self {
             directory: args.directory,
-            ca: args.ca,
+            tls,
             listen: args.listen,
             admin: args.admin,
             state_dir: args.state_dir,

@@ -35,7 +35,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
-use usher_shared::session::{endpoint_for_ca_file, EndpointError};
+use usher_shared::enrolment::EnrolError;
+use usher_shared::identity::NodeIdentity;
+use usher_shared::session::{node_endpoint, EndpointError};
 
 pub use crate::config::{Config, ConfigError};
 use crate::proxy::{Limits, Proxy};
@@ -49,6 +51,8 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum SidecarError {
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    #[error(transparent)]
+    Enrol(#[from] EnrolError),
 }
 
 /// Sockets the caller bound (tests bind port 0 and read the real ports back).
@@ -57,14 +61,19 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
-/// Runs the sidecar until `shutdown` fires, then drains and returns. Errors only at startup
-/// (the CA cannot be read or used, no UDP socket).
+/// Runs the sidecar until `shutdown` fires, then drains and returns. Errors only at startup:
+/// no usable certificate (none stored and no join token, or the directory refused the token:
+/// see [`EnrolError::is_refusal`]), no UDP socket.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), SidecarError> {
-    let endpoint = endpoint_for_ca_file(&config.ca)?;
+    let tls = config
+        .tls
+        .for_node(NodeIdentity::Sidecar, &config.state_dir);
+    let credentials = usher_shared::enrolment::obtain(&tls).await?;
+    let endpoint = node_endpoint(&credentials)?;
     let replica = Arc::new(Replica::new(Arc::default()));
     replica.load_from_disk(&config.state_dir);
     let proxy = Arc::new(Proxy::new(
@@ -76,7 +85,14 @@ pub async fn run(
             connect_timeout: config.connect_timeout,
         },
     ));
+    let renewal = CancellationToken::new();
+    let renewing = tokio::spawn(
+        usher_shared::enrolment::renew(tls, credentials, renewal.clone())
+            .instrument(info_span!("renewal")),
+    );
     serve(config, listeners, shutdown, endpoint, replica, proxy).await;
+    renewal.cancel();
+    let _ = renewing.await;
     Ok(())
 }
 

@@ -50,21 +50,35 @@ fn threads_from_the_environment_are_checked_too() {
     assert!(err.contains("--threads 0: must be between 1 and"), "{err}");
 }
 
+/// Startup errors about the certificate exit 1 and say which file is missing, or what to pass.
 #[test]
-fn a_missing_ca_is_a_startup_error_naming_the_file() {
+fn certificate_errors_name_the_file_or_what_to_pass() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, err) = run(&[
-        "--directory",
-        "127.0.0.1:7400",
+    let operator = [
         "--ca",
         "/nonexistent/ca.pem",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--state-dir",
-        dir.path().to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+        "--cert",
+        "/nonexistent/node.pem",
+        "--key",
+        "/nonexistent/node-key.pem",
+    ];
+    for (extra, said) in [
+        (&operator[..], "/nonexistent/ca.pem"),
+        (&[][..], "--join-token"),
+    ] {
+        let mut args = vec![
+            "--directory",
+            "127.0.0.1:7400",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let (code, err) = run(&args);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(said), "{err}");
+    }
 }

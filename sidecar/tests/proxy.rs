@@ -113,10 +113,15 @@ async fn sidecar_with(
         .unwrap();
     // Any valid CA will do: nothing listens at the directory address.
     let ca_dir = tempfile::tempdir().unwrap();
-    let ca = usher_directory_ca(ca_dir.path());
+    let (ca, cert, key) = operator_pki(ca_dir.path());
     let config = Config {
         directory: "127.0.0.1:9".into(),
-        ca,
+        tls: usher_shared::enrolment::TlsSettings {
+            ca: Some(ca),
+            cert: Some((cert, key)),
+            join_token: None,
+            join_address: "127.0.0.1:10".into(),
+        },
         listen: "127.0.0.1:0".parse().unwrap(),
         admin: "127.0.0.1:0".parse().unwrap(),
         state_dir: state.path().to_path_buf(),
@@ -154,16 +159,28 @@ async fn sidecar_with(
     }
 }
 
-/// A self-signed certificate standing in for the cluster CA.
-fn usher_directory_ca(dir: &std::path::Path) -> std::path::PathBuf {
+/// An operator's PKI standing in for the cluster CA: `(ca.pem, node.pem, node-key.pem)`, the
+/// node certificate naming a sidecar.
+fn operator_pki(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["usher-directory".into()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let path = dir.join("ca.pem");
-    std::fs::write(&path, cert.pem()).unwrap();
-    path
+    let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI("usher://sidecar".try_into().unwrap())];
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("node.pem"),
+        dir.join("node-key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
 }
 
 /// Sends `GET path` with `Host: host` on a new connection; returns status and body.

@@ -38,6 +38,17 @@ pub async fn get(addr: &str, host: &str, target: &str) -> Result<Response> {
 
 /// Sends one bodiless request and reads the whole response, within 30 s.
 pub async fn request(addr: &str, method: &str, host: &str, target: &str) -> Result<Response> {
+    request_with(addr, method, host, target, &[]).await
+}
+
+/// As [`request`], with extra `(name, value)` headers (for example `Authorization`).
+pub async fn request_with(
+    addr: &str,
+    method: &str,
+    host: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> Result<Response> {
     tokio::time::timeout(Duration::from_secs(30), async {
         let stream = TcpStream::connect(addr)
             .await
@@ -45,11 +56,14 @@ pub async fn request(addr: &str, method: &str, host: &str, target: &str) -> Resu
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        let req = http::Request::builder()
+        let mut req = http::Request::builder()
             .method(method)
             .uri(target)
-            .header(http::header::HOST, host)
-            .body(Empty::<Bytes>::new())?;
+            .header(http::header::HOST, host);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(Empty::<Bytes>::new())?;
         let resp = sender.send_request(req).await?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();

@@ -174,6 +174,8 @@ impl Drop for Process {
 #[derive(Debug, Clone)]
 pub struct DirectoryAddrs {
     pub quic_port: u16,
+    /// The join endpoint (enrolment and renewal), UDP.
+    pub join_port: u16,
     pub admin_port: u16,
     pub state_dir: PathBuf,
 }
@@ -181,6 +183,9 @@ pub struct DirectoryAddrs {
 impl DirectoryAddrs {
     pub fn quic(&self) -> String {
         format!("127.0.0.1:{}", self.quic_port)
+    }
+    pub fn join(&self) -> String {
+        format!("127.0.0.1:{}", self.join_port)
     }
     pub fn admin(&self) -> String {
         format!("127.0.0.1:{}", self.admin_port)
@@ -212,6 +217,8 @@ impl SidecarAddrs {
 pub struct Mesh {
     pub tmp: tempfile::TempDir,
     pub directory: DirectoryAddrs,
+    /// Join tokens made so far, by `(role, service)`: every node of a kind shares one.
+    tokens: std::sync::Mutex<std::collections::BTreeMap<(String, String), String>>,
 }
 
 impl Mesh {
@@ -219,10 +226,84 @@ impl Mesh {
         let tmp = tempfile::tempdir()?;
         let directory = DirectoryAddrs {
             quic_port: free_udp_port(),
+            join_port: free_udp_port(),
             admin_port: free_tcp_port(),
             state_dir: tmp.path().join("directory"),
         };
-        Ok(Self { tmp, directory })
+        Ok(Self {
+            tmp,
+            directory,
+            tokens: Default::default(),
+        })
+    }
+
+    /// Runs `usher-directory ARGS` against this mesh's directory (its admin port and state
+    /// directory, hence its admin token) and returns the output.
+    pub fn directory_cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        let d = &self.directory;
+        Command::new(bin("usher-directory"))
+            .args(["--admin", &d.admin()])
+            .arg("--state-dir")
+            .arg(&d.state_dir)
+            .args(args)
+            .env_remove("USHER_DIRECTORY_ADMIN_TOKEN_FILE")
+            .output()
+            .context("run usher-directory")
+    }
+
+    /// Creates a join token with the real CLI (`token create --role ROLE [--service S]
+    /// [--ttl TTL]`) and returns its text.
+    pub fn create_token(
+        &self,
+        role: &str,
+        service: Option<&str>,
+        ttl: Option<&str>,
+    ) -> Result<String> {
+        let mut args = vec!["token", "create", "--role", role];
+        if let Some(service) = service {
+            args.extend(["--service", service]);
+        }
+        if let Some(ttl) = ttl {
+            args.extend(["--ttl", ttl]);
+        }
+        let out = self.directory_cli(&args)?;
+        if !out.status.success() {
+            bail!(
+                "token create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    /// How every node the harness starts gets its certificate: the real join flow, with a
+    /// token per `(role, service)` made once by the CLI. Returns the node's flags
+    /// (`--join-token T --join-address ADDR`).
+    pub fn join_flags(&self, role: &str, service: Option<&str>) -> Result<Vec<String>> {
+        let key = (role.to_string(), service.unwrap_or_default().to_string());
+        let cached = self
+            .tokens
+            .lock()
+            .map_err(|_| anyhow::anyhow!("token cache poisoned"))?
+            .get(&key)
+            .cloned();
+        let token = match cached {
+            Some(token) => token,
+            None => {
+                let token = self.create_token(role, service, None)?;
+                self.tokens
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("token cache poisoned"))?
+                    .insert(key, token.clone());
+                token
+            }
+        };
+        Ok(vec![
+            "--join-token".into(),
+            token,
+            "--join-address".into(),
+            self.directory.join(),
+        ])
     }
 
     pub fn dir(&self) -> &Path {
@@ -249,6 +330,8 @@ impl Mesh {
         let mut args = vec![
             "--listen".into(),
             d.quic(),
+            "--join-listen".into(),
+            d.join(),
             "--admin".into(),
             d.admin(),
             "--state-dir".into(),
@@ -259,23 +342,39 @@ impl Mesh {
         args.extend(extra.iter().cloned());
         let process = Process::start(name, self.dir(), &bin("usher-directory"), &args)?;
         let admin = d.admin();
-        let ca = d.ca();
+        let token = d.state_dir.join("admin-token");
         wait_until(Duration::from_secs(20), "directory to serve", || {
             let admin = admin.clone();
-            let ca = ca.clone();
-            async move { ca.exists() && http::get(&admin, "localhost", "/healthz").await.is_ok() }
+            let token = token.clone();
+            async move { token.exists() && http::get(&admin, "localhost", "/healthz").await.is_ok() }
         })
         .await?;
         Ok(process)
     }
 
-    /// Starts an agent supervising a `usher-test-server` named `name` for `service`.
+    /// Starts an agent supervising a `usher-test-server` named `name` for `service`; it joins
+    /// with the harness's agent token for `service` ([`Mesh::join_flags`]).
     pub fn start_agent(&self, name: &str, service: &str, extra: &[&str]) -> Result<Process> {
+        self.start_agent_as(
+            name,
+            service,
+            &self.join_flags("agent", Some(service))?,
+            extra,
+        )
+    }
+
+    /// Starts an agent as [`Mesh::start_agent`] does, with `credentials` instead of the
+    /// harness's join flags (a test's own token, or `--ca/--cert/--key`).
+    pub fn start_agent_as(
+        &self,
+        name: &str,
+        service: &str,
+        credentials: &[String],
+        extra: &[&str],
+    ) -> Result<Process> {
         let mut args: Vec<String> = vec![
             "--directory".into(),
             self.directory.quic(),
-            "--ca".into(),
-            self.directory.ca().display().to_string(),
             "--service".into(),
             service.into(),
             "--admin".into(),
@@ -290,6 +389,7 @@ impl Mesh {
             "--health-interval".into(),
             "200ms".into(),
         ];
+        args.extend(credentials.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
         args.extend([
             "--".into(),
@@ -329,13 +429,24 @@ impl Mesh {
         }
     }
 
-    /// Starts a sidecar at `addrs` and waits until its admin port answers.
+    /// Starts a sidecar at `addrs` and waits until its admin port answers; it joins with the
+    /// harness's sidecar token ([`Mesh::join_flags`]).
     pub async fn start_sidecar(&self, name: &str, addrs: &SidecarAddrs) -> Result<Process> {
-        let args = vec![
+        let credentials = self.join_flags("sidecar", None)?;
+        self.start_sidecar_as(name, addrs, &credentials).await
+    }
+
+    /// Starts a sidecar as [`Mesh::start_sidecar`] does, with `credentials` instead of the
+    /// harness's join flags (a test's own token, or `--ca/--cert/--key`).
+    pub async fn start_sidecar_as(
+        &self,
+        name: &str,
+        addrs: &SidecarAddrs,
+        credentials: &[String],
+    ) -> Result<Process> {
+        let mut args = vec![
             "--directory".into(),
             self.directory.quic(),
-            "--ca".into(),
-            self.directory.ca().display().to_string(),
             "--listen".into(),
             addrs.proxy(),
             "--admin".into(),
@@ -345,6 +456,7 @@ impl Mesh {
             "--queue-timeout".into(),
             "5s".into(),
         ];
+        args.extend(credentials.iter().cloned());
         let process = Process::start(name, self.dir(), &bin("usher-sidecar"), &args)?;
         let admin = addrs.admin();
         wait_until(Duration::from_secs(20), "sidecar to serve", || {

@@ -275,11 +275,26 @@ async fn sighup_reloads_the_services() {
 async fn an_operator_pins_and_releases_a_target() {
     let s = start().await;
     let admin = s.mesh.directory.admin();
+    // With a wrong admin token the directory refuses the mutation.
+    let wrong = s.mesh.dir().join("wrong-admin-token");
+    std::fs::write(&wrong, "not-the-token\n").unwrap();
+    let out = std::process::Command::new(bin("usher-directory"))
+        .args([
+            "scale",
+            "hello",
+            "2",
+            "--admin",
+            &admin,
+            "--admin-token-file",
+        ])
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Bearer"), "{err}");
     let scale = |target: &str, instances: &str| {
-        let out = std::process::Command::new(bin("usher-directory"))
-            .args(["scale", target, instances, "--admin", &admin])
-            .output()
-            .unwrap();
+        let out = s.mesh.directory_cli(&["scale", target, instances]).unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -341,8 +341,17 @@ async fn hostile_frames_are_refused_and_the_directory_keeps_serving() {
         udp.send_to(&junk, &quic).unwrap();
     }
 
-    let ca = std::fs::read(m.mesh.directory.ca()).unwrap();
-    let endpoint = usher_shared::session::client_endpoint(&ca).unwrap();
+    // A sidecar's credentials, stored by the real sidecar in its state directory.
+    let node_tls = usher_shared::enrolment::NodeTls {
+        identity: usher_shared::identity::NodeIdentity::Sidecar,
+        ca: None,
+        cert: None,
+        join_token: None,
+        join_address: m.mesh.directory.join(),
+        state_dir: m.sidecar_addrs.state_dir.clone(),
+    };
+    let creds = usher_shared::enrolment::obtain(&node_tls).await.unwrap();
+    let endpoint = usher_shared::session::node_endpoint(&creds).unwrap();
     let conn = endpoint
         .connect(quic.parse().unwrap(), usher_shared::quic::SERVER_NAME)
         .unwrap()

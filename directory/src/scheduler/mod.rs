@@ -22,6 +22,7 @@ use usher_shared::backoff::Backoff;
 use crate::services::{SchedulerSpec, ServiceSpec};
 use command::CommandScheduler;
 use kubernetes::KubernetesScheduler;
+pub use process::AgentIdentity;
 use process::ProcessScheduler;
 
 /// How long a stopping instance gets beyond its drain time before it is killed at directory
@@ -150,6 +151,8 @@ pub struct AgentContext {
     pub ca: PathBuf,
     /// Under which each instance gets a state folder.
     pub state_dir: PathBuf,
+    /// Issues each started agent its certificate; `None`: the agents bring their own.
+    pub identity: Option<AgentIdentity>,
 }
 
 impl AgentContext {
@@ -250,6 +253,7 @@ mod tests {
             directory: "127.0.0.1:7400".parse().unwrap(),
             ca: dir.join("ca.pem"),
             state_dir: dir.to_path_buf(),
+            identity: None,
         }
     }
 

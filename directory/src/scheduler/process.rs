@@ -4,7 +4,11 @@
 //! first (marks them `draining`, waits `drain_time`, stops the child, deregisters). Children
 //! never outlive a directory that exits cleanly.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -13,7 +17,37 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{AgentContext, Observed, Scheduler, SchedulerError, SHUTDOWN_GRACE};
+use crate::pki::CertAuthority;
 use crate::services::ServiceSpec;
+
+/// How the directory certifies the agents it starts: before each start it issues a
+/// certificate for an agent of the service and writes `node.pem`, `node-key.pem` (0600) and
+/// `ca.pem` into the instance's state folder; the agent uses them (no join token) and renews
+/// them at the join endpoint like any node.
+#[derive(Debug, Clone)]
+pub struct AgentIdentity {
+    pub authority: Arc<CertAuthority>,
+    /// Validity of the certificates issued.
+    pub validity: Duration,
+    /// The join endpoint the agents renew at.
+    pub join: SocketAddr,
+}
+
+impl AgentIdentity {
+    /// Writes a fresh certificate for an agent of `service` into `dir` (created if missing).
+    /// Errors: the certificate cannot be made or the files cannot be written.
+    fn provision(&self, service: &str, dir: &Path) -> Result<(), String> {
+        let identity = usher_shared::identity::NodeIdentity::Agent {
+            service: service.to_string(),
+        };
+        let (cert, key) = self
+            .authority
+            .issue_node(&identity, self.validity)
+            .map_err(|e| e.to_string())?;
+        usher_shared::enrolment::store(dir, &cert, &key, &self.authority.ca_pem)
+            .map_err(|e| e.to_string())
+    }
+}
 
 #[derive(Debug)]
 pub(super) struct Agent {
@@ -83,6 +117,15 @@ impl ProcessScheduler {
         );
         let a = &self.agents;
         let mut command = Command::new(&a.agent);
+        if let Some(identity) = &a.identity {
+            identity
+                .provision(&self.spec.name, &a.state_dir.join(&id))
+                .map_err(|reason| SchedulerError::Spawn {
+                    program: a.agent.clone(),
+                    source: std::io::Error::other(format!("cannot certify the agent: {reason}")),
+                })?;
+            command.arg("--join-address").arg(identity.join.to_string());
+        }
         command
             .arg("--directory")
             .arg(a.directory.to_string())
