@@ -8,7 +8,7 @@
 //!   8 instances, against the ideal of 8 warm instances (2 rounds: 1 s).
 //!
 //! Runs alternate baseline and usher. Figures are printed and written between the
-//! `autoscale` markers of `docs/BENCHMARKS.md`. Build with `cargo build --release` first;
+//! `autoscale` markers of `docs/BENCHMARKS.md` (or of the file `BENCH_DOCS` names). Build with `cargo build --release` first;
 //! run `target/release/usher-bench-autoscale [ROUNDS]` from the repository root.
 
 use std::time::{Duration, Instant};
@@ -187,7 +187,8 @@ async fn main() -> Result<()> {
         ms(ideal),
     );
     println!("{report}");
-    write_section("docs/BENCHMARKS.md", "autoscale", &report)?;
+    let docs = std::env::var("BENCH_DOCS").unwrap_or_else(|_| "docs/BENCHMARKS.md".into());
+    write_section(&docs, "autoscale", &report)?;
     Ok(())
 }
 
