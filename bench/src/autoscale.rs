@@ -14,6 +14,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use usher_bench::docs;
 use usher_tests::{admin_json, bin, free_tcp_port, http, wait_until, Mesh, Process};
 
 const BURST: usize = 16;
@@ -187,21 +188,6 @@ async fn main() -> Result<()> {
         ms(ideal),
     );
     println!("{report}");
-    let docs = std::env::var("BENCH_DOCS").unwrap_or_else(|_| "docs/BENCHMARKS.md".into());
-    write_section(&docs, "autoscale", &report)?;
+    docs::write_section(&docs::path(), "autoscale", &report)?;
     Ok(())
-}
-
-/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in `path` (appends
-/// the section if missing).
-fn write_section(path: &str, name: &str, body: &str) -> Result<()> {
-    let begin = format!("<!-- {name}:begin -->");
-    let end = format!("<!-- {name}:end -->");
-    let text = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let section = format!("{begin}\n{body}{end}");
-    let updated = match (text.find(&begin), text.find(&end)) {
-        (Some(b), Some(e)) if b < e => format!("{}{section}{}", &text[..b], &text[e + end.len()..]),
-        _ => format!("{text}\n{section}\n"),
-    };
-    std::fs::write(path, updated).with_context(|| format!("cannot write {path}"))
 }

@@ -1,0 +1,642 @@
+//! The control plane at fleet scale (issue 5): one real `usher-directory` process and, in this
+//! process, N agents heartbeating at the dictated interval (the agent's own session code, one
+//! QUIC connection each), M subscribed sidecars (one QUIC connection each, reading the route
+//! table stream) and K instance changes per second (instances flipping between `up` and
+//! `draining`, sent at once by their agent as a real agent does).
+//!
+//! Per size it reports the directory's CPU (share of one core, `/proc/PID/stat` utime+stime over
+//! the steady window), its RSS (VmRSS at the end, VmHWM), this generator's own CPU share (it
+//! competes with the directory for the same cores), the propagation delay of every change to
+//! every sidecar (p50, p99, max; both ends are in this process, so one clock), and the time for
+//! a silent agent (connection open, heartbeats stopped) to be withdrawn at every sidecar.
+//!
+//! ```text
+//! usher-bench-directory [--sizes 1000,10000,30000] [--sidecars 1000] [--changes 100]
+//!                       [--seconds 20]
+//! ```
+//!
+//! Run from the repository root after `cargo build --release` (it starts
+//! `target/release/usher-directory`); `bench/directory` does both. The figures are printed and
+//! written between the `directory` markers of `docs/BENCHMARKS.md` (or of `$BENCH_DOCS`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use usher_agent::session::{self as agent_session, SessionContext};
+use usher_bench::docs;
+use usher_shared::enrolment::{self, Credentials, TlsFlags};
+use usher_shared::identity::NodeIdentity;
+use usher_shared::protocol::{DirectoryMessage, NodeMessage, Registration, Role};
+use usher_shared::routes::{Change, Instance, InstanceState};
+use usher_shared::session::{node_endpoint, open};
+use usher_tests::{admin_json, wait_until, Mesh};
+
+/// The service every simulated instance belongs to.
+const SERVICE: &str = "fleet";
+/// The instance that goes silent at the end of a run.
+const SILENT: &str = "silent";
+/// Connections per QUIC endpoint (one UDP socket and one driver task each).
+const CONNECTIONS_PER_ENDPOINT: usize = 500;
+/// Most instances that take turns changing: each changes every `CHURNED / K` seconds, so its
+/// arrivals are never confused with its previous change's.
+const CHURNED: usize = 1_000;
+
+#[derive(Debug, Parser)]
+#[command(name = "usher-bench-directory", about = "The directory at fleet scale")]
+struct Args {
+    /// Instances (agents) per run, comma-separated: one run each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000usize, 10_000, 30_000])]
+    sizes: Vec<usize>,
+    /// Subscribed sidecars.
+    #[arg(long, default_value_t = 1_000)]
+    sidecars: usize,
+    /// Instance changes per second during the steady window.
+    #[arg(long, default_value_t = 100)]
+    changes: u32,
+    /// Length of the steady window, in seconds.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+}
+
+/// One run's figures.
+struct Figures {
+    instances: usize,
+    sidecars: usize,
+    changes_per_s: u32,
+    setup: Duration,
+    directory_cpu: f64,
+    generator_cpu: f64,
+    rss_mb: f64,
+    hwm_mb: f64,
+    changes: usize,
+    deliveries: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    silent_withdrawn: Option<Duration>,
+    /// Sidecars subscribed when the window started, and subscriptions made again in the run.
+    subscribed: usize,
+    resubscribed: usize,
+}
+
+/// The latest change of each churned instance: when it was made and the state it set.
+type Changes = Arc<RwLock<HashMap<String, (Instant, InstanceState)>>>;
+
+/// What the simulated sidecars observe.
+#[derive(Default)]
+struct Observed {
+    /// Change-to-arrival delays, in microseconds, one per change per sidecar.
+    delays_us: Mutex<Vec<u64>>,
+    /// Sidecars subscribed (their first table has arrived).
+    subscribed: AtomicUsize,
+    /// Subscriptions that failed and were made again.
+    resubscribed: AtomicUsize,
+    /// Sidecars that have seen the silent instance withdrawn.
+    silent_withdrawn: AtomicUsize,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.sizes.is_empty() || args.sizes.contains(&0) || args.sidecars == 0 {
+        bail!("--sizes and --sidecars must be positive");
+    }
+    if args.changes == 0 || args.seconds == 0 {
+        bail!("--changes and --seconds must be positive");
+    }
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let mut all = Vec::new();
+        for &n in &args.sizes {
+            eprintln!(
+                "usher-bench-directory: {n} instances, {} sidecars, {} changes/s",
+                args.sidecars, args.changes
+            );
+            let figures = run(n, args.sidecars, args.changes, args.seconds).await?;
+            eprintln!("{}", row(&figures));
+            all.push(figures);
+        }
+        let report = report(&all, &args);
+        println!("{report}");
+        docs::write_section(&docs::path(), "directory", &report)
+    })
+}
+
+async fn run(n: usize, m: usize, k: u32, seconds: u64) -> Result<Figures> {
+    let setup_started = Instant::now();
+    let mesh = Mesh::new()?;
+    let directory = mesh.start_directory("directory").await?;
+    let agent = credentials(&mesh, "agent", Some(SERVICE)).await?;
+    let sidecar = credentials(&mesh, "sidecar", None).await?;
+    let addr = mesh.directory.quic();
+    let admin = mesh.directory.admin();
+
+    // Sidecars first: they then also carry the fleet's arrival, as in a real start.
+    let changes: Changes = Arc::default();
+    let observed = Arc::new(Observed::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sidecar_endpoints = endpoints(&sidecar, m)?;
+    let mut sidecars = Vec::with_capacity(m);
+    for i in 0..m {
+        let endpoint = sidecar_endpoints[i / CONNECTIONS_PER_ENDPOINT].clone();
+        sidecars.push(tokio::spawn(subscribe(
+            endpoint,
+            addr.clone(),
+            changes.clone(),
+            observed.clone(),
+            stop_rx.clone(),
+        )));
+        if i % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    let agent_endpoints = endpoints(&agent, n + 1)?;
+    let mut states = Vec::with_capacity(CHURNED.min(n));
+    let mut agents = Vec::with_capacity(n);
+    let started_at_ms = usher_shared::unix_millis();
+    for i in 0..n {
+        let (state_tx, state_rx) = watch::channel(InstanceState::Up);
+        if states.len() < CHURNED {
+            states.push((format!("i-{i:05}"), state_tx));
+        }
+        let (stop, stop_rx) = oneshot::channel();
+        let ctx = SessionContext {
+            endpoint: agent_endpoints[i / CONNECTIONS_PER_ENDPOINT].clone(),
+            directory: addr.clone(),
+            node: format!("bench/{i}"),
+            instance: instance(&format!("i-{i:05}"), started_at_ms),
+            state: state_rx,
+            connected: Arc::new(AtomicBool::new(false)),
+        };
+        agents.push((stop, tokio::spawn(agent_session::run(ctx, stop_rx))));
+        if i % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let silent = silent_agent(&agent_endpoints[n / CONNECTIONS_PER_ENDPOINT], &addr).await?;
+    wait_until(
+        Duration::from_secs(60 + n as u64 / 100),
+        "every instance in the directory's table",
+        || async {
+            admin_json(&admin, "/v1/routes")
+                .await
+                .ok()
+                .and_then(|doc| doc["instances"].as_array().map(Vec::len))
+                == Some(n + 1)
+        },
+    )
+    .await?;
+    if let Err(e) = wait_until(
+        Duration::from_secs(120),
+        "every sidecar subscribed",
+        || async { observed.subscribed.load(Ordering::Acquire) >= m },
+    )
+    .await
+    {
+        eprintln!("usher-bench-directory: going on without them: {e}");
+    }
+    // The last batches reach the sidecars.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let setup = setup_started.elapsed();
+
+    // The steady window: K changes per second, round robin over the churned instances.
+    let window_subscribed = observed.subscribed.load(Ordering::Acquire);
+    let pid = directory.pid();
+    let (dir_before, own_before, window_started) =
+        (cpu_ticks(pid)?, cpu_ticks_self()?, Instant::now());
+    let mut made = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(k)));
+    while window_started.elapsed() < Duration::from_secs(seconds) {
+        tick.tick().await;
+        let (id, state_tx) = &states[made % states.len()];
+        let next = match *state_tx.borrow() {
+            InstanceState::Up => InstanceState::Draining,
+            _ => InstanceState::Up,
+        };
+        changes
+            .write()
+            .map_err(|_| anyhow::anyhow!("change log poisoned"))?
+            .insert(id.clone(), (Instant::now(), next));
+        let _ = state_tx.send(next);
+        made += 1;
+    }
+    // The last changes arrive.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let window = window_started.elapsed().as_secs_f64();
+    let clk_tck = clock_ticks_per_second();
+    let directory_cpu = (cpu_ticks(pid)? - dir_before) as f64 / clk_tck / window;
+    let generator_cpu = (cpu_ticks_self()? - own_before) as f64 / clk_tck / window;
+    let (rss_mb, hwm_mb) = memory_mb(pid)?;
+
+    // A silent agent: its connection stays open, its heartbeats stop.
+    let silenced = Instant::now();
+    let _ = silent.send(());
+    let silent_withdrawn = wait_until(
+        Duration::from_secs(20),
+        "the silent instance withdrawn at every sidecar",
+        || async {
+            observed.silent_withdrawn.load(Ordering::Acquire)
+                >= observed.subscribed.load(Ordering::Acquire)
+        },
+    )
+    .await
+    .ok()
+    .map(|_| silenced.elapsed());
+
+    let _ = stop_tx.send(true);
+    for sidecar in sidecars {
+        let _ = tokio::time::timeout(Duration::from_secs(5), sidecar).await;
+    }
+    for (stop, task) in agents {
+        drop(stop); // closes without deregistering: the directory is stopped next anyway
+        task.abort();
+    }
+    drop(directory);
+
+    let mut delays = std::mem::take(
+        &mut *observed
+            .delays_us
+            .lock()
+            .map_err(|_| anyhow::anyhow!("delays poisoned"))?,
+    );
+    delays.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if delays.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((delays.len() as f64 * p).ceil() as usize).clamp(1, delays.len()) - 1;
+        delays[i] as f64 / 1000.0
+    };
+    Ok(Figures {
+        instances: n,
+        sidecars: m,
+        changes_per_s: k,
+        setup,
+        directory_cpu,
+        generator_cpu,
+        rss_mb,
+        hwm_mb,
+        changes: made,
+        deliveries: delays.len(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+        silent_withdrawn,
+        subscribed: window_subscribed,
+        resubscribed: observed.resubscribed.load(Ordering::Acquire),
+    })
+}
+
+fn instance(id: &str, started_at_ms: u64) -> Instance {
+    Instance {
+        service: SERVICE.into(),
+        version: "v1".into(),
+        id: id.into(),
+        address: "127.0.0.1:9".parse().expect("a literal address"),
+        capacity: 8,
+        weight: 1,
+        state: InstanceState::Up,
+        started_at_ms,
+        labels: BTreeMap::new(),
+    }
+}
+
+/// A certificate for `role` through the real join flow (a token made by the CLI).
+async fn credentials(mesh: &Mesh, role: &str, service: Option<&str>) -> Result<Credentials> {
+    let token = mesh.create_token(role, service, None)?;
+    let identity = match service {
+        Some(service) => NodeIdentity::Agent {
+            service: service.into(),
+        },
+        None => NodeIdentity::Sidecar,
+    };
+    let flags = TlsFlags {
+        join_token: Some(token),
+        join_address: Some(mesh.directory.join()),
+        ..TlsFlags::default()
+    };
+    let tls = flags
+        .validate(&mesh.directory.quic())
+        .map_err(|e| anyhow::anyhow!("--{}: {}", e.flag, e.reason))?
+        .for_node(identity, &mesh.dir().join(format!("{role}-state")));
+    enrolment::obtain(&tls)
+        .await
+        .with_context(|| format!("no {role} certificate"))
+}
+
+/// Enough QUIC endpoints for `connections`, [`CONNECTIONS_PER_ENDPOINT`] each.
+fn endpoints(credentials: &Credentials, connections: usize) -> Result<Vec<quinn::Endpoint>> {
+    (0..connections.div_ceil(CONNECTIONS_PER_ENDPOINT))
+        .map(|_| node_endpoint(credentials).context("cannot open a QUIC endpoint"))
+        .collect()
+}
+
+/// One sidecar: subscribes and records, for every change of a churned instance, the delay
+/// since the change was made; counts the silent instance's withdrawal. Like a real sidecar it
+/// subscribes again after its connection fails (a fleet starting at once overruns the
+/// directory's handshakes for a moment).
+async fn subscribe(
+    endpoint: quinn::Endpoint,
+    addr: String,
+    changes: Changes,
+    observed: Arc<Observed>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut failures = 0u32;
+    let mut counted = false;
+    let mut silent_seen = false;
+    let mut delays = Vec::new();
+    'connect: loop {
+        let opened = async {
+            let mut session = open(&endpoint, &addr, Role::Sidecar, "bench/sidecar").await?;
+            let subscribe = NodeMessage::Subscribe {
+                epoch: None,
+                revision: 0,
+            };
+            session.send(&subscribe).await?;
+            Ok::<_, usher_shared::session::SessionError>(session)
+        };
+        let mut session = match opened.await {
+            Ok(session) => session,
+            Err(e) => {
+                failures += 1;
+                if failures.is_multiple_of(10) {
+                    eprintln!("usher-bench-directory: a sidecar cannot subscribe yet: {e}");
+                }
+                let pause = Duration::from_millis(200 + u64::from(failures % 7) * 50);
+                tokio::select! {
+                    _ = stop.changed() => break 'connect,
+                    _ = tokio::time::sleep(pause) => continue 'connect,
+                }
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                _ = stop.changed() => {
+                    session.close("benchmark over");
+                    break 'connect;
+                }
+                message = session.recv() => message,
+            };
+            let batch = match message {
+                Ok(DirectoryMessage::Deltas { changes, .. }) => changes,
+                Ok(DirectoryMessage::SnapshotChunk { last, .. }) => {
+                    if last && !counted {
+                        counted = true;
+                        observed.subscribed.fetch_add(1, Ordering::AcqRel);
+                    }
+                    continue;
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    failures += 1;
+                    observed.resubscribed.fetch_add(1, Ordering::AcqRel);
+                    eprintln!("usher-bench-directory: a sidecar subscribes again: {e}");
+                    continue 'connect;
+                }
+            };
+            let arrived = Instant::now();
+            let Ok(made) = changes.read() else {
+                break 'connect;
+            };
+            for change in &batch {
+                match change {
+                    Change::Upsert(i) => {
+                        if let Some((at, state)) = made.get(&i.id) {
+                            if *state == i.state {
+                                delays.push(arrived.duration_since(*at).as_micros() as u64);
+                            }
+                        }
+                    }
+                    Change::Remove(key) if key.id == SILENT && !silent_seen => {
+                        silent_seen = true;
+                        observed.silent_withdrawn.fetch_add(1, Ordering::AcqRel);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    if let Ok(mut all) = observed.delays_us.lock() {
+        all.extend(delays);
+    }
+}
+
+/// An agent that registers and heartbeats until told to go silent; then it keeps its
+/// connection open and sends nothing (a hung process, not a crashed one).
+async fn silent_agent(endpoint: &quinn::Endpoint, addr: &str) -> Result<oneshot::Sender<()>> {
+    let mut session = open(endpoint, addr, Role::Agent, "bench/silent").await?;
+    session
+        .send(&NodeMessage::Register(Registration {
+            instance: instance(SILENT, usher_shared::unix_millis()),
+        }))
+        .await?;
+    let DirectoryMessage::Registered {
+        next_heartbeat_ms, ..
+    } = session.recv().await?
+    else {
+        bail!("the silent agent was not registered");
+    };
+    let (silence, mut silenced) = oneshot::channel::<()>();
+    let task: JoinHandle<()> = tokio::spawn(async move {
+        let mut next = Duration::from_millis(next_heartbeat_ms);
+        loop {
+            tokio::select! {
+                _ = &mut silenced => break,
+                _ = tokio::time::sleep(next) => {}
+            }
+            let heartbeat = NodeMessage::Heartbeat {
+                state: InstanceState::Up,
+            };
+            if session.send(&heartbeat).await.is_err() {
+                return;
+            }
+            match session.recv().await {
+                Ok(DirectoryMessage::HeartbeatAck { next_heartbeat_ms }) => {
+                    next = Duration::from_millis(next_heartbeat_ms)
+                }
+                _ => return,
+            }
+        }
+        // Silent from here on, with the connection open until the run ends.
+        std::future::pending::<()>().await;
+    });
+    drop(task);
+    Ok(silence)
+}
+
+/// utime + stime of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    stat_ticks(&Path::new("/proc").join(pid.to_string()).join("stat"))
+}
+
+fn cpu_ticks_self() -> Result<u64> {
+    stat_ticks(Path::new("/proc/self/stat"))
+}
+
+fn stat_ticks(path: &Path) -> Result<u64> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    // Field 2 (the command) may hold spaces: count from its closing parenthesis.
+    let after = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest)
+        .context("malformed stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .context("short stat")?
+            .parse()
+            .context("stat field")
+    };
+    // utime and stime are fields 14 and 15, the 12th and 13th after the command.
+    Ok(field(11)? + field(12)?)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// VmRSS and VmHWM of process `pid`, in MB (10⁶ bytes).
+fn memory_mb(pid: u32) -> Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = |name: &str| -> f64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    Ok((kb("VmRSS:") * 1024.0 / 1e6, kb("VmHWM:") * 1024.0 / 1e6))
+}
+
+fn row(f: &Figures) -> String {
+    let silent = f.silent_withdrawn.map_or("not within 20 s".into(), |d| {
+        format!("{:.2}", d.as_secs_f64())
+    });
+    format!(
+        "| {} | {} ({} subscribed, {} again) | {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.0} |",
+        fmt_int(f.instances),
+        fmt_int(f.sidecars),
+        fmt_int(f.subscribed),
+        fmt_int(f.resubscribed),
+        f.changes_per_s,
+        f.directory_cpu,
+        f.generator_cpu,
+        f.rss_mb,
+        f.hwm_mb,
+        f.p50_ms,
+        f.p99_ms,
+        f.max_ms,
+        fmt_int(f.deliveries),
+        fmt_int(f.changes * f.subscribed),
+        silent,
+        f.setup.as_secs_f64(),
+    )
+}
+
+fn fmt_int(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "**met**"
+    } else {
+        "**missed**"
+    }
+}
+
+fn report(all: &[Figures], args: &Args) -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .unwrap_or_default();
+    let sizes: Vec<String> = args.sizes.iter().map(usize::to_string).collect();
+    let mut out = format!(
+        "Measured {} on {cpus} CPUs shared by the directory and this generator (and whatever \
+         else runs), so CPU shares compete: the generator's own share is shown beside the \
+         directory's.\n\n```sh\nbench/directory   # usher-bench-directory --sizes {} \
+         --sidecars {} --changes {} --seconds {}\n```\n\n",
+        date.trim(),
+        sizes.join(","),
+        args.sidecars,
+        args.changes,
+        args.seconds
+    );
+    out.push_str(
+        "| instances | sidecars | changes/s | directory CPU (cores) | generator CPU (cores) \
+         | directory RSS MB | RSS high-water MB | propagation p50 ms | p99 ms | max ms \
+         | deliveries | silent agent withdrawn everywhere, s | setup s |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for f in all {
+        out.push_str(&row(f));
+        out.push('\n');
+    }
+    out.push_str(
+        "\nPropagation: from the moment the generator tells an agent its instance changed to the \
+         moment each sidecar reads the batch holding it, one figure per change per sidecar \
+         (`deliveries` counts them against changes × sidecars subscribed when the window \
+         started; a sidecar whose connection failed subscribes again, as a real one does, and \
+         `again` counts those). Heartbeat interval 1 s (the \
+         default), so the silent agent is due to be withdrawn after its TTL.\n",
+    );
+    if let Some(f) = all.iter().find(|f| f.instances == 10_000) {
+        out.push_str("\nTargets of issue 5 at 10,000 instances:\n\n");
+        out.push_str(&format!(
+            "- directory CPU {:.2} cores, target ≤ 0.5 — {}\n",
+            f.directory_cpu,
+            verdict(f.directory_cpu <= 0.5)
+        ));
+        out.push_str(&format!(
+            "- directory RSS {:.0} MB (high-water {:.0} MB), target ≤ 512 MB — {}\n",
+            f.rss_mb,
+            f.hwm_mb,
+            verdict(f.hwm_mb <= 512.0)
+        ));
+        out.push_str(&format!(
+            "- propagation p99 {:.1} ms, target ≤ 150 ms — {}\n",
+            f.p99_ms,
+            verdict(f.p99_ms <= 150.0 && f.deliveries > 0)
+        ));
+        let silent_ok = f
+            .silent_withdrawn
+            .is_some_and(|d| d <= Duration::from_millis(3500));
+        out.push_str(&format!(
+            "- silent agent withdrawn everywhere in {}, target ≤ 3.5 s — {}\n",
+            f.silent_withdrawn
+                .map_or("more than 20 s".into(), |d| format!(
+                    "{:.2} s",
+                    d.as_secs_f64()
+                )),
+            verdict(silent_ok)
+        ));
+    }
+    out
+}
