@@ -7,7 +7,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use usher_directory::{Config, Listeners};
-use usher_shared::codec::{read_frame, write_frame, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
+use usher_shared::codec::{
+    read_frame, write_frame, FRAME_READ_TIMEOUT, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
+};
 use usher_shared::identity::NodeIdentity;
 use usher_shared::protocol::{DirectoryMessage, ErrorCode, Hello, NodeMessage, Registration, Role};
 use usher_shared::quic::{client_config, NodeCert};
@@ -87,6 +89,19 @@ impl Running {
             .await
             .expect("run returns after shutdown")
             .unwrap();
+    }
+
+    /// A sidecar session that has subscribed from scratch.
+    async fn subscribed(&self) -> Session {
+        let mut sidecar = self.session(Role::Sidecar).await;
+        sidecar
+            .send(&NodeMessage::Subscribe {
+                epoch: None,
+                revision: 0,
+            })
+            .await
+            .unwrap();
+        sidecar
     }
 
     async fn session(&self, role: Role) -> Session {
@@ -182,14 +197,7 @@ async fn agents_register_sidecars_follow_and_silence_expires() {
     let d = start(dir.path()).await;
     let mut agent = register(&d, instance("a", InstanceState::Starting)).await;
 
-    let mut sidecar = d.session(Role::Sidecar).await;
-    sidecar
-        .send(&NodeMessage::Subscribe {
-            epoch: None,
-            revision: 0,
-        })
-        .await
-        .unwrap();
+    let mut sidecar = d.subscribed().await;
     let mut table = RouteTable::default();
     follow(&mut sidecar, &mut table, |t| {
         state_of(t, "a") == Some(InstanceState::Starting)
@@ -243,14 +251,7 @@ async fn deregister_withdraws_at_once_and_resume_gets_only_deltas() {
     let dir = tempfile::tempdir().unwrap();
     let d = start(dir.path()).await;
     let mut agent = register(&d, instance("a", InstanceState::Up)).await;
-    let mut sidecar = d.session(Role::Sidecar).await;
-    sidecar
-        .send(&NodeMessage::Subscribe {
-            epoch: None,
-            revision: 0,
-        })
-        .await
-        .unwrap();
+    let mut sidecar = d.subscribed().await;
     let mut table = RouteTable::default();
     follow(&mut sidecar, &mut table, |t| t.len() == 1).await;
     sidecar.close("test");
@@ -296,14 +297,7 @@ async fn a_restart_keeps_the_ca_and_holds_updates_for_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
     let d = start(dir.path()).await;
     let _agent = register(&d, instance("a", InstanceState::Up)).await;
-    let mut sidecar = d.session(Role::Sidecar).await;
-    sidecar
-        .send(&NodeMessage::Subscribe {
-            epoch: None,
-            revision: 0,
-        })
-        .await
-        .unwrap();
+    let mut sidecar = d.subscribed().await;
     let mut table = RouteTable::default();
     follow(&mut sidecar, &mut table, |t| t.len() == 1).await;
     let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
@@ -389,6 +383,21 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
     assert_eq!(answer(&mut recv).await, Some(ErrorCode::InvalidRequest));
 
+    // A well-formed frame of a message type the directory does not know.
+    #[derive(serde::Serialize)]
+    enum Unknown {
+        LaunchMissiles { now: bool },
+    }
+    let (mut send, mut recv) = raw_stream(&d).await;
+    write_frame(
+        &mut send,
+        &Unknown::LaunchMissiles { now: true },
+        MAX_NODE_FRAME,
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer(&mut recv).await, Some(ErrorCode::InvalidRequest));
+
     // A protocol version the directory does not speak.
     let (mut send, mut recv) = raw_stream(&d).await;
     let hello = NodeMessage::Hello(Hello {
@@ -448,6 +457,29 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(doc["revision"], 0);
     assert!(doc["instances"].as_array().unwrap().is_empty());
+    let _ok = register(&d, instance("good", InstanceState::Up)).await;
+    d.stop().await;
+}
+
+/// A subscribed node that starts a frame and stops is refused after
+/// [`FRAME_READ_TIMEOUT`] although QUIC keep-alives keep its connection up; the directory
+/// goes on serving others.
+#[tokio::test]
+async fn a_node_that_stalls_inside_a_frame_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path()).await;
+    let mut sidecar = d.subscribed().await;
+    sidecar.send.write_all(&[0, 0, 0]).await.unwrap();
+    let started = std::time::Instant::now();
+    let refusal = loop {
+        match tokio::time::timeout(FRAME_READ_TIMEOUT * 2, sidecar.recv()).await {
+            Ok(Ok(_snapshot_or_delta)) => continue,
+            Ok(Err(e)) => break e.to_string(),
+            Err(_) => panic!("the directory kept a stalled node"),
+        }
+    };
+    assert!(refusal.contains("started a frame"), "{refusal}");
+    assert!(started.elapsed() >= FRAME_READ_TIMEOUT - Duration::from_secs(1));
     let _ok = register(&d, instance("good", InstanceState::Up)).await;
     d.stop().await;
 }

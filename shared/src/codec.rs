@@ -7,6 +7,8 @@
 //! [`decode_frame`] is the pure parser (tested on hostile byte strings); [`read_frame`] and
 //! [`write_frame`] drive it over any tokio stream.
 
+use std::time::Duration;
+
 use bytes::{Buf, BytesMut};
 use serde::{de::DeserializeOwned, Serialize};
 use thiserror::Error;
@@ -20,6 +22,14 @@ pub const MAX_NODE_FRAME: usize = 64 * 1024;
 
 /// Largest frame a node accepts from the directory (1 MiB): snapshots are chunked below it.
 pub const MAX_DIRECTORY_FRAME: usize = 1024 * 1024;
+
+/// Once the first byte of a frame has arrived, the rest of it (header and payload) must arrive
+/// within this time or [`read_frame`] fails with [`FrameError::Stalled`]: 10 s carries the
+/// largest frame ([`MAX_DIRECTORY_FRAME`]) at 100 KiB/s. A peer that starts a frame and stops
+/// would otherwise hold its task and the frame's buffer forever while QUIC keep-alives keep
+/// the connection up. The wait *between* frames is not bounded here: a subscription is quiet
+/// for long stretches, and callers bound it where it matters (the hello, heartbeats).
+pub const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What can go wrong reading or writing a frame.
 #[derive(Debug, Error)]
@@ -36,6 +46,9 @@ pub enum FrameError {
     /// The stream ended in the middle of a frame.
     #[error("stream ended inside a frame ({got} of {expected} bytes)")]
     Truncated { got: usize, expected: usize },
+    /// A frame was started but not finished within the allowed time.
+    #[error("the peer started a frame and sent no more of it for {after:?}")]
+    Stalled { after: Duration },
     /// The stream failed.
     #[error("stream error: {0}")]
     Io(#[from] std::io::Error),
@@ -90,21 +103,53 @@ fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
 /// Reads one frame from `reader`.
 ///
 /// Returns `Ok(None)` on a clean end of stream between frames. Errors: the header announces
-/// more than `max` bytes (nothing is allocated), the stream ends inside a frame, the payload
-/// is malformed, or the stream fails.
+/// more than `max` bytes (nothing is allocated), the stream ends inside a frame, the rest of a
+/// started frame does not arrive within [`FRAME_READ_TIMEOUT`], the payload is malformed
+/// (an unknown message type included), or the stream fails.
 pub async fn read_frame<R, T>(reader: &mut R, max: usize) -> Result<Option<T>, FrameError>
 where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
 {
+    read_frame_within(reader, max, FRAME_READ_TIMEOUT).await
+}
+
+/// [`read_frame`] with `stall` instead of [`FRAME_READ_TIMEOUT`] as the time a started frame
+/// has to arrive whole.
+pub async fn read_frame_within<R, T>(
+    reader: &mut R,
+    max: usize,
+    stall: Duration,
+) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
     let mut header = [0u8; HEADER_LEN];
-    let mut got = 0;
+    let first = reader.read(&mut header).await?;
+    if first == 0 {
+        return Ok(None);
+    }
+    match tokio::time::timeout(stall, read_rest(reader, header, first, max)).await {
+        Ok(result) => result.map(Some),
+        Err(_) => Err(FrameError::Stalled { after: stall }),
+    }
+}
+
+/// The rest of a frame whose first `got` header bytes are in `header`.
+async fn read_rest<R, T>(
+    reader: &mut R,
+    mut header: [u8; HEADER_LEN],
+    mut got: usize,
+    max: usize,
+) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
     while got < HEADER_LEN {
         let n = reader.read(&mut header[got..]).await?;
         if n == 0 {
-            if got == 0 {
-                return Ok(None);
-            }
             return Err(FrameError::Truncated {
                 got,
                 expected: HEADER_LEN,
@@ -122,7 +167,7 @@ where
         }
         got += n;
     }
-    Ok(Some(rmp_serde::from_slice(&payload)?))
+    Ok(rmp_serde::from_slice(&payload)?)
 }
 
 /// Reads one frame from an owned `reader` and hands the reader back with the result, so a
@@ -152,6 +197,7 @@ mod tests {
     use super::*;
     use crate::protocol::{Hello, NodeMessage, Role, PROTOCOL_VERSION};
     use crate::routes::InstanceState;
+    use tokio::io::AsyncWriteExt;
 
     fn hello() -> NodeMessage {
         NodeMessage::Hello(Hello {
@@ -234,10 +280,57 @@ mod tests {
         }
         let frame = encode_frame(&Other::LaunchMissiles { now: true }, MAX_NODE_FRAME).unwrap();
         let mut buf = BytesMut::from(&frame[..]);
-        assert!(matches!(
-            decode_frame::<NodeMessage>(&mut buf, MAX_NODE_FRAME),
-            Err(FrameError::Malformed(_))
-        ));
+        let err = decode_frame::<NodeMessage>(&mut buf, MAX_NODE_FRAME).unwrap_err();
+        assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+        // The error names what was sent, for the refusal the directory sends back.
+        assert!(err.to_string().contains("LaunchMissiles"), "{err}");
+    }
+
+    /// A connected pair of TCP sockets on loopback: `(writer, reader)`.
+    async fn loopback() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let writer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (reader, _) = listener.accept().await.unwrap();
+        (writer, reader)
+    }
+
+    #[tokio::test]
+    async fn a_started_frame_that_stalls_is_an_error_but_a_quiet_peer_is_not() {
+        let stall = Duration::from_millis(200);
+        let frame = encode_frame(&hello(), MAX_NODE_FRAME).unwrap();
+        // Stops inside the header, then inside the payload.
+        for cut in [2, HEADER_LEN + 3] {
+            let (mut writer, mut reader) = loopback().await;
+            writer.write_all(&frame[..cut]).await.unwrap();
+            let started = std::time::Instant::now();
+            let err = read_frame_within::<_, NodeMessage>(&mut reader, MAX_NODE_FRAME, stall)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, FrameError::Stalled { after } if after == stall),
+                "{err}"
+            );
+            assert!(started.elapsed() >= stall);
+            drop(writer);
+        }
+        // Quiet for longer than `stall` between frames, then a whole frame: fine.
+        let (mut writer, mut reader) = loopback().await;
+        let sending = tokio::spawn(async move {
+            tokio::time::sleep(stall * 2).await;
+            writer.write_all(&frame).await.unwrap();
+            writer
+        });
+        let got: Option<NodeMessage> = read_frame_within(&mut reader, MAX_NODE_FRAME, stall)
+            .await
+            .unwrap();
+        assert_eq!(got, Some(hello()));
+        drop(sending.await.unwrap());
+        let end: Option<NodeMessage> = read_frame_within(&mut reader, MAX_NODE_FRAME, stall)
+            .await
+            .unwrap();
+        assert_eq!(end, None);
     }
 
     #[tokio::test]

@@ -31,8 +31,29 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Nodes send a keep-alive this often, so a silent directory is noticed within the idle timeout.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
 
-/// Streams one peer may have open at once: a node needs one or two.
+/// Streams one peer may have open at once: a node needs one or two. A peer that opens more
+/// waits (QUIC flow control) until one ends; uni-directional streams are not accepted at all.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 8;
+
+/// Bytes a node may send on one stream beyond what the directory has read (QUIC stream flow
+/// control window): 256 KiB, four of the largest frames a node may send
+/// ([`MAX_NODE_FRAME`](crate::codec::MAX_NODE_FRAME)). A node that floods waits for the
+/// directory to read instead of filling its memory.
+pub const DIRECTORY_STREAM_WINDOW: u32 = 4 * crate::codec::MAX_NODE_FRAME as u32;
+
+/// Bytes a node may send beyond what the directory has read, over all its streams on one
+/// connection: 1 MiB. With [`DIRECTORY_STREAM_WINDOW`], a connection costs the directory at
+/// most this much buffered input.
+pub const DIRECTORY_CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// Bytes the directory may send on one stream beyond what a node has read: 2 MiB, two of the
+/// largest frames the directory sends
+/// ([`MAX_DIRECTORY_FRAME`](crate::codec::MAX_DIRECTORY_FRAME)), so a snapshot streams without
+/// waiting on every frame.
+pub const NODE_STREAM_WINDOW: u32 = 2 * crate::codec::MAX_DIRECTORY_FRAME as u32;
+
+/// Bytes the directory may send beyond what a node has read, over the whole connection: 4 MiB.
+pub const NODE_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
 /// Why TLS material could not be used.
 #[derive(Debug, Error)]
@@ -53,18 +74,37 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn transport(keep_alive: bool) -> Arc<quinn::TransportConfig> {
+/// Which end a transport configuration is for: its receive windows differ.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// A node: receives route tables, sends keep-alives.
+    Node { keep_alive: bool },
+    /// The directory (control plane and join endpoint): receives small node messages.
+    Directory,
+}
+
+fn transport(end: End) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
         IDLE_TIMEOUT
             .try_into()
             .expect("IDLE_TIMEOUT is a small constant"),
     ));
-    if keep_alive {
-        t.keep_alive_interval(Some(KEEP_ALIVE));
-    }
+    let (stream_window, connection_window) = match end {
+        End::Node { keep_alive } => {
+            if keep_alive {
+                t.keep_alive_interval(Some(KEEP_ALIVE));
+            }
+            (NODE_STREAM_WINDOW, NODE_CONNECTION_WINDOW)
+        }
+        End::Directory => (DIRECTORY_STREAM_WINDOW, DIRECTORY_CONNECTION_WINDOW),
+    };
+    t.stream_receive_window(stream_window.into());
+    t.receive_window(connection_window.into());
     t.max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into());
     t.max_concurrent_uni_streams(0u32.into());
+    // usher sends no datagrams; refuse to buffer any.
+    t.datagram_receive_buffer_size(None);
     Arc::new(t)
 }
 
@@ -147,7 +187,7 @@ fn quic_client(
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport(keep_alive));
+    config.transport_config(transport(End::Node { keep_alive }));
     Ok(config)
 }
 
@@ -303,7 +343,7 @@ fn quic_server(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport(false));
+    config.transport_config(transport(End::Directory));
     Ok(config)
 }
 
@@ -362,10 +402,9 @@ mod tests {
         (ca.pem(), chain, key.serialize_pem())
     }
 
-    /// A joining node accepts the join endpoint only if its CA has the token's fingerprint:
-    /// a directory of another cluster (or a man in the middle) fails the handshake.
-    #[tokio::test]
-    async fn a_joining_node_pins_the_ca_by_the_token_digest() {
+    /// A server on loopback with the directory's transport settings that accepts connections
+    /// and never reads: `(endpoint, address, ca_pem)`.
+    fn silent_directory() -> (quinn::Endpoint, std::net::SocketAddr, String) {
         let (ca, chain, key) = cluster();
         let server = join_server_config(chain.as_bytes(), key.as_bytes(), ca.as_bytes()).unwrap();
         let endpoint =
@@ -382,6 +421,66 @@ mod tests {
                 });
             }
         });
+        (endpoint, addr, ca)
+    }
+
+    async fn connect_to(addr: std::net::SocketAddr, ca: &str) -> quinn::Connection {
+        let mut client =
+            quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let digest = crate::identity::ca_fingerprint(ca.as_bytes()).unwrap();
+        client.set_default_client_config(join_client_config(&digest).unwrap());
+        client.connect(addr, SERVER_NAME).unwrap().await.unwrap()
+    }
+
+    /// A node that floods one stream the directory does not read is stopped by flow control
+    /// after [`DIRECTORY_STREAM_WINDOW`] bytes; one that opens more than
+    /// [`MAX_STREAMS_PER_CONNECTION`] streams waits; a uni-directional stream is never granted.
+    #[tokio::test]
+    async fn a_flooding_node_is_held_by_the_directory_windows_and_stream_limit() {
+        let (endpoint, addr, ca) = silent_directory();
+        let connection = connect_to(addr, &ca).await;
+        let (mut send, _recv) = connection.open_bi().await.unwrap();
+        let chunk = vec![7u8; 16 * 1024];
+        let mut sent = 0usize;
+        loop {
+            let wrote = tokio::time::timeout(Duration::from_millis(300), send.write(&chunk)).await;
+            match wrote {
+                Ok(Ok(n)) => sent += n,
+                Ok(Err(e)) => panic!("write failed: {e}"),
+                Err(_) => break, // blocked: no more credit
+            }
+            assert!(
+                sent <= 4 * DIRECTORY_STREAM_WINDOW as usize,
+                "{sent} bytes accepted"
+            );
+        }
+        assert!(
+            sent <= DIRECTORY_STREAM_WINDOW as usize,
+            "{sent} bytes accepted"
+        );
+        assert!(
+            sent >= DIRECTORY_STREAM_WINDOW as usize / 2,
+            "{sent} bytes accepted"
+        );
+
+        let mut streams = Vec::new();
+        for _ in 1..MAX_STREAMS_PER_CONNECTION {
+            let (mut send, recv) = connection.open_bi().await.unwrap();
+            send.write_all(b"x").await.unwrap();
+            streams.push((send, recv));
+        }
+        let one_more = tokio::time::timeout(Duration::from_millis(300), connection.open_bi()).await;
+        assert!(one_more.is_err(), "a stream beyond the limit was granted");
+        let uni = tokio::time::timeout(Duration::from_millis(300), connection.open_uni()).await;
+        assert!(uni.is_err(), "a uni-directional stream was granted");
+        endpoint.close(0u32.into(), b"done");
+    }
+
+    /// A joining node accepts the join endpoint only if its CA has the token's fingerprint:
+    /// a directory of another cluster (or a man in the middle) fails the handshake.
+    #[tokio::test]
+    async fn a_joining_node_pins_the_ca_by_the_token_digest() {
+        let (endpoint, addr, ca) = silent_directory();
         let connect = |digest: String| async move {
             let mut client =
                 quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();

@@ -4,7 +4,9 @@
 //! ```text
 //! usher-sidecar --directory ADDR [--join-token TOKEN | --ca FILE --cert FILE --key FILE]
 //!               [--join-address ADDR] [--listen ADDR] [--admin ADDR] [--state-dir DIR]
-//!               [--threads N]
+//!               [--queue-timeout D] [--max-queued N] [--instance-timeout D]
+//!               [--connect-timeout D] [--header-read-timeout D] [--max-header-size BYTES]
+//!               [--max-connections N] [--threads N]
 //! ```
 
 use std::net::SocketAddr;
@@ -83,11 +85,49 @@ pub struct Args {
     #[arg(long, env = "USHER_SIDECAR_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
+    /// A client must send a request's line and headers within this time, or its connection is
+    /// closed (slow-loris defence).
+    #[arg(long, env = "USHER_SIDECAR_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Largest request head (request line and headers) in bytes; a larger one is answered
+    /// `431` and its connection closed.
+    #[arg(
+        long,
+        env = "USHER_SIDECAR_MAX_HEADER_SIZE",
+        value_name = "BYTES",
+        default_value_t = DEFAULT_MAX_HEADER_SIZE
+    )]
+    pub max_header_size: usize,
+
+    /// Client connections served at once; beyond it a new connection is accepted and closed
+    /// at once until one ends.
+    #[arg(
+        long,
+        env = "USHER_SIDECAR_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = DEFAULT_MAX_CONNECTIONS
+    )]
+    pub max_connections: usize,
+
     /// Worker threads of the proxy's runtime; `1` runs everything on one thread (no
     /// cross-thread wake-ups). Default: the number of CPUs.
     #[arg(long, env = "USHER_SIDECAR_THREADS", value_name = "N")]
     pub threads: Option<usize>,
 }
+
+/// Default `--max-header-size`, bytes: 64 KiB, 8 times nginx's default header buffer, far
+/// above what browsers and HTTP clients send (a few KiB), far below what could hurt memory.
+pub const DEFAULT_MAX_HEADER_SIZE: usize = 64 * 1024;
+
+/// Bounds of `--max-header-size`, bytes. Below 1 KiB ordinary requests fail; above 256 KiB
+/// hyper's own read buffer limit (about 400 KiB) would answer first.
+pub const MAX_HEADER_SIZE_RANGE: std::ops::RangeInclusive<usize> = 1024..=256 * 1024;
+
+/// Default `--max-connections`: the client beside the sidecar needs a few dozen; each
+/// connection costs a file descriptor (two while proxying), and the usual soft limit is 1024
+/// per process, so 512 keeps the sidecar within it.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 /// Most worker threads `--threads` accepts.
 pub const MAX_THREADS: usize = 1024;
@@ -106,6 +146,12 @@ pub struct Config {
     pub max_queued: usize,
     pub instance_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Time a client has to send a request head; then its connection is closed.
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes, within [`MAX_HEADER_SIZE_RANGE`]; larger gets `431`.
+    pub max_header_size: usize,
+    /// Client connections served at once, at least 1.
+    pub max_connections: usize,
     /// Runtime worker threads, 1..=[`MAX_THREADS`]; 1 means a current-thread runtime.
     pub threads: usize,
 }
@@ -130,11 +176,23 @@ fn positive(flag: &'static str, value: Duration) -> Result<(), ConfigError> {
     Ok(())
 }
 
+fn at_least_one(flag: &'static str, value: usize) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError {
+            flag,
+            value: "0".into(),
+            reason: "must be at least 1".into(),
+        });
+    }
+    Ok(())
+}
+
 impl Config {
     /// Builds and validates the configuration from parsed flags. Pure.
     ///
-    /// Errors name the flag: a directory address that is not `host:port`, a zero duration or
-    /// a zero `--max-queued`, a `--threads` outside 1..=[`MAX_THREADS`].
+    /// Errors name the flag: a directory address that is not `host:port`, a zero duration, a
+    /// zero `--max-queued` or `--max-connections`, a `--max-header-size` outside
+    /// [`MAX_HEADER_SIZE_RANGE`], a `--threads` outside 1..=[`MAX_THREADS`].
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         validate_host_port(&args.directory).map_err(|reason| ConfigError {
             flag: "directory",
@@ -152,11 +210,18 @@ impl Config {
         positive("queue-timeout", args.queue_timeout)?;
         positive("instance-timeout", args.instance_timeout)?;
         positive("connect-timeout", args.connect_timeout)?;
-        if args.max_queued == 0 {
+        positive("header-read-timeout", args.header_read_timeout)?;
+        at_least_one("max-queued", args.max_queued)?;
+        at_least_one("max-connections", args.max_connections)?;
+        if !MAX_HEADER_SIZE_RANGE.contains(&args.max_header_size) {
             return Err(ConfigError {
-                flag: "max-queued",
-                value: "0".into(),
-                reason: "must be at least 1".into(),
+                flag: "max-header-size",
+                value: args.max_header_size.to_string(),
+                reason: format!(
+                    "must be between {} and {} bytes",
+                    MAX_HEADER_SIZE_RANGE.start(),
+                    MAX_HEADER_SIZE_RANGE.end()
+                ),
             });
         }
         let threads = match args.threads {
@@ -180,6 +245,9 @@ impl Config {
             max_queued: args.max_queued,
             instance_timeout: args.instance_timeout,
             connect_timeout: args.connect_timeout,
+            header_read_timeout: args.header_read_timeout,
+            max_header_size: args.max_header_size,
+            max_connections: args.max_connections,
             threads,
         })
     }
@@ -218,6 +286,9 @@ mod tests {
         assert_eq!(c.max_queued, 1000);
         assert_eq!(c.instance_timeout, Duration::from_secs(60));
         assert_eq!(c.connect_timeout, Duration::from_secs(1));
+        assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_header_size, 64 * 1024);
+        assert_eq!(c.max_connections, 512);
         assert_eq!(c.threads, default_threads());
         assert_eq!(parse(&["--threads", "1"]).unwrap().threads, 1);
     }
@@ -231,6 +302,13 @@ mod tests {
             (&["--instance-timeout", "0ms"][..], "--instance-timeout"),
             (&["--connect-timeout", "0s"][..], "--connect-timeout"),
             (&["--listen", "localhost"][..], "--listen"),
+            (
+                &["--header-read-timeout", "0s"][..],
+                "--header-read-timeout",
+            ),
+            (&["--max-header-size", "100"][..], "--max-header-size"),
+            (&["--max-header-size", "10000000"][..], "--max-header-size"),
+            (&["--max-connections", "0"][..], "--max-connections"),
             (&["--threads", "0"][..], "--threads"),
             (&["--threads=-1"][..], "--threads"),
             (&["--threads", "many"][..], "--threads"),

@@ -40,7 +40,7 @@ use usher_shared::identity::NodeIdentity;
 use usher_shared::session::{node_endpoint, EndpointError};
 
 pub use crate::config::{Config, ConfigError};
-use crate::proxy::{Limits, Proxy};
+use crate::proxy::{ClientLimits, Limits, Proxy};
 use crate::replica::Replica;
 
 /// How long in-flight requests get to finish at shutdown.
@@ -111,8 +111,18 @@ async fn serve(
     let admin_addr = listeners.admin.local_addr().ok();
     let requests = TaskTracker::new();
     tracker.spawn(
-        proxy::serve(listeners.proxy, proxy, shutdown.clone(), requests.clone())
-            .instrument(info_span!("proxy")),
+        proxy::serve(
+            listeners.proxy,
+            proxy,
+            ClientLimits {
+                header_read_timeout: config.header_read_timeout,
+                max_header_size: config.max_header_size,
+                max_connections: config.max_connections,
+            },
+            shutdown.clone(),
+            requests.clone(),
+        )
+        .instrument(info_span!("proxy")),
     );
     tracker.spawn(
         usher_shared::admin::serve(

@@ -5,7 +5,10 @@
 //! A connection failure is retried on another instance and the instance is ejected; a
 //! `GET`/`HEAD`/`OPTIONS` without a body whose instance fails before answering (it died
 //! mid-request) is retried too. Errors a client can read, one line of text each: unknown
-//! service `404`, no instance in time `503`, instance failure `502`, instance timeout `504`.
+//! service `404`, no instance in time or queue full `503` (with `Retry-After`), instance
+//! failure `502`, instance timeout `504`. Hyper itself answers a request head over
+//! [`ClientLimits::max_header_size`] with `431` and closes a connection that does not send a
+//! head within [`ClientLimits::header_read_timeout`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,7 +18,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -25,6 +28,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, debug_span, warn, Instrument};
@@ -36,9 +40,6 @@ use crate::route::request_host;
 
 /// The body type on both sides of the proxy: streamed, never buffered whole.
 pub type Body = BoxBody<Bytes, hyper::Error>;
-
-/// A client must send a request's headers within this time (slow-loris defence).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Instances one request may try.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -59,11 +60,29 @@ const HOP_BY_HOP: [&str; 9] = [
 /// Timeouts and limits of the request path.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// How long a request waits for a free instance before `503`.
     pub queue_timeout: Duration,
+    /// Requests that may wait per service version; beyond it `503` at once.
     pub max_queued: usize,
     pub instance_timeout: Duration,
     pub connect_timeout: Duration,
 }
+
+/// Limits on client connections, applied by [`serve`] with hyper's own knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    /// Time to send a request head (line and headers); then the connection is closed.
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes; a larger one is answered `431` and the connection
+    /// closed. More than 100 header fields is answered `431` too (hyper's default).
+    pub max_header_size: usize,
+    /// Connections served at once; beyond it a new connection is closed at once.
+    pub max_connections: usize,
+}
+
+/// Seconds a `503` asks the client to wait before trying again (`Retry-After`): queues drain
+/// and instances start within seconds.
+pub const RETRY_AFTER_SECS: u32 = 1;
 
 /// The proxy's shared state.
 pub struct Proxy {
@@ -157,7 +176,7 @@ impl Proxy {
             {
                 Ok(reservation) => reservation,
                 Err(ReserveError::NoOtherInstance { .. }) => break,
-                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+                Err(e) => return unavailable(&e.to_string()),
             };
             tried.push(reservation.id().clone());
             match self.attempt(&reservation, request).await {
@@ -368,6 +387,16 @@ pub fn error(status: StatusCode, message: &str) -> Response<Body> {
     response
 }
 
+/// A `503` for a full queue or no instance in time, with `Retry-After`
+/// ([`RETRY_AFTER_SECS`]).
+pub fn unavailable(message: &str) -> Response<Body> {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    response
+}
+
 type Pooled = (Arc<Pool>, SocketAddr, SendRequest<Body>);
 
 /// A response body that holds the request's reservation: released when the body ends, fails,
@@ -437,12 +466,18 @@ fn client_ip_header(client: SocketAddr) -> HeaderValue {
 
 /// Accepts client connections until `shutdown`; then each connection finishes its in-flight
 /// request and closes (graceful shutdown). Connections are tracked by `tracker`.
+///
+/// At most `limits.max_connections` connections are served at once: one more is accepted and
+/// closed at once (the client sees the connection end without a response), so a flood neither
+/// piles up in the kernel's backlog nor spins this loop.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
+    limits: ClientLimits,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (stream, client) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -455,6 +490,11 @@ pub async fn serve(
                     continue;
                 }
             },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%client, limit = limits.max_connections, "too many client connections; closing");
+            drop(stream);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
@@ -470,9 +510,11 @@ pub async fn serve(
                     async move { Ok::<_, Infallible>(proxy.handle(request, &client_ip).await) }
                         .instrument(span)
                 });
+                let _slot = slot;
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .header_read_timeout(limits.header_read_timeout)
+                    .max_header_size(limits.max_header_size)
                     .serve_connection(TokioIo::new(stream), service);
                 tokio::pin!(connection);
                 let result = tokio::select! {

@@ -1,0 +1,151 @@
+//! The fuzz targets' bodies (the `fuzz_targets/` files only call them) and the seed messages
+//! the checked-in corpus was made from (`cargo run --example seeds` in `fuzz/`).
+//!
+//! Neither body may panic on any input: a panic is a bug the fuzzer reports.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use bytes::BytesMut;
+use usher_directory::authz::{check_hello, check_register};
+use usher_directory::registry::{Registry, Settings, Update};
+use usher_shared::codec::{decode_frame, encode_frame, FrameError};
+use usher_shared::codec::{MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
+use usher_shared::identity::NodeIdentity;
+use usher_shared::join::{JoinRequest, MAX_JOIN_FRAME};
+use usher_shared::protocol::{check_load_report, fit_load_report, DirectoryMessage, NodeMessage};
+use usher_shared::routes::InstanceKey;
+
+/// `frame_decode`: `data` as a stream of frames of each message type the codec carries.
+/// Every message that decodes must encode and decode back to itself.
+pub fn frame_decode(data: &[u8]) {
+    decode_all::<NodeMessage>(data, MAX_NODE_FRAME);
+    decode_all::<DirectoryMessage>(data, MAX_DIRECTORY_FRAME);
+    decode_all::<JoinRequest>(data, MAX_JOIN_FRAME);
+}
+
+fn decode_all<T>(data: &[u8], max: usize)
+where
+    T: serde::de::DeserializeOwned + serde::Serialize + PartialEq + std::fmt::Debug,
+{
+    for message in frames::<T>(data, max) {
+        let again = encode_frame(&message, usize::MAX).expect("a decoded message encodes");
+        let back: T = decode_frame(&mut BytesMut::from(&again[..]), usize::MAX)
+            .expect("a re-encoded message decodes")
+            .expect("a whole frame");
+        assert_eq!(back, message, "decode(encode(m)) == m");
+    }
+}
+
+/// The messages `data` holds as frames of at most `max` bytes, skipping malformed frames (as
+/// the codec consumes them) and stopping at an oversized header or an incomplete frame.
+fn frames<T: serde::de::DeserializeOwned>(data: &[u8], max: usize) -> Vec<T> {
+    let mut buf = BytesMut::from(data);
+    let mut out = Vec::new();
+    loop {
+        match decode_frame::<T>(&mut buf, max) {
+            Ok(Some(message)) => out.push(message),
+            Ok(None) | Err(FrameError::TooLarge { .. }) => return out,
+            Err(_) => continue,
+        }
+    }
+}
+
+/// The identity a fuzz input speaks as, chosen by its first byte.
+fn identity(selector: u8) -> NodeIdentity {
+    match selector % 3 {
+        0 => NodeIdentity::Sidecar,
+        1 => NodeIdentity::Agent {
+            service: "web".into(),
+        },
+        _ => NodeIdentity::Agent {
+            service: "api".into(),
+        },
+    }
+}
+
+/// `directory_message`: the first byte picks the peer's identity and session, the rest is a
+/// stream of frames the directory receives; each message goes through the directory's checks
+/// and its registry and load board (in memory, half a second apart). Afterwards the registry
+/// must still be consistent: a snapshot from scratch holds what the table holds.
+pub fn directory_message(data: &[u8]) {
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let identity = identity(selector);
+    let session = u64::from(selector >> 4);
+    let start = Instant::now();
+    let registry = Registry::new(Settings {
+        epoch: 7,
+        heartbeat_interval: Duration::from_secs(1),
+        ttl: Duration::from_secs(3),
+        grace_period: Duration::ZERO,
+        started: start,
+    });
+    let mut registered: Option<InstanceKey> = None;
+    let mut now = start;
+    for message in frames::<NodeMessage>(rest, MAX_NODE_FRAME) {
+        now += Duration::from_millis(500);
+        apply(&registry, &identity, session, &mut registered, message, now);
+        registry.expire(now);
+        registry.publish_due(now);
+    }
+    let table = registry.table();
+    match registry.catch_up(None, 0) {
+        Update::Snapshot { instances, .. } => {
+            assert_eq!(instances.len(), table.instances().count())
+        }
+        Update::Deltas { .. } => assert_eq!(table.revision, 0, "deltas only from scratch"),
+    }
+    let _ = registry.report(now, 0);
+}
+
+/// One message as the directory's conversation handles it, without the network.
+fn apply(
+    registry: &Registry,
+    identity: &NodeIdentity,
+    session: u64,
+    registered: &mut Option<InstanceKey>,
+    message: NodeMessage,
+    now: Instant,
+) {
+    match message {
+        NodeMessage::Hello(hello) => {
+            let _ = check_hello(identity, hello.role);
+        }
+        NodeMessage::Register(registration) => {
+            if check_register(identity, &registration.instance.service).is_ok() {
+                let key = registration.instance.key();
+                if registry
+                    .register(session, registration.instance, now)
+                    .is_ok()
+                {
+                    *registered = Some(key);
+                }
+            }
+        }
+        NodeMessage::Heartbeat { state } => {
+            if let Some(key) = registered {
+                let _ = registry.heartbeat(session, key, state, now);
+            }
+        }
+        NodeMessage::Deregister => {
+            if let Some(key) = registered.take() {
+                let _ = registry.deregister(session, &key, now);
+            }
+        }
+        NodeMessage::Subscribe { epoch, revision } => {
+            let _ = registry.catch_up(epoch, revision);
+        }
+        NodeMessage::LoadReport { mut versions } => {
+            let _ = registry.load().report(session, now, versions.clone());
+            let _ = registry.load().totals(now);
+            fit_load_report(&mut versions);
+            assert!(
+                check_load_report(&versions).is_ok(),
+                "a fitted report passes"
+            );
+        }
+    }
+}
