@@ -54,9 +54,9 @@ struct Args {
     /// Instances (agents) per run, comma-separated: one run each.
     #[arg(long, value_delimiter = ',', default_values_t = [1_000usize, 10_000, 30_000])]
     sizes: Vec<usize>,
-    /// Subscribed sidecars.
-    #[arg(long, default_value_t = 1_000)]
-    sidecars: usize,
+    /// Subscribed sidecars: one number for every run, or one per size.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000usize])]
+    sidecars: Vec<usize>,
     /// Instance changes per second during the steady window.
     #[arg(long, default_value_t = 100)]
     changes: u32,
@@ -81,6 +81,9 @@ struct Figures {
     p99_ms: f64,
     max_ms: f64,
     silent_withdrawn: Option<Duration>,
+    /// Instances in the directory's table when the window started (all N, unless the
+    /// machine could not bring them up in time).
+    registered: usize,
     /// Sidecars subscribed when the window started, and subscriptions made again in the run.
     subscribed: usize,
     resubscribed: usize,
@@ -104,21 +107,30 @@ struct Observed {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.sizes.is_empty() || args.sizes.contains(&0) || args.sidecars == 0 {
+    if args.sizes.is_empty() || args.sizes.contains(&0) || args.sidecars.contains(&0) {
         bail!("--sizes and --sidecars must be positive");
+    }
+    if args.sidecars.len() != 1 && args.sidecars.len() != args.sizes.len() {
+        bail!("--sidecars takes one number, or one per size");
     }
     if args.changes == 0 || args.seconds == 0 {
         bail!("--changes and --seconds must be positive");
     }
+    // The simulated agents log as usher-agent does (USHER_LOG, default warnings only here).
+    if std::env::var_os("USHER_LOG").is_none() {
+        std::env::set_var("USHER_LOG", "warn");
+    }
+    usher_shared::telemetry::init();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     runtime.block_on(async {
         let mut all = Vec::new();
-        for &n in &args.sizes {
+        for (i, &n) in args.sizes.iter().enumerate() {
+            let m = args.sidecars[i.min(args.sidecars.len() - 1)];
             eprintln!(
-                "usher-bench-directory: {n} instances, {} sidecars, {} changes/s",
-                args.sidecars, args.changes
+                "usher-bench-directory: {n} instances, {m} sidecars, {} changes/s",
+                args.changes
             );
-            let figures = run(n, args.sidecars, args.changes, args.seconds).await?;
+            let figures = run(n, m, args.changes, args.seconds).await?;
             eprintln!("{}", row(&figures));
             all.push(figures);
         }
@@ -158,13 +170,20 @@ async fn run(n: usize, m: usize, k: u32, seconds: u64) -> Result<Figures> {
     }
 
     let agent_endpoints = endpoints(&agent, n + 1)?;
+    // The silent agent first, before the fleet's handshakes crowd the directory.
+    let silent = silent_agent(&agent_endpoints[n / CONNECTIONS_PER_ENDPOINT], &addr).await?;
     let mut states = Vec::with_capacity(CHURNED.min(n));
+    // Every agent's state sender lives as long as the run: a session whose sender is dropped
+    // takes it as the end of its instance.
+    let mut steady = Vec::with_capacity(n);
     let mut agents = Vec::with_capacity(n);
     let started_at_ms = usher_shared::unix_millis();
     for i in 0..n {
         let (state_tx, state_rx) = watch::channel(InstanceState::Up);
         if states.len() < CHURNED {
             states.push((format!("i-{i:05}"), state_tx));
+        } else {
+            steady.push(state_tx);
         }
         let (stop, stop_rx) = oneshot::channel();
         let ctx = SessionContext {
@@ -176,23 +195,28 @@ async fn run(n: usize, m: usize, k: u32, seconds: u64) -> Result<Figures> {
             connected: Arc::new(AtomicBool::new(false)),
         };
         agents.push((stop, tokio::spawn(agent_session::run(ctx, stop_rx))));
+        // About 2,000 handshakes a second: a fleet arriving, not a stampede.
         if i % 100 == 99 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let silent = silent_agent(&agent_endpoints[n / CONNECTIONS_PER_ENDPOINT], &addr).await?;
-    wait_until(
+    let in_table = || async {
+        admin_json(&admin, "/v1/routes")
+            .await
+            .ok()
+            .and_then(|doc| doc["instances"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    if let Err(e) = wait_until(
         Duration::from_secs(60 + n as u64 / 100),
         "every instance in the directory's table",
-        || async {
-            admin_json(&admin, "/v1/routes")
-                .await
-                .ok()
-                .and_then(|doc| doc["instances"].as_array().map(Vec::len))
-                == Some(n + 1)
-        },
+        || async { in_table().await == n + 1 },
     )
-    .await?;
+    .await
+    {
+        eprintln!("usher-bench-directory: going on with what registered: {e}");
+    }
+    let registered = in_table().await.saturating_sub(1);
     if let Err(e) = wait_until(
         Duration::from_secs(120),
         "every sidecar subscribed",
@@ -259,6 +283,7 @@ async fn run(n: usize, m: usize, k: u32, seconds: u64) -> Result<Figures> {
         task.abort();
     }
     drop(directory);
+    drop(steady);
 
     let mut delays = std::mem::take(
         &mut *observed
@@ -289,6 +314,7 @@ async fn run(n: usize, m: usize, k: u32, seconds: u64) -> Result<Figures> {
         p99_ms: pct(0.99),
         max_ms: pct(1.0),
         silent_withdrawn,
+        registered,
         subscribed: window_subscribed,
         resubscribed: observed.resubscribed.load(Ordering::Acquire),
     })
@@ -529,8 +555,9 @@ fn row(f: &Figures) -> String {
         format!("{:.2}", d.as_secs_f64())
     });
     format!(
-        "| {} | {} ({} subscribed, {} again) | {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.0} |",
+        "| {} ({} registered) | {} ({} subscribed, {} again) | {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.0} |",
         fmt_int(f.instances),
+        fmt_int(f.registered),
         fmt_int(f.sidecars),
         fmt_int(f.subscribed),
         fmt_int(f.resubscribed),
@@ -578,6 +605,7 @@ fn report(all: &[Figures], args: &Args) -> String {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .unwrap_or_default();
     let sizes: Vec<String> = args.sizes.iter().map(usize::to_string).collect();
+    let sidecars: Vec<String> = args.sidecars.iter().map(usize::to_string).collect();
     let mut out = format!(
         "Measured {} on {cpus} CPUs shared by the directory and this generator (and whatever \
          else runs), so CPU shares compete: the generator's own share is shown beside the \
@@ -585,7 +613,7 @@ fn report(all: &[Figures], args: &Args) -> String {
          --sidecars {} --changes {} --seconds {}\n```\n\n",
         date.trim(),
         sizes.join(","),
-        args.sidecars,
+        sidecars.join(","),
         args.changes,
         args.seconds
     );
