@@ -609,8 +609,8 @@ fn report(all: &[Figures], args: &Args) -> String {
     let mut out = format!(
         "Measured {} on {cpus} CPUs shared by the directory and this generator (and whatever \
          else runs), so CPU shares compete: the generator's own share is shown beside the \
-         directory's.\n\n```sh\nbench/directory   # usher-bench-directory --sizes {} \
-         --sidecars {} --changes {} --seconds {}\n```\n\n",
+         directory's.\n\n```sh\nSIZES={} SIDECARS={} CHANGES={} SECONDS_={} bench/directory\n\
+         ```\n\n",
         date.trim(),
         sizes.join(","),
         sidecars.join(","),

@@ -92,6 +92,7 @@ pub struct Proxy {
 }
 
 /// What the proxy keeps of a request to send it again.
+#[derive(Clone)]
 struct Head {
     method: Method,
     uri: Uri,
@@ -108,13 +109,9 @@ impl Head {
         request
     }
 
+    /// A copy of the request, for the first attempt or a replay.
     fn request(&self, body: Body) -> Request<Body> {
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = self.headers.clone();
-        request
+        self.clone().into_request(body)
     }
 }
 
@@ -352,7 +349,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let Ok(value) = value.to_str() else { continue };
         for listed in value.split(',').map(str::trim) {
             if listed.is_empty() || HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(listed)) {
-                continue; // already handled, or not a name ("close" is neither listed nor sent)
+                continue; // empty, or a hop-by-hop name already in `remove` if present
             }
             if let Ok(name) = HeaderName::from_bytes(listed.as_bytes()) {
                 remove.push(name);
