@@ -63,6 +63,10 @@ struct Args {
     /// Length of the steady window, in seconds.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
+    /// Agents that connect per second while the fleet arrives (each is a mutual-TLS
+    /// handshake; setup is not measured, only the steady window after it).
+    #[arg(long, default_value_t = 500)]
+    arrivals: u32,
 }
 
 /// One run's figures.
@@ -113,8 +117,8 @@ fn main() -> Result<()> {
     if args.sidecars.len() != 1 && args.sidecars.len() != args.sizes.len() {
         bail!("--sidecars takes one number, or one per size");
     }
-    if args.changes == 0 || args.seconds == 0 {
-        bail!("--changes and --seconds must be positive");
+    if args.changes == 0 || args.seconds == 0 || args.arrivals == 0 {
+        bail!("--changes, --seconds and --arrivals must be positive");
     }
     // The simulated agents log as usher-agent does (USHER_LOG, default warnings only here).
     if std::env::var_os("USHER_LOG").is_none() {
@@ -130,7 +134,7 @@ fn main() -> Result<()> {
                 "usher-bench-directory: {n} instances, {m} sidecars, {} changes/s",
                 args.changes
             );
-            let figures = run(n, m, args.changes, args.seconds).await?;
+            let figures = run(n, m, &args).await?;
             eprintln!("{}", row(&figures));
             all.push(figures);
         }
@@ -140,7 +144,8 @@ fn main() -> Result<()> {
     })
 }
 
-async fn run(n: usize, m: usize, k: u32, seconds: u64) -> Result<Figures> {
+async fn run(n: usize, m: usize, args: &Args) -> Result<Figures> {
+    let (k, seconds) = (args.changes, args.seconds);
     let setup_started = Instant::now();
     let mesh = Mesh::new()?;
     let directory = mesh.start_directory("directory").await?;
@@ -195,9 +200,9 @@ async fn run(n: usize, m: usize, k: u32, seconds: u64) -> Result<Figures> {
             connected: Arc::new(AtomicBool::new(false)),
         };
         agents.push((stop, tokio::spawn(agent_session::run(ctx, stop_rx))));
-        // About 2,000 handshakes a second: a fleet arriving, not a stampede.
+        // A fleet arriving at `arrivals` a second, not a stampede.
         if i % 100 == 99 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_secs_f64(100.0 / f64::from(args.arrivals))).await;
         }
     }
     let in_table = || async {
@@ -609,13 +614,14 @@ fn report(all: &[Figures], args: &Args) -> String {
     let mut out = format!(
         "Measured {} on {cpus} CPUs shared by the directory and this generator (and whatever \
          else runs), so CPU shares compete: the generator's own share is shown beside the \
-         directory's.\n\n```sh\nSIZES={} SIDECARS={} CHANGES={} SECONDS_={} bench/directory\n\
-         ```\n\n",
+         directory's.\n\n```sh\nSIZES={} SIDECARS={} CHANGES={} SECONDS_={} ARRIVALS={} \
+         bench/directory\n```\n\n",
         date.trim(),
         sizes.join(","),
         sidecars.join(","),
         args.changes,
-        args.seconds
+        args.seconds,
+        args.arrivals
     );
     out.push_str(
         "| instances | sidecars | changes/s | directory CPU (cores) | generator CPU (cores) \

@@ -14,6 +14,7 @@
 //! - [`admin_token`]: the admin bearer token file.
 //! - [`registry`]: the route table, registrations and their owners, TTLs, batches.
 //! - [`presence`]: the TTL timer heap; [`batch`]: when a batch is due.
+//!   [`feed`]: each published batch encoded once, the frames every sidecar shares.
 //! - [`server`]: QUIC accept loops and the hello; `registration` (agents) and
 //!   `subscription` (sidecars) are the two conversations.
 //! - [`admin`]: `GET /healthz`, `GET /v1/routes`, `GET /v1/services`, `GET /v1/security`,
@@ -33,6 +34,7 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod enrol;
+pub mod feed;
 pub mod load;
 pub mod pki;
 pub mod presence;
@@ -138,6 +140,19 @@ pub async fn run_with_reloads(
         .join
         .local_addr()
         .map_err(DirectoryError::Endpoint)?;
+    for (name, socket) in [("QUIC", &listeners.quic), ("join", &listeners.join)] {
+        match usher_shared::quic::size_udp_buffers(socket) {
+            Ok(granted) if granted < usher_shared::quic::UDP_BUFFER => warn!(
+                socket = name,
+                granted,
+                wanted = usher_shared::quic::UDP_BUFFER,
+                "the kernel grants a small UDP receive buffer, so bursts of heartbeats may be \
+                 dropped; raise net.core.rmem_max and net.core.wmem_max (deploy/sysctl/90-usher.conf)"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(socket = name, error = %e, "cannot size the UDP socket buffers"),
+        }
+    }
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &credentials.reset_secret);
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::new(Arc::new(reset_key)),

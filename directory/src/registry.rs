@@ -4,8 +4,10 @@
 //! All mutation goes through [`Registry`], behind one `std::sync::Mutex` that is never held
 //! across an `.await`. Time is a parameter of every method that needs it, so the TTL, batching
 //! and grace-period logic is tested without sleeping. Publication to sidecars is a
-//! `watch` of the published revision: each subscriber wakes on it and asks [`Registry::catch_up`]
-//! for what it misses, so a slow subscriber skips intermediate batches instead of queueing them.
+//! `watch` of the published revision: each subscriber wakes on it and asks
+//! [`Registry::next_frames`] for what it misses, so a slow subscriber skips intermediate wakeups
+//! instead of queueing them. Each batch is encoded once, at publication, into the [`Feed`]
+//! whose frames every subscriber shares.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,6 +19,7 @@ use thiserror::Error;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::info;
+use usher_shared::codec::FrameError;
 use usher_shared::names::{validate_instance_id, validate_label};
 use usher_shared::routes::{
     CatchUp, Change, Instance, InstanceKey, InstanceState, RouteLog, RouteTable, ServiceVersion,
@@ -24,12 +27,16 @@ use usher_shared::routes::{
 
 use crate::autoscaler::AutoscaleStatus;
 use crate::batch::Batcher;
+use crate::feed::{encode_deltas, encode_snapshot, Feed, Frames, Position};
 use crate::load::LoadBoard;
 use crate::presence::Presence;
 
 /// Changes the log remembers, so a sidecar that reconnects within this many changes gets only
 /// deltas (Baker: catch up, then updates).
 pub const HISTORY_LIMIT: usize = 10_000;
+
+// A cached snapshot is sent only while the log still holds every change since.
+const _: () = assert!(crate::feed::MAX_SNAPSHOT_LAG < HISTORY_LIMIT as u64);
 
 /// Most slots one instance may announce.
 pub const MAX_CAPACITY: u32 = 1_000_000;
@@ -56,24 +63,8 @@ pub enum RegistryError {
     },
 }
 
-/// What a subscriber must be sent to reach the current revision.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Update {
-    /// The changes from `from` to `to` (`changes[i]` is revision `from + i + 1`).
-    Deltas {
-        epoch: u64,
-        from: u64,
-        to: u64,
-        changes: Vec<Change>,
-    },
-    /// The whole table at `revision`.
-    Snapshot {
-        epoch: u64,
-        revision: u64,
-        instances: Vec<Instance>,
-        declared: Vec<ServiceVersion>,
-    },
-}
+/// The (epoch, revision) a sidecar holds; no epoch when it holds no table.
+pub type Held = (Option<u64>, u64);
 
 /// Fixed settings of one directory run.
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +84,10 @@ struct Inner {
     presence: Presence,
     owners: HashMap<InstanceKey, SessionId>,
     batch: Batcher,
+    /// The revision of the last published batch.
+    published: u64,
+    /// The published batches, encoded.
+    feed: Feed,
 }
 
 /// The directory's shared state.
@@ -147,6 +142,8 @@ impl Registry {
                 presence: Presence::default(),
                 owners: HashMap::new(),
                 batch: Batcher::default(),
+                published: 0,
+                feed: Feed::default(),
             }),
             published: watch::channel(0).0,
             changed: Notify::new(),
@@ -225,14 +222,13 @@ impl Registry {
         let mut inner = self.lock();
         Self::check_owner(&inner, session, key)?;
         inner.presence.touch(key, now, self.settings.ttl);
-        let current = inner.log.table().get(key).cloned();
-        if let Some(mut instance) = current {
-            if instance.state != state {
-                info!(service = %key.service, version = %key.version, id = %key.id,
-                      from = instance.state.as_str(), to = state.as_str(), "instance state changed");
-                instance.state = state;
-                self.update(&mut inner, Change::Upsert(instance), now);
-            }
+        // Most heartbeats change nothing: the instance is copied only when its state changed.
+        let changed = inner.log.table().get(key).filter(|i| i.state != state);
+        if let Some(mut instance) = changed.cloned() {
+            info!(service = %key.service, version = %key.version, id = %key.id,
+                  from = instance.state.as_str(), to = state.as_str(), "instance state changed");
+            instance.state = state;
+            self.update(&mut inner, Change::Upsert(instance), now);
         }
         Ok(())
     }
@@ -308,13 +304,36 @@ impl Registry {
         }
     }
 
-    /// Publishes the pending batch if it is due at `now`. Returns when the next batch is due
-    /// (`None` when nothing is pending).
+    /// Publishes the pending batch if it is due at `now`: the changes since the last batch are
+    /// encoded once into the feed (outside the lock, so heartbeats do not wait for it) and
+    /// subscribers are woken. Returns when the next batch is due (`None` when nothing is
+    /// pending).
     pub fn publish_due(&self, now: Instant) -> Option<Instant> {
+        let (epoch, from, to, changes) = {
+            let mut inner = self.lock();
+            if !inner.batch.take_if_due(now) {
+                return inner.batch.due_at();
+            }
+            let table = inner.log.table();
+            let (epoch, to, from) = (table.epoch, table.revision, inner.published);
+            (epoch, from, to, inner.log.catch_up(Some(epoch), from))
+        };
+        let frames = match changes {
+            CatchUp::Deltas(changes) => encode_deltas(epoch, from, changes)
+                .inspect_err(|e| tracing::error!(error = %e, "cannot encode a batch"))
+                .ok(),
+            // More changes than the log keeps since the last batch: subscribers behind get
+            // snapshots.
+            CatchUp::Snapshot => None,
+        };
         let mut inner = self.lock();
-        if inner.batch.take_if_due(now) {
-            let revision = inner.log.table().revision;
-            self.published.send_replace(revision);
+        if inner.published == from {
+            match frames {
+                Some(frames) => inner.feed.push(from, to, frames),
+                None => inner.feed.reset(),
+            }
+            inner.published = to;
+            self.published.send_replace(to);
         }
         inner.batch.due_at()
     }
@@ -339,25 +358,59 @@ impl Registry {
         self.settings.started + self.settings.grace_period
     }
 
-    /// What a subscriber holding (`epoch`, `revision`) must be sent to reach the current
-    /// revision (Baker: the missed deltas, or the full table).
-    pub fn catch_up(&self, epoch: Option<u64>, revision: u64) -> Update {
+    /// The revision of the last published batch.
+    pub fn published(&self) -> u64 {
+        self.lock().published
+    }
+
+    /// The frames a sidecar holding `held` is sent next, and what it holds after them (Baker:
+    /// the missed deltas, or the full table):
+    /// - at a batch start: the shared frames of that batch and every later one;
+    /// - inside a batch (after a snapshot) or behind the retained batches: the changes up to
+    ///   the next batch (or the last published revision), encoded for it alone;
+    /// - another epoch, or further behind than the log reaches: a snapshot of the table,
+    ///   cached and shared while it is recent ([`crate::feed::MAX_SNAPSHOT_LAG`]);
+    /// - at (or past) the last published revision: nothing, or one empty delta frame when
+    ///   `first` so a new subscriber learns it is current.
+    ///
+    /// Errors only if an entry exceeds the frame limit (a bug: every entry came through a
+    /// 64 KiB node frame).
+    pub fn next_frames(&self, held: Held, first: bool) -> Result<(Frames, Held), FrameError> {
         let inner = self.lock();
         let table = inner.log.table();
-        match inner.log.catch_up(epoch, revision) {
-            CatchUp::Deltas(changes) => Update::Deltas {
-                epoch: table.epoch,
-                from: revision,
-                to: table.revision,
-                changes,
-            },
-            CatchUp::Snapshot => Update::Snapshot {
-                epoch: table.epoch,
-                revision: table.revision,
-                instances: table.instances().cloned().collect(),
-                declared: table.declared().cloned().collect(),
-            },
+        let (epoch, current, published) = (table.epoch, table.revision, inner.published);
+        let revision = held.1;
+        if held.0 == Some(epoch) && revision <= current {
+            if revision >= published {
+                let frames = match first {
+                    true => encode_deltas(epoch, revision, Vec::new())?,
+                    false => Vec::new(),
+                };
+                return Ok((frames, held));
+            }
+            let boundary = match inner.feed.position(revision) {
+                Position::Start { frames, to } => return Ok((frames, (Some(epoch), to))),
+                Position::Inside { boundary } => boundary,
+                Position::NotRetained => published,
+            };
+            if let CatchUp::Deltas(mut changes) = inner.log.catch_up(held.0, revision) {
+                drop(inner);
+                changes.truncate((boundary - revision) as usize);
+                let frames = encode_deltas(epoch, revision, changes)?;
+                return Ok((frames, (Some(epoch), boundary)));
+            }
         }
+        if let Some((frames, revision)) = inner.feed.snapshot(epoch, current) {
+            return Ok((frames, (Some(epoch), revision)));
+        }
+        let instances = table.instances().cloned().collect();
+        let declared = table.declared().cloned().collect();
+        drop(inner);
+        let frames = encode_snapshot(epoch, current, instances, declared)?;
+        self.lock()
+            .feed
+            .cache_snapshot(epoch, current, frames.clone());
+        Ok((frames, (Some(epoch), current)))
     }
 
     /// A copy of the current table.
@@ -458,6 +511,8 @@ fn validate_instance(i: &Instance) -> Result<(), RegistryError> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use usher_shared::codec::{decode_frame, MAX_DIRECTORY_FRAME};
+    use usher_shared::protocol::DirectoryMessage;
 
     const HB: Duration = Duration::from_secs(1);
 
@@ -551,24 +606,98 @@ mod tests {
         assert_eq!(r.table().revision, 0);
     }
 
+    /// Decodes `frames` into the messages they hold.
+    fn decode(frames: &Frames) -> Vec<DirectoryMessage> {
+        frames
+            .iter()
+            .map(|f| {
+                let mut buf = bytes::BytesMut::from(&f[..]);
+                decode_frame(&mut buf, MAX_DIRECTORY_FRAME)
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn deltas(frames: &Frames) -> Vec<(u64, u64, usize)> {
+        decode(frames)
+            .into_iter()
+            .map(|m| match m {
+                DirectoryMessage::Deltas {
+                    from_revision,
+                    to_revision,
+                    changes,
+                    ..
+                } => (from_revision, to_revision, changes.len()),
+                other => panic!("expected deltas, got {other:?}"),
+            })
+            .collect()
+    }
+
     #[test]
-    fn subscribers_get_deltas_or_a_snapshot() {
+    fn subscribers_share_published_batches_or_get_what_they_miss() {
         let t0 = Instant::now();
         let r = registry(t0);
+        let batch = Duration::from_millis(100);
+        // A new subscriber of an empty directory learns it is current.
+        let (frames, held) = r.next_frames((Some(42), 0), true).unwrap();
+        assert_eq!((deltas(&frames), held), (vec![(0, 0, 0)], (Some(42), 0)));
+        assert!(r.next_frames(held, false).unwrap().0.is_empty());
+
         r.register(1, instance("a", InstanceState::Up), t0).unwrap();
         r.register(2, instance("b", InstanceState::Up), t0).unwrap();
-        match r.catch_up(Some(42), 1) {
-            Update::Deltas {
-                from, to, changes, ..
-            } => {
-                assert_eq!((from, to, changes.len()), (1, 2, 1));
-            }
-            other => panic!("expected deltas, got {other:?}"),
-        }
         assert!(
-            matches!(r.catch_up(Some(7), 1), Update::Snapshot { revision: 2, ref instances, .. } if instances.len() == 2)
+            r.next_frames(held, false).unwrap().0.is_empty(),
+            "nothing before the batch is published"
         );
-        assert!(matches!(r.catch_up(None, 0), Update::Snapshot { .. }));
+        r.publish_due(t0 + batch);
+        r.register(3, instance("c", InstanceState::Up), t0 + batch)
+            .unwrap();
+        r.publish_due(t0 + batch * 2);
+        assert_eq!(r.published(), 3);
+
+        // At a batch start: the shared frames of every batch from there.
+        let (first, held_a) = r.next_frames((Some(42), 0), false).unwrap();
+        let (second, held_b) = r.next_frames((Some(42), 0), false).unwrap();
+        assert_eq!(deltas(&first), vec![(0, 2, 2), (2, 3, 1)]);
+        assert_eq!((held_a, held_b), ((Some(42), 3), (Some(42), 3)));
+        assert_eq!(first[0].as_ptr(), second[0].as_ptr(), "the same bytes");
+
+        // Inside a batch: the rest of that batch, encoded for it; then the shared frames.
+        let (frames, held) = r.next_frames((Some(42), 1), false).unwrap();
+        assert_eq!((deltas(&frames), held), (vec![(1, 2, 1)], (Some(42), 2)));
+        let (frames, held) = r.next_frames(held, false).unwrap();
+        assert_eq!((deltas(&frames), held), (vec![(2, 3, 1)], (Some(42), 3)));
+
+        // Another epoch, no table or a revision from the future: a snapshot, encoded once.
+        for held in [(Some(7), 1), (None, 0), (Some(42), 9)] {
+            let (frames, reached) = r.next_frames(held, true).unwrap();
+            assert_eq!(reached, (Some(42), 3));
+            assert!(matches!(
+                &decode(&frames)[..],
+                [DirectoryMessage::SnapshotChunk { revision: 3, instances, last: true, .. }] if instances.len() == 3
+            ));
+        }
+        let (a, _) = r.next_frames((None, 0), true).unwrap();
+        let (b, _) = r.next_frames((None, 0), true).unwrap();
+        assert_eq!(a[0].as_ptr(), b[0].as_ptr(), "the cached snapshot");
+
+        // A snapshot taken between batches is caught up to the next batch, then shares it.
+        r.register(4, instance("d", InstanceState::Up), t0 + batch * 2)
+            .unwrap();
+        r.register(5, instance("e", InstanceState::Up), t0 + batch * 2)
+            .unwrap();
+        let (_, held) = r.next_frames((None, 0), true).unwrap();
+        assert_eq!(held, (Some(42), 3), "the cached snapshot is recent enough");
+        r.publish_due(t0 + batch * 3);
+        r.register(6, instance("f", InstanceState::Up), t0 + batch * 3)
+            .unwrap();
+        r.publish_due(t0 + batch * 4);
+        let (frames, held) = r.next_frames(held, false).unwrap();
+        assert_eq!(
+            (deltas(&frames), held),
+            (vec![(3, 5, 2), (5, 6, 1)], (Some(42), 6))
+        );
     }
 
     #[test]

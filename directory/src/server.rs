@@ -257,7 +257,30 @@ pub(crate) async fn write_encoded(
     send: &mut quinn::SendStream,
     frame: &[u8],
 ) -> Result<(), FrameError> {
-    match tokio::time::timeout(WRITE_TIMEOUT, AsyncWriteExt::write_all(send, frame)).await {
+    bounded(AsyncWriteExt::write_all(send, frame)).await
+}
+
+/// Writes already encoded frames without copying them (the same bytes go to every
+/// subscriber), bounded by [`WRITE_TIMEOUT`].
+pub(crate) async fn write_frames(
+    send: &mut quinn::SendStream,
+    mut frames: Vec<bytes::Bytes>,
+) -> Result<(), FrameError> {
+    if frames.is_empty() {
+        return Ok(());
+    }
+    bounded(async {
+        send.write_all_chunks(&mut frames)
+            .await
+            .map_err(std::io::Error::from)
+    })
+    .await
+}
+
+async fn bounded(
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<(), FrameError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(FrameError::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,

@@ -10,23 +10,14 @@
 use std::pin::pin;
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
-use usher_shared::codec::{
-    encode_frame, read_frame_owned, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
-};
-use usher_shared::protocol::{DirectoryMessage, ErrorCode, NodeMessage};
+use usher_shared::codec::{read_frame_owned, FrameError, MAX_NODE_FRAME};
+use usher_shared::protocol::{ErrorCode, NodeMessage};
 
-use crate::registry::{Registry, SessionId, Update};
+use crate::registry::{Registry, SessionId};
 use crate::server::{read_first, NodeStream};
-
-/// Most entries in one snapshot chunk or delta frame.
-pub const MAX_ITEMS_PER_FRAME: usize = 1000;
-
-/// Bytes of entries per frame: half the frame limit leaves room for the envelope.
-pub const FRAME_BUDGET: usize = MAX_DIRECTORY_FRAME / 2;
 
 /// Runs a sidecar's subscription until the stream ends, the sidecar misbehaves or `shutdown`
 /// fires.
@@ -77,25 +68,26 @@ pub(crate) async fn run(
     let mut first = true;
     loop {
         published.borrow_and_update();
-        let update = registry.catch_up(held.0, held.1);
-        let (frames, reached) = frames_for(update, first);
-        first = false;
-        for frame in frames {
-            match frame {
-                Ok(frame) => {
-                    if let Err(e) = crate::server::write_encoded(&mut send, &frame).await {
-                        debug!(error = %e, "sidecar stream failed");
-                        return;
-                    }
-                }
-                Err(e) => {
-                    // Only a bug can get here (every entry came through a 64 KiB node frame).
-                    tracing::error!(error = %e, "cannot encode an update for a sidecar");
-                    return send_error(&mut send, e).await;
-                }
+        let frames = match registry.next_frames(held, first) {
+            Ok((frames, reached)) => {
+                held = reached;
+                frames
             }
+            Err(e) => {
+                // Only a bug can get here (every entry came through a 64 KiB node frame).
+                tracing::error!(error = %e, "cannot encode an update for a sidecar");
+                return send_error(&mut send, e).await;
+            }
+        };
+        first = false;
+        if let Err(e) = crate::server::write_frames(&mut send, frames).await {
+            debug!(error = %e, "sidecar stream failed");
+            return;
         }
-        held = reached;
+        // Behind the last batch still (caught up to a batch boundary first): go on at once.
+        if held.1 < registry.published() {
+            continue;
+        }
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -169,228 +161,4 @@ async fn finish(send: &mut quinn::SendStream, ended: Ended) {
 
 async fn send_error(send: &mut quinn::SendStream, e: FrameError) {
     crate::server::refuse(send, ErrorCode::InvalidRequest, e.to_string()).await
-}
-
-type Frames = Vec<Result<Vec<u8>, FrameError>>;
-
-/// Encodes `update` as frames below the frame limit, and the (epoch, revision) the sidecar
-/// holds after applying them. An empty delta is sent only as the first answer, so the sidecar
-/// learns it is current.
-fn frames_for(update: Update, first: bool) -> (Frames, (Option<u64>, u64)) {
-    match update {
-        Update::Snapshot {
-            epoch,
-            revision,
-            instances,
-            declared,
-        } => {
-            let chunks = chunks(instances);
-            let mut declared = Some(declared);
-            let count = chunks.len();
-            let frames = chunks
-                .into_iter()
-                .enumerate()
-                .map(|(i, instances)| {
-                    let last = i + 1 == count;
-                    encode(&DirectoryMessage::SnapshotChunk {
-                        epoch,
-                        revision,
-                        instances,
-                        declared: if last {
-                            declared.take().unwrap_or_default()
-                        } else {
-                            Vec::new()
-                        },
-                        last,
-                    })
-                })
-                .collect();
-            (frames, (Some(epoch), revision))
-        }
-        Update::Deltas {
-            epoch,
-            from,
-            to,
-            changes,
-        } => {
-            if changes.is_empty() && !first {
-                return (Vec::new(), (Some(epoch), to));
-            }
-            let mut frames = Vec::new();
-            let mut at = from;
-            let chunks = if changes.is_empty() {
-                vec![Vec::new()]
-            } else {
-                chunks(changes)
-            };
-            for changes in chunks {
-                let next = at + changes.len() as u64;
-                frames.push(encode(&DirectoryMessage::Deltas {
-                    epoch,
-                    from_revision: at,
-                    to_revision: next,
-                    changes,
-                }));
-                at = next;
-            }
-            debug_assert_eq!(at, to);
-            (frames, (Some(epoch), to))
-        }
-    }
-}
-
-fn encode(msg: &DirectoryMessage) -> Result<Vec<u8>, FrameError> {
-    encode_frame(msg, MAX_DIRECTORY_FRAME)
-}
-
-/// Splits `items` into runs of at most [`MAX_ITEMS_PER_FRAME`] entries and about
-/// [`FRAME_BUDGET`] encoded bytes; always at least one (possibly empty) run.
-fn chunks<T: Serialize>(items: Vec<T>) -> Vec<Vec<T>> {
-    let mut out = vec![Vec::new()];
-    let mut bytes = 0;
-    for item in items {
-        let size = rmp_serde::encode::to_vec_named(&item)
-            .map(|v| v.len())
-            .unwrap_or(FRAME_BUDGET);
-        let current = out.last_mut().expect("out is never empty");
-        if !current.is_empty()
-            && (current.len() == MAX_ITEMS_PER_FRAME || bytes + size > FRAME_BUDGET)
-        {
-            out.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += size;
-        out.last_mut().expect("out is never empty").push(item);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::BytesMut;
-    use std::collections::BTreeMap;
-    use usher_shared::codec::decode_frame;
-    use usher_shared::routes::{Change, Instance, InstanceState, RouteTable};
-
-    fn instance(id: usize, label_bytes: usize) -> Instance {
-        let mut labels = BTreeMap::new();
-        labels.insert("blob".to_string(), "x".repeat(label_bytes));
-        Instance {
-            service: "web".into(),
-            version: "v1".into(),
-            id: format!("i-{id}"),
-            address: "127.0.0.1:8080".parse().unwrap(),
-            capacity: 4,
-            weight: 1,
-            state: InstanceState::Up,
-            started_at_ms: 1,
-            labels,
-        }
-    }
-
-    fn decode(frames: Frames) -> Vec<DirectoryMessage> {
-        frames
-            .into_iter()
-            .map(|f| {
-                let mut buf = BytesMut::from(&f.unwrap()[..]);
-                decode_frame(&mut buf, MAX_DIRECTORY_FRAME)
-                    .unwrap()
-                    .unwrap()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn big_snapshots_are_chunked_below_the_frame_limit_and_rebuild_the_table() {
-        let instances: Vec<_> = (0..2500).map(|i| instance(i, 1000)).collect();
-        let (frames, held) = frames_for(
-            Update::Snapshot {
-                epoch: 9,
-                revision: 2500,
-                instances: instances.clone(),
-                declared: vec![],
-            },
-            true,
-        );
-        assert_eq!(held, (Some(9), 2500));
-        let messages = decode(frames);
-        assert!(messages.len() >= 5, "{} chunks", messages.len());
-        let mut all = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
-            let DirectoryMessage::SnapshotChunk {
-                instances, last, ..
-            } = m
-            else {
-                panic!("not a chunk");
-            };
-            assert_eq!(*last, i + 1 == messages.len());
-            all.extend(instances.iter().cloned());
-        }
-        assert_eq!(
-            RouteTable::from_snapshot(9, 2500, all),
-            RouteTable::from_snapshot(9, 2500, instances)
-        );
-    }
-
-    #[test]
-    fn an_empty_snapshot_is_one_last_chunk() {
-        let (frames, _) = frames_for(
-            Update::Snapshot {
-                epoch: 1,
-                revision: 0,
-                instances: vec![],
-                declared: vec![],
-            },
-            true,
-        );
-        let messages = decode(frames);
-        assert!(
-            matches!(&messages[..], [DirectoryMessage::SnapshotChunk { last: true, instances, .. }] if instances.is_empty())
-        );
-    }
-
-    #[test]
-    fn chunked_deltas_apply_in_order() {
-        let changes: Vec<_> = (0..2500).map(|i| Change::Upsert(instance(i, 10))).collect();
-        let (frames, held) = frames_for(
-            Update::Deltas {
-                epoch: 3,
-                from: 10,
-                to: 2510,
-                changes,
-            },
-            false,
-        );
-        assert_eq!(held, (Some(3), 2510));
-        let mut replica = RouteTable::from_snapshot(3, 10, vec![]);
-        for m in decode(frames) {
-            let DirectoryMessage::Deltas {
-                epoch,
-                from_revision,
-                to_revision,
-                changes,
-            } = m
-            else {
-                panic!("not deltas");
-            };
-            replica
-                .apply_deltas(epoch, from_revision, to_revision, changes)
-                .unwrap();
-        }
-        assert_eq!(replica.revision, 2510);
-        assert_eq!(replica.len(), 2500);
-    }
-
-    #[test]
-    fn empty_deltas_only_confirm_the_first_answer() {
-        let update = || Update::Deltas {
-            epoch: 3,
-            from: 5,
-            to: 5,
-            changes: vec![],
-        };
-        assert_eq!(frames_for(update(), true).0.len(), 1);
-        assert!(frames_for(update(), false).0.is_empty());
-    }
 }

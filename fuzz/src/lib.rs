@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use bytes::BytesMut;
 use usher_directory::authz::{check_hello, check_register};
-use usher_directory::registry::{Registry, Settings, Update};
+use usher_directory::registry::{Registry, Settings};
 use usher_shared::codec::{decode_frame, encode_frame, FrameError};
 use usher_shared::codec::{MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
 use usher_shared::identity::NodeIdentity;
@@ -92,12 +92,18 @@ pub fn directory_message(data: &[u8]) {
         registry.publish_due(now);
     }
     let table = registry.table();
-    match registry.catch_up(None, 0) {
-        Update::Snapshot { instances, .. } => {
-            assert_eq!(instances.len(), table.instances().count())
+    let (frames, _) = registry
+        .next_frames((None, 0), true)
+        .expect("every entry fits a frame");
+    let mut instances = 0;
+    for frame in frames {
+        let mut buf = BytesMut::from(&frame[..]);
+        match decode_frame::<DirectoryMessage>(&mut buf, MAX_DIRECTORY_FRAME) {
+            Ok(Some(DirectoryMessage::SnapshotChunk { instances: i, .. })) => instances += i.len(),
+            other => panic!("a snapshot decodes to chunks, got {other:?}"),
         }
-        Update::Deltas { .. } => assert_eq!(table.revision, 0, "deltas only from scratch"),
     }
+    assert_eq!(instances, table.instances().count());
     let _ = registry.report(now, 0);
 }
 
@@ -136,7 +142,7 @@ fn apply(
             }
         }
         NodeMessage::Subscribe { epoch, revision } => {
-            let _ = registry.catch_up(epoch, revision);
+            let _ = registry.next_frames((epoch, revision), true);
         }
         NodeMessage::LoadReport { mut versions } => {
             let _ = registry.load().report(session, now, versions.clone());

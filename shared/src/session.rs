@@ -140,10 +140,19 @@ pub fn node_endpoint(
     )?)
 }
 
-/// A client endpoint bound to an ephemeral UDP port with `config` as its default.
+/// A client endpoint bound to an ephemeral UDP port with `config` as its default, with
+/// [`crate::quic::UDP_BUFFER`]-sized socket buffers (best effort).
 pub fn client_endpoint(config: quinn::ClientConfig) -> Result<quinn::Endpoint, EndpointError> {
-    let mut endpoint = quinn::Endpoint::client(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+    let socket = std::net::UdpSocket::bind(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
         .map_err(EndpointError::Socket)?;
+    if let Err(e) = crate::quic::size_udp_buffers(&socket) {
+        tracing::debug!(error = %e, "cannot size the UDP socket buffers; keeping the defaults");
+    }
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| EndpointError::Socket(std::io::Error::other("no async runtime for QUIC")))?;
+    let mut endpoint =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+            .map_err(EndpointError::Socket)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
