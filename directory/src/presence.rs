@@ -9,18 +9,26 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use usher_shared::routes::InstanceKey;
+use usher_shared::FastHash;
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     last_seen: Instant,
     deadline: Instant,
+    /// The deadline this key's heap entry was filed under (at most `deadline`).
+    filed: Instant,
 }
 
-/// Deadlines of live registrations. Stale heap entries (refreshed or removed keys) are
-/// skipped lazily, so a heartbeat costs O(log n).
+/// Deadlines of live registrations.
+///
+/// A heartbeat only moves its key's deadline in the map: O(1), no allocation. Each key has one
+/// heap entry, filed under an earlier deadline; when that comes due and the key was heard from
+/// since, the entry is filed again under the current deadline (about once per TTL per key,
+/// not once per heartbeat). Entries of removed keys are dropped when they come due, so the
+/// heap holds at most the live keys plus those removed within the last TTL.
 #[derive(Debug, Default)]
 pub struct Presence {
-    entries: HashMap<InstanceKey, Entry>,
+    entries: HashMap<InstanceKey, Entry, FastHash>,
     heap: BinaryHeap<Reverse<(Instant, InstanceKey)>>,
 }
 
@@ -29,22 +37,18 @@ impl Presence {
     /// from again.
     pub fn touch(&mut self, key: &InstanceKey, now: Instant, ttl: Duration) {
         let deadline = now + ttl;
-        self.entries.insert(
-            key.clone(),
-            Entry {
-                last_seen: now,
-                deadline,
-            },
-        );
-        self.heap.push(Reverse((deadline, key.clone())));
-        // Bound the heap: rebuild when stale entries dominate.
-        if self.heap.len() > 64 && self.heap.len() > 4 * self.entries.len() {
-            self.heap = self
-                .entries
-                .iter()
-                .map(|(k, e)| Reverse((e.deadline, k.clone())))
-                .collect();
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.last_seen = now;
+            entry.deadline = deadline;
+            return;
         }
+        let entry = Entry {
+            last_seen: now,
+            deadline,
+            filed: deadline,
+        };
+        self.entries.insert(key.clone(), entry);
+        self.heap.push(Reverse((deadline, key.clone())));
     }
 
     /// Forgets `key` (deregistered); returns whether it was tracked.
@@ -60,21 +64,27 @@ impl Presence {
     /// Removes and returns every key whose deadline is at or before `now`.
     pub fn expire(&mut self, now: Instant) -> Vec<InstanceKey> {
         let mut expired = Vec::new();
-        while let Some(Reverse((deadline, _))) = self.heap.peek() {
-            if *deadline > now {
-                break;
-            }
-            let Some(Reverse((deadline, key))) = self.heap.pop() else {
+        while self
+            .heap
+            .peek()
+            .is_some_and(|Reverse((due, _))| *due <= now)
+        {
+            let Some(Reverse((due, key))) = self.heap.pop() else {
                 break;
             };
-            // Only the entry's current deadline counts; older heap entries are stale.
-            if self
-                .entries
-                .get(&key)
-                .is_some_and(|e| e.deadline == deadline)
-            {
+            let Some(entry) = self.entries.get_mut(&key) else {
+                continue; // removed since it was filed
+            };
+            if entry.filed != due {
+                continue; // an entry of an earlier registration of the same key
+            }
+            if entry.deadline <= now {
                 self.entries.remove(&key);
                 expired.push(key);
+            } else {
+                // Heard from since it was filed: file it again under its current deadline.
+                entry.filed = entry.deadline;
+                self.heap.push(Reverse((entry.deadline, key)));
             }
         }
         expired
@@ -139,12 +149,29 @@ mod tests {
     }
 
     #[test]
-    fn the_heap_stays_bounded_under_many_heartbeats() {
+    fn the_heap_holds_one_entry_per_key_under_many_heartbeats() {
         let t0 = Instant::now();
         let mut p = Presence::default();
         for i in 0..10_000u64 {
-            p.touch(&key("a"), t0 + Duration::from_millis(i), TTL);
+            let now = t0 + Duration::from_millis(i);
+            p.touch(&key("a"), now, TTL);
+            p.touch(&key("b"), now, TTL);
+            assert!(p.expire(now).is_empty());
+            assert!(p.heap.len() <= 2, "heap has {} entries", p.heap.len());
         }
-        assert!(p.heap.len() <= 65, "heap has {} entries", p.heap.len());
+    }
+
+    #[test]
+    fn a_key_registered_again_expires_once_at_its_new_deadline() {
+        let t0 = Instant::now();
+        let mut p = Presence::default();
+        p.touch(&key("a"), t0, TTL);
+        assert!(p.remove(&key("a")));
+        p.touch(&key("a"), t0 + Duration::from_secs(2), TTL);
+        // The first registration's heap entry comes due and is dropped, not expired.
+        assert!(p.expire(t0 + TTL).is_empty());
+        assert_eq!(p.expire(t0 + Duration::from_secs(5)), vec![key("a")]);
+        assert!(p.expire(t0 + Duration::from_secs(60)).is_empty());
+        assert!(p.heap.is_empty());
     }
 }

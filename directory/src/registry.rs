@@ -24,6 +24,7 @@ use usher_shared::names::{validate_instance_id, validate_label};
 use usher_shared::routes::{
     CatchUp, Change, Instance, InstanceKey, InstanceState, RouteLog, RouteTable, ServiceVersion,
 };
+use usher_shared::FastHash;
 
 use crate::autoscaler::AutoscaleStatus;
 use crate::batch::Batcher;
@@ -78,11 +79,20 @@ pub struct Settings {
     pub started: Instant,
 }
 
+/// The session that registered an instance and the state its agent last reported (the state
+/// in the route table, kept here so a heartbeat that changes nothing needs one lookup).
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    session: SessionId,
+    state: InstanceState,
+}
+
 #[derive(Debug)]
 struct Inner {
     log: RouteLog,
     presence: Presence,
-    owners: HashMap<InstanceKey, SessionId>,
+    /// Who registered each instance, and the state it last reported.
+    owners: HashMap<InstanceKey, Owner, FastHash>,
     batch: Batcher,
     /// The revision of the last published batch.
     published: u64,
@@ -140,7 +150,7 @@ impl Registry {
             inner: Mutex::new(Inner {
                 log: RouteLog::new(settings.epoch, HISTORY_LIMIT),
                 presence: Presence::default(),
-                owners: HashMap::new(),
+                owners: HashMap::default(),
                 batch: Batcher::default(),
                 published: 0,
                 feed: Feed::default(),
@@ -200,7 +210,11 @@ impl Registry {
         let key = instance.key();
         let mut inner = self.lock();
         inner.presence.touch(&key, now, self.settings.ttl);
-        if inner.owners.insert(key.clone(), session) != Some(session) {
+        let owner = Owner {
+            session,
+            state: instance.state,
+        };
+        if inner.owners.insert(key.clone(), owner).map(|o| o.session) != Some(session) {
             info!(service = %key.service, version = %key.version, id = %key.id,
                   address = %instance.address, state = instance.state.as_str(), "instance registered");
         }
@@ -219,16 +233,20 @@ impl Registry {
         state: InstanceState,
         now: Instant,
     ) -> Result<(), RegistryError> {
-        let mut inner = self.lock();
-        Self::check_owner(&inner, session, key)?;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let owner = Self::check_owner(&mut inner.owners, session, key)?;
         inner.presence.touch(key, now, self.settings.ttl);
         // Most heartbeats change nothing: the instance is copied only when its state changed.
-        let changed = inner.log.table().get(key).filter(|i| i.state != state);
-        if let Some(mut instance) = changed.cloned() {
+        if owner.state == state {
+            return Ok(());
+        }
+        owner.state = state;
+        if let Some(mut instance) = inner.log.table().get(key).cloned() {
             info!(service = %key.service, version = %key.version, id = %key.id,
                   from = instance.state.as_str(), to = state.as_str(), "instance state changed");
             instance.state = state;
-            self.update(&mut inner, Change::Upsert(instance), now);
+            self.update(inner, Change::Upsert(instance), now);
         }
         Ok(())
     }
@@ -242,7 +260,7 @@ impl Registry {
         now: Instant,
     ) -> Result<(), RegistryError> {
         let mut inner = self.lock();
-        Self::check_owner(&inner, session, key)?;
+        Self::check_owner(&mut inner.owners, session, key)?;
         info!(service = %key.service, version = %key.version, id = %key.id, "instance deregistered");
         self.withdraw(&mut inner, key, now);
         Ok(())
@@ -284,13 +302,14 @@ impl Registry {
         self.update(inner, Change::Remove(key.clone()), now);
     }
 
-    fn check_owner(
-        inner: &Inner,
+    /// `key`'s owner, if `session` is it.
+    fn check_owner<'a>(
+        owners: &'a mut HashMap<InstanceKey, Owner, FastHash>,
         session: SessionId,
         key: &InstanceKey,
-    ) -> Result<(), RegistryError> {
-        match inner.owners.get(key) {
-            Some(owner) if *owner == session => Ok(()),
+    ) -> Result<&'a mut Owner, RegistryError> {
+        match owners.get_mut(key) {
+            Some(owner) if owner.session == session => Ok(owner),
             Some(_) => Err(RegistryError::Superseded {
                 service: key.service.clone(),
                 version: key.version.clone(),

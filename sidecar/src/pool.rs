@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::proxy::Body;
-use crate::reserver::FastHash;
+use usher_shared::FastHash;
 
 /// Idle connections kept per instance.
 pub const MAX_IDLE_PER_INSTANCE: usize = 64;

@@ -26,10 +26,6 @@ pub const EJECTION_BASE: Duration = Duration::from_secs(10);
 /// Longest ejection (Waiter).
 pub const EJECTION_MAX: Duration = Duration::from_secs(300);
 
-/// The hasher of the request path's maps: foldhash, seeded per process. Their keys come from
-/// the route table, not from clients (a client's `Host` is only looked up).
-pub type FastHash = foldhash::fast::RandomState;
-
 /// An instance's id as the reserver keeps it: shared, so a reservation holds it without a copy.
 pub type InstanceId = Arc<str>;
 
@@ -93,7 +89,7 @@ struct Slot {
 
 #[derive(Debug, Default)]
 struct State {
-    slots: HashMap<InstanceId, Slot, FastHash>,
+    slots: HashMap<InstanceId, Slot, usher_shared::FastHash>,
 }
 
 impl State {

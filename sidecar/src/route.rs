@@ -16,7 +16,8 @@ use thiserror::Error;
 use usher_shared::names::validate_label;
 use usher_shared::routes::compare_versions;
 
-use crate::reserver::{FastHash, Reserver, SyncedVersion};
+use crate::reserver::{Reserver, SyncedVersion};
+use usher_shared::FastHash;
 
 /// Why a request cannot be routed; each maps to a status and a one-line reason.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
