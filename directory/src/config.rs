@@ -55,7 +55,7 @@ pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 )]
 pub struct Args {
     /// TOML file with the keys `listen`, `admin`, `state_dir`, `heartbeat_interval`,
-    /// `grace_period`; flags and environment variables win over it.
+    /// `grace_period`, `threads`, `[[services]]`; flags and environment variables win over it.
     #[arg(long, env = "USHER_DIRECTORY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -110,6 +110,12 @@ pub struct Args {
     /// rejoin first [default: 2 × TTL].
     #[arg(long, env = "USHER_DIRECTORY_GRACE_PERIOD", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub grace_period: Option<Duration>,
+
+    /// Worker threads: 1 runs the directory on one thread, the cheapest per heartbeat (about
+    /// half the CPU of two workers); raise it when a fleet needs more than one core
+    /// [default: 1].
+    #[arg(long, env = "USHER_DIRECTORY_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
 
     /// Without a command: run the directory.
     #[command(subcommand)]
@@ -172,6 +178,7 @@ pub struct FileConfig {
     pub heartbeat_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub grace_period: Option<Duration>,
+    pub threads: Option<usize>,
     /// The `usher-agent` the `process` scheduler starts (default: beside this binary, else
     /// from `PATH`).
     pub agent_binary: Option<PathBuf>,
@@ -196,6 +203,9 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// How long sidecars that hold another epoch's table wait for their first update.
     pub grace_period: Duration,
+    /// Runtime worker threads, 1..=[`usher_shared::runtime::MAX_THREADS`]; 1 means a
+    /// current-thread runtime.
+    pub threads: usize,
     /// The `usher-agent` binary the `process` scheduler starts; `None`: find it.
     pub agent_binary: Option<PathBuf>,
     /// Services the directory scales (none: it only routes what agents register).
@@ -245,6 +255,7 @@ impl Config {
             node_cert_validity: DEFAULT_NODE_CERT_VALIDITY,
             heartbeat_interval,
             grace_period: heartbeat_interval * TTL_INTERVALS * 2,
+            threads: 1,
             agent_binary: None,
             services: Vec::new(),
         }
@@ -340,6 +351,14 @@ impl Config {
             .admin_token_file
             .or(file.admin_token_file)
             .unwrap_or_else(|| state_dir.join(crate::admin_token::ADMIN_TOKEN_FILE));
+        let threads = args.threads.or(file.threads).unwrap_or(1);
+        let threads = usher_shared::runtime::check_threads(threads).map_err(|reason| {
+            ConfigError::Invalid {
+                flag: "threads",
+                value: threads.to_string(),
+                reason,
+            }
+        })?;
         Ok(Self {
             listen,
             join_listen,
@@ -352,6 +371,7 @@ impl Config {
             node_cert_validity,
             heartbeat_interval,
             grace_period,
+            threads,
             agent_binary: file.agent_binary,
             services: crate::services::validate(&file.services)?,
         })
@@ -381,6 +401,7 @@ mod tests {
         assert_eq!(c.heartbeat_interval, Duration::from_secs(1));
         assert_eq!(c.ttl(), Duration::from_secs(3));
         assert_eq!(c.grace_period, Duration::from_secs(6));
+        assert_eq!(c.threads, 1);
     }
 
     #[test]
@@ -423,6 +444,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("--join-listen"), "{e}");
+        for threads in ["0", "100000"] {
+            let e = Config::resolve(
+                parse(&["--threads", threads]).unwrap(),
+                FileConfig::default(),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("--threads"), "{e}");
+        }
         let e = parse(&["--listen", "nowhere"]).unwrap_err().to_string();
         assert!(e.contains("--listen"), "{e}");
         let e = parse(&["--heartbeat-interval", "soon"])

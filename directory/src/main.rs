@@ -1,7 +1,7 @@
-//! The `usher-directory` binary: parse flags and the config file, install logging, bind the
-//! QUIC and admin sockets, run until SIGTERM/SIGINT (SIGHUP reloads `[[services]]` from the
-//! config file), and map the outcome to an exit code (0 after a signal, 1 on a startup error,
-//! 2 on bad configuration). `usher-directory scale` and `usher-directory token` talk to a
+//! The `usher-directory` binary: parse flags and the config file, build the runtime
+//! (`--threads`, one thread by default), install logging, bind the QUIC and admin sockets, run
+//! until SIGTERM/SIGINT (SIGHUP reloads `[[services]]` from the config file), and map the
+//! outcome to an exit code (0 after a signal, 1 on a startup error, 2 on bad configuration). `usher-directory scale` and `usher-directory token` talk to a
 //! running directory instead, with the admin token from `--admin-token-file`.
 
 use std::process::ExitCode;
@@ -24,8 +24,7 @@ use usher_shared::{signals, telemetry};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let mut args = Args::parse();
     let command = args.command.take();
     let config = match Config::load(args.clone()) {
@@ -35,6 +34,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Commands only send one admin request: one thread is plenty.
+    let threads = if command.is_some() { 1 } else { config.threads };
+    match usher_shared::runtime::build(threads) {
+        Ok(runtime) => runtime.block_on(run(args, command, config)),
+        Err(e) => {
+            eprintln!("usher-directory: error: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(args: Args, command: Option<Command>, config: Config) -> ExitCode {
     match command {
         Some(Command::Scale { target, instances }) => {
             let request = cli::scale_request(&target, &instances);

@@ -20,8 +20,8 @@
 //! - [`join`]: the join endpoint's messages (enrol with a token and a CSR, renew).
 //! - [`enrolment`]: the node side of getting, storing and renewing its certificate.
 //! - [`files`]: atomic state-file writes (temp, fsync, rename) with a given mode.
-//! - [`admin`], [`telemetry`], [`signals`]: the admin HTTP server, logging setup and shutdown
-//!   signals every binary uses.
+//! - [`admin`], [`telemetry`], [`signals`], [`runtime`]: the admin HTTP server, logging setup,
+//!   shutdown signals and the `--threads`-sized tokio runtime every binary uses.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -35,6 +35,7 @@ pub mod names;
 pub mod protocol;
 pub mod quic;
 pub mod routes;
+pub mod runtime;
 pub mod session;
 pub mod signals;
 pub mod telemetry;

@@ -17,6 +17,7 @@ use clap::Parser;
 use thiserror::Error;
 use usher_shared::enrolment::{TlsFlags, TlsSettings};
 use usher_shared::names::validate_host_port;
+use usher_shared::runtime;
 
 /// The sidecar's flags as clap parses them; see [`Config::from_args`] for the checks.
 #[derive(Debug, Clone, Parser)]
@@ -129,9 +130,6 @@ pub const MAX_HEADER_SIZE_RANGE: std::ops::RangeInclusive<usize> = 1024..=256 * 
 /// per process, so 512 keeps the sidecar within it.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
-/// Most worker threads `--threads` accepts.
-pub const MAX_THREADS: usize = 1024;
-
 /// The sidecar's validated configuration. Tests build it directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -152,7 +150,7 @@ pub struct Config {
     pub max_header_size: usize,
     /// Client connections served at once, at least 1.
     pub max_connections: usize,
-    /// Runtime worker threads, 1..=[`MAX_THREADS`]; 1 means a current-thread runtime.
+    /// Runtime worker threads, 1..=[`runtime::MAX_THREADS`]; 1 means a current-thread runtime.
     pub threads: usize,
 }
 
@@ -192,7 +190,7 @@ impl Config {
     ///
     /// Errors name the flag: a directory address that is not `host:port`, a zero duration, a
     /// zero `--max-queued` or `--max-connections`, a `--max-header-size` outside
-    /// [`MAX_HEADER_SIZE_RANGE`], a `--threads` outside 1..=[`MAX_THREADS`].
+    /// [`MAX_HEADER_SIZE_RANGE`], a `--threads` outside 1..=[`runtime::MAX_THREADS`].
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         validate_host_port(&args.directory).map_err(|reason| ConfigError {
             flag: "directory",
@@ -225,15 +223,12 @@ impl Config {
             });
         }
         let threads = match args.threads {
-            Some(n) if (1..=MAX_THREADS).contains(&n) => n,
-            Some(n) => {
-                return Err(ConfigError {
-                    flag: "threads",
-                    value: n.to_string(),
-                    reason: format!("must be between 1 and {MAX_THREADS}"),
-                })
-            }
-            None => default_threads(),
+            Some(n) => runtime::check_threads(n).map_err(|reason| ConfigError {
+                flag: "threads",
+                value: n.to_string(),
+                reason,
+            })?,
+            None => runtime::threads_per_cpu(),
         };
         Ok(Self {
             directory: args.directory,
@@ -251,11 +246,6 @@ impl Config {
             threads,
         })
     }
-}
-
-/// One worker thread per CPU the process may use (1 if that cannot be read).
-pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[cfg(test)]
@@ -289,7 +279,7 @@ mod tests {
         assert_eq!(c.header_read_timeout, Duration::from_secs(30));
         assert_eq!(c.max_header_size, 64 * 1024);
         assert_eq!(c.max_connections, 512);
-        assert_eq!(c.threads, default_threads());
+        assert_eq!(c.threads, runtime::threads_per_cpu());
         assert_eq!(parse(&["--threads", "1"]).unwrap().threads, 1);
     }
 

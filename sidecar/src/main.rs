@@ -23,16 +23,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match config.threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
-    };
-    let runtime = match runtime {
+    let runtime = match usher_shared::runtime::build(config.threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("usher-sidecar: error: cannot start the runtime: {e}");
