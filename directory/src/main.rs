@@ -18,12 +18,6 @@ use usher_directory::services::ServiceSpec;
 use usher_directory::Listeners;
 use usher_shared::{signals, telemetry};
 
-// jemalloc, not glibc's malloc: the QUIC stack allocates and frees per packet, and with 3,000
-// agents heartbeating the directory took 10% less CPU for the same RSS (mimalloc: 16% less CPU
-// but 23% more RSS). bench/directory measures it.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 fn main() -> ExitCode {
     let mut args = Args::parse();
     let command = args.command.take();
