@@ -65,7 +65,7 @@ struct Args {
     seconds: u64,
     /// Agents that connect per second while the fleet arrives (each is a mutual-TLS
     /// handshake; setup is not measured, only the steady window after it).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 200)]
     arrivals: u32,
 }
 
