@@ -407,7 +407,7 @@ mod tests {
     #[test]
     fn flags_win_over_the_file() {
         let file: FileConfig = toml::from_str(
-            "listen = \"127.0.0.1:9000\"\nadmin = \"127.0.0.1:9001\"\nheartbeat_interval = \"2s\"\n",
+            "listen = \"127.0.0.1:9000\"\nadmin = \"127.0.0.1:9001\"\nheartbeat_interval = \"2s\"\nthreads = 2\n",
         )
         .unwrap();
         let args = parse(&["--listen", "127.0.0.1:8000", "--grace-period", "10s"]).unwrap();
@@ -416,6 +416,7 @@ mod tests {
         assert_eq!(c.admin, "127.0.0.1:9001".parse().unwrap());
         assert_eq!(c.heartbeat_interval, Duration::from_secs(2));
         assert_eq!(c.grace_period, Duration::from_secs(10));
+        assert_eq!(c.threads, 2);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The `usher-directory` binary: parse flags and the config file, build the runtime
 //! (`--threads`, one thread by default), install logging, bind the QUIC and admin sockets, run
 //! until SIGTERM/SIGINT (SIGHUP reloads `[[services]]` from the config file), and map the
-//! outcome to an exit code (0 after a signal, 1 on a startup error, 2 on bad configuration). `usher-directory scale` and `usher-directory token` talk to a
-//! running directory instead, with the admin token from `--admin-token-file`.
+//! outcome to an exit code (0 after a signal, 1 on a startup error, 2 on bad configuration).
+//! `usher-directory scale` and `usher-directory token` talk to a running directory instead,
+//! with the admin token from `--admin-token-file`.
 
 use std::process::ExitCode;
 

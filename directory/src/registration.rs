@@ -74,39 +74,23 @@ async fn heartbeats(
     ttl: Duration,
     shutdown: CancellationToken,
 ) {
-    // A silent agent's instance expires after one TTL; its stream is dropped after two. The
-    // timer is reset only when it fires, not at every heartbeat (a timer reset per heartbeat
-    // of 10,000 agents showed in the directory's profile).
-    let silence = ttl * 2;
-    let mut heard = Instant::now();
-    let silent = tokio::time::sleep_until(heard + silence);
-    tokio::pin!(silent);
     loop {
-        // The read is never dropped half-way (that would lose part of a frame).
-        let frame = {
-            let read = read_frame(&mut stream.recv, MAX_NODE_FRAME);
-            tokio::pin!(read);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    frame = &mut read => break frame,
-                    _ = &mut silent => {
-                        if heard.elapsed() >= silence {
-                            debug!(after = ?silence, "agent silent; dropping its stream");
-                            return;
-                        }
-                        silent.as_mut().reset(heard + silence);
-                    }
-                }
-            }
+        // A silent agent's instance expires after one TTL; its stream is dropped after two.
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            frame = tokio::time::timeout(ttl * 2, read_frame(&mut stream.recv, MAX_NODE_FRAME)) => frame,
         };
         let message = match frame {
-            Ok(Some(message)) => message,
-            Ok(None) => {
+            Err(_) => {
+                debug!(after = ?ttl * 2, "agent silent; dropping its stream");
+                return;
+            }
+            Ok(Ok(Some(message))) => message,
+            Ok(Ok(None)) => {
                 debug!("agent closed its stream without deregistering; the TTL decides");
                 return;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 warn!(error = %e, "bad frame from an agent");
                 return stream
                     .refuse(ErrorCode::InvalidRequest, e.to_string())
@@ -114,7 +98,6 @@ async fn heartbeats(
             }
         };
         let now = Instant::now();
-        heard = now;
         match message {
             NodeMessage::Heartbeat { state } => {
                 if let Err(e) = registry.heartbeat(session, key, state, now) {
