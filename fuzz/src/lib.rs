@@ -155,3 +155,89 @@ fn apply(
         }
     }
 }
+
+/// `http1_message`: `data` as what a sidecar reads from a client and from an instance. The
+/// request head parser must not panic, and a head it accepts must be rewritten into one that
+/// parses again with the same body framing and no hop-by-hop field; the response head parser
+/// likewise; a chunked body relayed as it came must be exactly the bytes it spans, and decoded
+/// no longer than them.
+pub fn http1_message(data: &[u8]) {
+    use usher_sidecar::http1::body::relay;
+    use usher_sidecar::http1::head::{
+        parse_request, parse_response, ClientSide, Framing, HOP_BY_HOP, MAX_HEADERS,
+    };
+
+    let mut out = Vec::new();
+    if let Ok(Some(parsed)) = parse_request(data, b"127.0.0.1", &mut out) {
+        let framing = parsed.head.framing;
+        // The proxy adds up to three fields (Host, Transfer-Encoding, X-Forwarded-For).
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS + 3];
+        let mut request = httparse::Request::new(&mut fields);
+        let status = request.parse(&out).expect("a rewritten head parses");
+        assert_eq!(status, httparse::Status::Complete(out.len()));
+        for field in request.headers.iter() {
+            let hop = HOP_BY_HOP
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(field.name));
+            let chunked =
+                field.name.eq_ignore_ascii_case("transfer-encoding") && framing == Framing::Chunked;
+            assert!(!hop || chunked, "{} forwarded", field.name);
+        }
+        if request.headers.len() <= MAX_HEADERS {
+            let mut again = Vec::new();
+            let reparsed = parse_request(&out, b"127.0.0.1", &mut again)
+                .expect("a rewritten head parses")
+                .expect("a rewritten head is complete");
+            assert_eq!(reparsed.head.framing, framing);
+        }
+    }
+    for (http10, keep_alive, head_method) in [(false, true, false), (true, true, true)] {
+        let client = ClientSide {
+            http10,
+            keep_alive,
+            head_method,
+        };
+        if let Ok(Some(response)) = parse_response(data, client, &mut out) {
+            assert!(response.len <= data.len());
+            // The proxy adds up to two fields (Transfer-Encoding, Connection).
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS + 2];
+            let status = httparse::Response::new(&mut fields)
+                .parse(&out)
+                .expect("a rewritten response head parses");
+            assert_eq!(status, httparse::Status::Complete(out.len()));
+        }
+    }
+    for decode in [false, true] {
+        let mut src = data;
+        let mut buf = bytes::BytesMut::new();
+        let mut written = Vec::new();
+        let mut pending = Vec::new();
+        let relayed = poll_ready(relay(
+            Framing::Chunked,
+            decode,
+            &mut src,
+            &mut buf,
+            &mut written,
+            &mut pending,
+        ));
+        if relayed.is_ok() {
+            let spanned = data.len() - src.len() - buf.len();
+            if decode {
+                assert!(written.len() <= spanned);
+            } else {
+                assert_eq!(written, data[..spanned]);
+            }
+        }
+    }
+}
+
+/// Runs a future whose I/O is all in memory (always ready) to its end.
+fn poll_ready<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+    }
+}

@@ -121,8 +121,8 @@ pub struct Args {
 /// above what browsers and HTTP clients send (a few KiB), far below what could hurt memory.
 pub const DEFAULT_MAX_HEADER_SIZE: usize = 64 * 1024;
 
-/// Bounds of `--max-header-size`, bytes. Below 1 KiB ordinary requests fail; above 256 KiB
-/// hyper's own read buffer limit (about 400 KiB) would answer first.
+/// Bounds of `--max-header-size`, bytes. Below 1 KiB ordinary requests fail; above 256 KiB a
+/// head is a memory attack, not a request (each connection buffers its head whole).
 pub const MAX_HEADER_SIZE_RANGE: std::ops::RangeInclusive<usize> = 1024..=256 * 1024;
 
 /// Default `--max-connections`: the client beside the sidecar needs a few dozen; each

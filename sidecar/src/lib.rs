@@ -13,6 +13,7 @@
 //! - [`subscription`]: follow the directory forever (snapshot, deltas, reconnect).
 //! - [`route`]: which service version a request is for (pure).
 //! - [`reserver`]: per service version slots, queueing and ejection (Waiter).
+//! - [`http1`]: HTTP/1.1 heads (parsed by httparse, rewritten per hop) and bodies.
 //! - [`pool`] and [`proxy`]: keep-alive connections to instances and the HTTP proxy.
 //! - [`admin`]: `GET /healthz`, `GET /v1/routes`.
 //! - [`run`]: wires them together; `main.rs` only parses, binds and maps the exit code.
@@ -20,6 +21,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod http1;
 pub mod pool;
 pub mod proxy;
 pub mod replica;

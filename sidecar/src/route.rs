@@ -10,8 +10,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use http::header::HOST;
-use http::{HeaderMap, Uri};
 use thiserror::Error;
 use usher_shared::names::validate_label;
 use usher_shared::routes::compare_versions;
@@ -43,16 +41,21 @@ impl RouteError {
 }
 
 /// The host a request names, lowercased and without port or trailing dot; borrowed from the
-/// request unless it had to be lowercased.
-pub fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Result<Cow<'a, str>, RouteError> {
-    let raw = match uri.authority() {
-        Some(authority) => authority.host(),
+/// request unless it had to be lowercased. `authority` is an absolute-form target's authority
+/// (`web:8080` of `http://web:8080/x`, which wins over the header, RFC 9112 §3.2.2), else
+/// `host_header` is the `Host` field's value.
+pub fn request_host<'a>(
+    authority: Option<&'a str>,
+    host_header: Option<&'a [u8]>,
+) -> Result<Cow<'a, str>, RouteError> {
+    let raw = match authority {
+        // `user@host:port`: the host is after the last `@`.
+        Some(authority) => strip_port(authority.rsplit('@').next().unwrap_or(authority)),
         None => {
-            let value = headers.get(HOST).ok_or(RouteError::MissingHost)?;
-            let value = value.to_str().map_err(|_| {
-                RouteError::BadHost(String::from_utf8_lossy(value.as_bytes()).into())
-            })?;
-            strip_port(value)
+            let value = host_header.ok_or(RouteError::MissingHost)?;
+            let value = std::str::from_utf8(value)
+                .map_err(|_| RouteError::BadHost(String::from_utf8_lossy(value).into()))?;
+            strip_port(value.trim())
         }
     };
     let host = raw.trim_end_matches('.');
@@ -177,13 +180,8 @@ mod tests {
         t
     }
 
-    fn host(uri: &str, host: Option<&str>) -> Result<String, RouteError> {
-        let mut headers = HeaderMap::new();
-        if let Some(h) = host {
-            headers.insert(HOST, h.parse().unwrap());
-        }
-        let uri: Uri = uri.parse().unwrap();
-        request_host(&uri, &headers).map(|h| h.into_owned())
+    fn host(authority: Option<&str>, host: Option<&str>) -> Result<String, RouteError> {
+        request_host(authority, host.map(str::as_bytes)).map(|h| h.into_owned())
     }
 
     /// The service version `host` routes to over `table`.
@@ -197,13 +195,18 @@ mod tests {
 
     #[test]
     fn host_comes_from_the_absolute_uri_or_the_header() {
-        assert_eq!(host("/", Some("web")).unwrap(), "web");
-        assert_eq!(host("/", Some("Web:7410")).unwrap(), "web");
-        assert_eq!(host("/", Some("v2.web.")).unwrap(), "v2.web");
-        assert_eq!(host("http://web/x", Some("other")).unwrap(), "web");
-        assert_eq!(host("http://web:8080/x", None).unwrap(), "web");
-        assert_eq!(host("/", None), Err(RouteError::MissingHost));
-        assert_eq!(host("/", Some("")), Err(RouteError::MissingHost));
+        assert_eq!(host(None, Some("web")).unwrap(), "web");
+        assert_eq!(host(None, Some("Web:7410")).unwrap(), "web");
+        assert_eq!(host(None, Some("v2.web.")).unwrap(), "v2.web");
+        assert_eq!(host(Some("web"), Some("other")).unwrap(), "web");
+        assert_eq!(host(Some("web:8080"), None).unwrap(), "web");
+        assert_eq!(host(Some("user@web:8080"), None).unwrap(), "web");
+        assert_eq!(host(None, None), Err(RouteError::MissingHost));
+        assert_eq!(host(None, Some("")), Err(RouteError::MissingHost));
+        assert!(matches!(
+            request_host(None, Some(b"\xffweb")),
+            Err(RouteError::BadHost(_))
+        ));
     }
 
     #[test]

@@ -225,3 +225,342 @@ pub async fn routes(admin: SocketAddr) -> serde_json::Value {
     assert_eq!(status, 200);
     serde_json::from_str(&body).unwrap()
 }
+
+/// One request as [`echo_instance`] received it: the head as sent (header names lowercased,
+/// in order, repeats kept) and the body after chunked decoding.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub target: String,
+    /// The minor version: `1` for HTTP/1.1.
+    pub version: u8,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Whether the body came chunked (else by `Content-Length`, or there was none).
+    pub chunked: bool,
+}
+
+impl Received {
+    /// The values of every field named `name` (lowercase).
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The value of the one field named `name` (lowercase); panics if it came more than once.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let all = self.all(name);
+        assert!(all.len() <= 1, "{name} came {} times: {self:?}", all.len());
+        all.first().copied()
+    }
+}
+
+/// What [`echo_instance`] received, in order.
+pub type Log = std::sync::Arc<std::sync::Mutex<Vec<Received>>>;
+
+/// The pieces of `GET /chunked`'s body, each sent as one chunk ([`echo_instance`]).
+pub const CHUNKS: [&str; 4] = ["first chunk;", " a second, longer chunk;", "x", " the end"];
+
+/// The pieces of `GET /close-delimited`'s body, the connection closed after the last.
+pub fn close_delimited_pieces() -> Vec<Vec<u8>> {
+    (0..4u8)
+        .map(|i| {
+            (0..20_000u32)
+                .map(|j| b'a' + ((j + u32::from(i)) % 26) as u8)
+                .collect()
+        })
+        .collect()
+}
+
+/// The length `GET /head` and `HEAD /head` announce.
+pub const HEAD_LENGTH: usize = 1234;
+
+/// A raw-TCP HTTP/1.1 instance that parses requests the way a server must (httparse for the
+/// head; `Transfer-Encoding: chunked` decoded, else `Content-Length`; `100 Continue` for
+/// `Expect: 100-continue`; keep-alive unless the request says otherwise), records each request
+/// in the returned [`Log`] and answers by path:
+///
+/// - `/chunked`: `200` with [`CHUNKS`] as chunks 20 ms apart (one with a chunk extension);
+/// - `/head`: `200` with `Content-Length: HEAD_LENGTH` (and that many bytes unless `HEAD`);
+/// - `/204`, `/304`: that status and no body (the `304` with the `Content-Length` of the
+///   representation, as RFC 9110 §8.6 allows);
+/// - `/close-delimited`: `200` without framing, [`close_delimited_pieces`] 20 ms apart, then
+///   the connection closed;
+/// - `/hop`: `200` `ok` with hop-by-hop headers (`Connection: x-resp`, `X-Resp`, `Keep-Alive`)
+///   and an end-to-end `X-End-Resp: 1`;
+/// - anything else (`/echo`, `/`): `200` with the request body as the body and
+///   `X-Target: <target>`.
+///
+/// `?delay=<ms>` in the target waits that long before answering.
+pub async fn echo_instance() -> (SocketAddr, Log) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = Log::default();
+    let out = log.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(echo_connection(stream, log.clone()));
+        }
+    });
+    (addr, out)
+}
+
+/// Reads more bytes into `buf`; `false` at the end of the stream or on an error.
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    buf.reserve(16 * 1024);
+    !matches!(stream.read_buf(buf).await, Ok(0) | Err(_))
+}
+
+/// Whether a comma-separated field value lists `token` (case-insensitively).
+pub fn lists(value: &str, token: &str) -> bool {
+    value
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Takes one line (without its CRLF) from the front of `buf`, reading more as needed.
+async fn take_line(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    loop {
+        if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = buf[..end].to_vec();
+            buf.drain(..end + 2);
+            return Some(line);
+        }
+        if !fill(stream, buf).await {
+            return None;
+        }
+    }
+}
+
+/// Decodes a chunked body from the front of `buf` (trailer fields skipped).
+pub async fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line = take_line(stream, buf).await?;
+        let line = String::from_utf8(line).ok()?;
+        let size = line.split(';').next()?.trim();
+        let size = usize::from_str_radix(size, 16).ok()?;
+        if size == 0 {
+            // Trailer section: lines until an empty one.
+            while !take_line(stream, buf).await?.is_empty() {}
+            return Some(body);
+        }
+        while buf.len() < size + 2 {
+            if !fill(stream, buf).await {
+                return None;
+            }
+        }
+        if &buf[size..size + 2] != b"\r\n" {
+            return None;
+        }
+        body.extend_from_slice(&buf[..size]);
+        buf.drain(..size + 2);
+    }
+}
+
+async fn echo_connection(mut stream: TcpStream, log: Log) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    loop {
+        // The head.
+        let (mut request, head_len) = loop {
+            let mut fields = [httparse::EMPTY_HEADER; 100];
+            let mut parsed = httparse::Request::new(&mut fields);
+            match parsed.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let request = Received {
+                        method: parsed.method.unwrap_or_default().to_string(),
+                        target: parsed.path.unwrap_or_default().to_string(),
+                        version: parsed.version.unwrap_or_default(),
+                        headers: parsed
+                            .headers
+                            .iter()
+                            .map(|h| {
+                                (
+                                    h.name.to_ascii_lowercase(),
+                                    String::from_utf8_lossy(h.value).to_string(),
+                                )
+                            })
+                            .collect(),
+                        body: Vec::new(),
+                        chunked: false,
+                    };
+                    break (request, len);
+                }
+                Ok(httparse::Status::Partial) => {
+                    if !fill(&mut stream, &mut buf).await {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                    return;
+                }
+            }
+        };
+        buf.drain(..head_len);
+
+        // The body: chunked wins over Content-Length (RFC 9112 §6.3).
+        let chunked = request
+            .all("transfer-encoding")
+            .iter()
+            .any(|v| lists(v, "chunked"));
+        let length = request
+            .all("content-length")
+            .first()
+            .map(|v| v.trim().parse::<usize>());
+        let body_follows = chunked || matches!(length, Some(Ok(n)) if n > 0);
+        let expects_100 = request
+            .all("expect")
+            .iter()
+            .any(|v| lists(v, "100-continue"));
+        if body_follows
+            && buf.is_empty()
+            && expects_100
+            && stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+        {
+            return;
+        }
+        if chunked {
+            let Some(body) = read_chunked(&mut stream, &mut buf).await else {
+                return;
+            };
+            request.body = body;
+            request.chunked = true;
+        } else {
+            match length {
+                None => {}
+                Some(Ok(n)) => {
+                    while buf.len() < n {
+                        if !fill(&mut stream, &mut buf).await {
+                            log.lock().unwrap().push(request);
+                            return;
+                        }
+                    }
+                    request.body = buf.drain(..n).collect();
+                }
+                Some(Err(_)) => {
+                    log.lock().unwrap().push(request);
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                    return;
+                }
+            }
+        }
+        let connection: Vec<String> = request
+            .all("connection")
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        let keep_alive = if request.version == 0 {
+            connection.iter().any(|v| lists(v, "keep-alive"))
+        } else {
+            !connection.iter().any(|v| lists(v, "close"))
+        };
+        log.lock().unwrap().push(request.clone());
+
+        let (path, query) = request
+            .target
+            .split_once('?')
+            .unwrap_or((request.target.as_str(), ""));
+        if let Some(ms) = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("delay="))
+            .and_then(|ms| ms.parse().ok())
+        {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let connection_header = if keep_alive {
+            if request.version == 0 {
+                "connection: keep-alive\r\n"
+            } else {
+                ""
+            }
+        } else {
+            "connection: close\r\n"
+        };
+        let written = match path {
+            "/chunked" => {
+                let mut ok = stream
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n{connection_header}transfer-encoding: chunked\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await
+                    .is_ok();
+                for (i, piece) in CHUNKS.iter().enumerate() {
+                    let ext = if i == 1 { ";name=value" } else { "" };
+                    let chunk = format!("{:x}{ext}\r\n{piece}\r\n", piece.len());
+                    ok = ok && stream.write_all(chunk.as_bytes()).await.is_ok();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                ok && stream.write_all(b"0\r\n\r\n").await.is_ok()
+            }
+            "/head" => {
+                let mut reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n{connection_header}content-length: {HEAD_LENGTH}\r\n\r\n"
+                )
+                .into_bytes();
+                if request.method != "HEAD" {
+                    reply.extend(std::iter::repeat_n(b'h', HEAD_LENGTH));
+                }
+                stream.write_all(&reply).await.is_ok()
+            }
+            "/204" => stream
+                .write_all(format!("HTTP/1.1 204 No Content\r\nx-status: 204\r\n{connection_header}\r\n").as_bytes())
+                .await
+                .is_ok(),
+            "/304" => stream
+                .write_all(
+                    format!("HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\n{connection_header}content-length: {HEAD_LENGTH}\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .is_ok(),
+            "/close-delimited" => {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n")
+                    .await;
+                for piece in close_delimited_pieces() {
+                    if stream.write_all(&piece).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = stream.shutdown().await;
+                return;
+            }
+            "/hop" => stream
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nConnection: x-resp\r\nX-Resp: 1\r\nKeep-Alive: timeout=5\r\nX-End-Resp: 1\r\ncontent-length: 2\r\n\r\nok",
+                )
+                .await
+                .is_ok(),
+            _ => {
+                let mut reply = format!(
+                    "HTTP/1.1 200 OK\r\nx-target: {}\r\n{connection_header}content-length: {}\r\n\r\n",
+                    request.target,
+                    request.body.len()
+                )
+                .into_bytes();
+                reply.extend_from_slice(&request.body);
+                stream.write_all(&reply).await.is_ok()
+            }
+        };
+        if !written || !keep_alive {
+            let _ = stream.shutdown().await;
+            return;
+        }
+    }
+}
