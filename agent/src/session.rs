@@ -1,12 +1,12 @@
 //! The agent's conversation with the directory: connect, register the instance, heartbeat at
-//! the rate the directory dictates (SwarmKit), send health changes at once, and deregister on
+//! the rate the directory dictates (SwarmKit; an acknowledgement asked for every
+//! [`HEARTBEATS_PER_ACK`]-th heartbeat), send health changes at once, and deregister on
 //! request. Reconnects forever with [`Backoff::reconnect`] (Baker: retry indefinitely;
 //! SwarmKit: exponential backoff with full jitter).
 //!
 //! One task runs [`run`]; the agent asks it to deregister by sending a close reason on a
 //! oneshot channel, and reads whether it is connected from an [`AtomicBool`].
 
-use std::collections::VecDeque;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,11 +20,14 @@ use usher_shared::backoff::Backoff;
 use usher_shared::codec::{
     read_frame_owned, write_frame, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
 };
-use usher_shared::protocol::{DirectoryMessage, NodeMessage, Registration, Role};
+use usher_shared::protocol::{
+    DirectoryMessage, NodeMessage, Registration, Role, HEARTBEATS_PER_ACK,
+};
 use usher_shared::routes::{Instance, InstanceState};
 use usher_shared::session::{open, Session, SessionError};
 
-/// A heartbeat not acknowledged within this time means the connection is dead.
+/// A heartbeat that asked for an acknowledgement (every
+/// [`HEARTBEATS_PER_ACK`]-th) and got none within this time means the conversation is dead.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Bound on connecting and saying hello (QUIC gives up on a silent peer after its 5 s idle
@@ -216,11 +219,8 @@ async fn heartbeat(
         send: send_stream,
     };
     let mut reader = pin!(read_frame_owned(recv, MAX_DIRECTORY_FRAME));
-    let mut next_at = Some(Instant::now() + first_interval);
-    // When each unacknowledged heartbeat was sent, oldest first.
-    let mut unacked: VecDeque<Instant> = VecDeque::new();
+    let mut pacer = Pacer::new(first_interval, Instant::now());
     let result = loop {
-        let ack_deadline = unacked.front().map(|sent| *sent + ACK_TIMEOUT);
         tokio::select! {
             biased;
             reason = &mut *stop => {
@@ -240,26 +240,22 @@ async fn heartbeat(
                 }
                 let state = *ctx.state.borrow_and_update();
                 debug!(state = state.as_str(), "state changed; heartbeat now");
-                if let Err(e) = writer.heartbeat(state).await {
+                if let Err(e) = writer.heartbeat(state, false).await {
                     break Err(e);
                 }
-                unacked.push_back(Instant::now());
             }
-            _ = sleep_until_opt(next_at) => {
+            _ = sleep_until_opt(pacer.next_at) => {
                 let state = *ctx.state.borrow();
-                if let Err(e) = writer.heartbeat(state).await {
+                let ask = pacer.heartbeat_due(Instant::now());
+                if let Err(e) = writer.heartbeat(state, ask).await {
                     break Err(e);
                 }
-                unacked.push_back(Instant::now());
-                // The next one is scheduled by the acknowledgement.
-                next_at = None;
             }
             (recv, frame) = &mut reader => {
                 reader.set(read_frame_owned(recv, MAX_DIRECTORY_FRAME));
                 match frame {
                     Ok(Some(DirectoryMessage::HeartbeatAck { next_heartbeat_ms })) => {
-                        unacked.pop_front();
-                        next_at = Some(Instant::now() + clamp_interval(next_heartbeat_ms));
+                        pacer.acknowledged(clamp_interval(next_heartbeat_ms), Instant::now());
                     }
                     Ok(Some(DirectoryMessage::Error { code, message })) => {
                         break Err(SessionError::Refused(format!("{code:?}: {message}")).into());
@@ -271,7 +267,7 @@ async fn heartbeat(
                     Err(e) => break Err(e.into()),
                 }
             }
-            _ = sleep_until_opt(ack_deadline) => {
+            _ = sleep_until_opt(pacer.ack_deadline) => {
                 break Err(LinkError::Timeout { what: "heartbeat acknowledgement", after: ACK_TIMEOUT });
             }
         }
@@ -279,6 +275,53 @@ async fn heartbeat(
     debug!(epoch, "closing the directory connection");
     connection.close(0u32.into(), b"agent reconnecting");
     result
+}
+
+/// When the agent heartbeats and which heartbeats ask for an acknowledgement: every
+/// [`HEARTBEATS_PER_ACK`]-th one asks, and the next is scheduled by the acknowledgement
+/// (SwarmKit: the directory dictates the rate); the others follow the last dictated interval.
+#[derive(Debug)]
+struct Pacer {
+    interval: Duration,
+    /// When the next heartbeat is due (`None`: when the acknowledgement asked for comes).
+    next_at: Option<Instant>,
+    /// Heartbeats sent on schedule since the last that asked for an acknowledgement.
+    unasked: u32,
+    /// When the acknowledgement asked for is overdue ([`ACK_TIMEOUT`]).
+    ack_deadline: Option<Instant>,
+}
+
+impl Pacer {
+    fn new(interval: Duration, now: Instant) -> Self {
+        Pacer {
+            interval,
+            next_at: Some(now + interval),
+            unasked: 0,
+            ack_deadline: None,
+        }
+    }
+
+    /// The scheduled heartbeat is sent now; returns whether it asks for an acknowledgement.
+    fn heartbeat_due(&mut self, now: Instant) -> bool {
+        self.unasked += 1;
+        if self.unasked < HEARTBEATS_PER_ACK {
+            self.next_at = Some(now + self.interval);
+            return false;
+        }
+        self.unasked = 0;
+        self.next_at = None;
+        self.ack_deadline = Some(now + ACK_TIMEOUT);
+        true
+    }
+
+    /// An acknowledgement with the interval to keep. An older directory acknowledges every
+    /// heartbeat: only the one asked for (or one after it) reschedules.
+    fn acknowledged(&mut self, interval: Duration, now: Instant) {
+        self.interval = interval;
+        if self.ack_deadline.take().is_some() {
+            self.next_at = Some(now + interval);
+        }
+    }
 }
 
 /// Sleeps until `at`, or forever if `None`.
@@ -296,8 +339,9 @@ struct Writer {
 }
 
 impl Writer {
-    async fn heartbeat(&mut self, state: InstanceState) -> Result<(), LinkError> {
-        write_bounded(&mut self.send, &NodeMessage::Heartbeat { state }).await
+    /// Sends a heartbeat; `ack`: ask for an acknowledgement.
+    async fn heartbeat(&mut self, state: InstanceState, ack: bool) -> Result<(), LinkError> {
+        write_bounded(&mut self.send, &NodeMessage::Heartbeat { state, ack }).await
     }
 
     /// Sends `Deregister`, finishes the stream and waits (bounded) until the directory has
@@ -331,6 +375,54 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_fifth_heartbeat_asks_and_waits_for_the_acknowledgement() {
+        let start = Instant::now();
+        let second = Duration::from_secs(1);
+        let mut pacer = Pacer::new(second, start);
+        for n in 1..HEARTBEATS_PER_ACK {
+            let now = pacer.next_at.expect("scheduled");
+            assert_eq!(now, start + second * n);
+            assert!(!pacer.heartbeat_due(now), "heartbeat {n} asks for nothing");
+            assert_eq!(pacer.ack_deadline, None);
+        }
+        let now = pacer.next_at.unwrap();
+        assert!(pacer.heartbeat_due(now), "the fifth asks");
+        assert_eq!(
+            pacer.next_at, None,
+            "the acknowledgement schedules the next"
+        );
+        assert_eq!(pacer.ack_deadline, Some(now + ACK_TIMEOUT));
+
+        // The acknowledgement dictates a new interval, kept until the next one.
+        let later = now + Duration::from_millis(20);
+        pacer.acknowledged(Duration::from_millis(900), later);
+        assert_eq!(pacer.ack_deadline, None);
+        assert_eq!(pacer.next_at, Some(later + Duration::from_millis(900)));
+        let now = pacer.next_at.unwrap();
+        assert!(!pacer.heartbeat_due(now));
+        assert_eq!(pacer.next_at, Some(now + Duration::from_millis(900)));
+    }
+
+    #[test]
+    fn unasked_acknowledgements_from_an_older_directory_keep_the_schedule() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(Duration::from_secs(1), start);
+        let now = pacer.next_at.unwrap();
+        assert!(!pacer.heartbeat_due(now));
+        let scheduled = pacer.next_at;
+        pacer.acknowledged(Duration::from_millis(1100), now + Duration::from_millis(5));
+        assert_eq!(
+            pacer.next_at, scheduled,
+            "not asked for: the schedule stands"
+        );
+        assert_eq!(
+            pacer.interval,
+            Duration::from_millis(1100),
+            "the interval is taken"
+        );
+    }
 
     #[test]
     fn directory_intervals_are_clamped() {

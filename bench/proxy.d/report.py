@@ -3,7 +3,7 @@
 `<!-- proxy:begin -->` and `<!-- proxy:end -->` markers of docs/BENCHMARKS.md (adding the
 section at the end when the markers are absent; other sections are left as they are).
 
-Input: results.tsv (round, load, target, CPU clock ticks or empty, wrk.lua's JSON summary) and
+Input: results.tsv (round, load, target, CPU clock ticks as "user,system" or empty, wrk.lua's JSON summary) and
 rss.tsv (process, `base` or `fleet`, VmRSS in kB). Every figure comes from these files.
 """
 
@@ -57,7 +57,7 @@ def load_results(path):
                 "p50": s["p50_us"],
                 "p99": s["p99_us"],
                 "requests": s["requests"],
-                "ticks": int(ticks) if ticks else None,
+                "ticks": tuple(int(t) for t in ticks.split(",")) if ticks else None,
                 "errors": sum(s["errors"].values()),
             }
     return runs
@@ -136,12 +136,18 @@ def main():
                 out.append(t[key] - d[key])
         return median(out)
 
-    def cpu_us_per_request(load, target):
+    def cpu_us_per_request(load, target, part=None):
+        """CPU µs per request: user + system, or only `part` (0 user, 1 system)."""
         ticks = [runs[(r, load, target)]["ticks"] for r in rounds if (r, load, target) in runs]
         reqs = sum(per_round(load, target, "requests"))
         if not ticks or None in ticks or not reqs:
             return None
-        return sum(ticks) / a.clk_tck * 1e6 / reqs
+        used = sum(sum(t) if part is None else t[part] for t in ticks)
+        return used / a.clk_tck * 1e6 / reqs
+
+    def split(load, target):
+        user, system = (cpu_us_per_request(load, target, part) for part in (0, 1))
+        return "–" if user is None else f"{fmt(user, 1)} / {fmt(system, 1)}"
 
     instructions = load_instructions(a.instructions)
     errors = sum(run["errors"] for run in runs.values())
@@ -167,21 +173,23 @@ def main():
       "mode, `nbthread 1`, `http-reuse always`. usher: one directory, one `usher-agent` "
       "registering nginx (`--concurrency 256`, so no request queues), two sidecars "
       f"(`--threads 1` and the default, {a.default_threads}). CPU is the proxy process's "
-      "utime+stime (`/proc/PID/stat`) over the rounds divided by the requests it served.")
+      "utime+stime (`/proc/PID/stat`) over the rounds divided by the requests it served; "
+      "user / system splits it into the process's own code and the kernel's work for it.")
     w("")
     for load in ["sat", "one"]:
         w(f"**{LOADS[load]}**")
         w("")
         w("| target | req/s | p50 µs | p99 µs | req/s vs HAProxy | req/s vs direct "
-          "| CPU µs/request |")
-        w("|---|---|---|---|---|---|---|")
+          "| CPU µs/request | of it user / system |")
+        w("|---|---|---|---|---|---|---|---|")
         for t in TARGETS:
             w(f"| {label[t]} | {fmt(median(per_round(load, t, 'rps')))} "
               f"| {fmt(median(per_round(load, t, 'p50')))} "
               f"| {fmt(median(per_round(load, t, 'p99')))} "
               f"| {fmt(ratio(load, t, 'haproxy', 'rps'), 2, '×')} "
               f"| {fmt(ratio(load, t, 'direct', 'rps'), 2, '×')} "
-              f"| {fmt(cpu_us_per_request(load, t), 1)} |")
+              f"| {fmt(cpu_us_per_request(load, t), 1)} "
+              f"| {split(load, t)} |")
         w("")
     w(f"**paced, `-t1 -c{a.paced_conns}`, {a.paced_delay_ms} ms before each request "
       f"(~{a.rate:,} req/s)**: added = target minus direct in the same round.")

@@ -485,6 +485,7 @@ async fn silent_agent(endpoint: &quinn::Endpoint, addr: &str) -> Result<oneshot:
             }
             let heartbeat = NodeMessage::Heartbeat {
                 state: InstanceState::Up,
+                ack: true,
             };
             if session.send(&heartbeat).await.is_err() {
                 return;

@@ -99,11 +99,14 @@ async fn heartbeats(
         };
         let now = Instant::now();
         match message {
-            NodeMessage::Heartbeat { state } => {
+            NodeMessage::Heartbeat { state, ack } => {
                 if let Err(e) = registry.heartbeat(session, key, state, now) {
                     return stream
                         .refuse(ErrorCode::InvalidRequest, e.to_string())
                         .await;
+                }
+                if !ack {
+                    continue; // the agent keeps its interval (HEARTBEATS_PER_ACK)
                 }
                 let ack = DirectoryMessage::HeartbeatAck {
                     next_heartbeat_ms: millis(registry.next_heartbeat()),

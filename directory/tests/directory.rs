@@ -205,17 +205,27 @@ async fn agents_register_sidecars_follow_and_silence_expires() {
     .await;
     assert_eq!(table.epoch, sidecar.epoch);
 
-    // A health change reaches the sidecar as a delta.
-    agent
-        .send(&NodeMessage::Heartbeat {
-            state: InstanceState::Up,
-        })
-        .await
-        .unwrap();
+    // A health change reaches the sidecar as a delta. Only the heartbeat that asks for an
+    // acknowledgement gets one.
+    for ack in [false, true] {
+        agent
+            .send(&NodeMessage::Heartbeat {
+                state: InstanceState::Up,
+                ack,
+            })
+            .await
+            .unwrap();
+    }
     assert!(matches!(
         recv(&mut agent).await,
         DirectoryMessage::HeartbeatAck { .. }
     ));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), agent.recv())
+            .await
+            .is_err(),
+        "one acknowledgement for the one heartbeat that asked"
+    );
     follow(&mut sidecar, &mut table, |t| {
         state_of(t, "a") == Some(InstanceState::Up)
     })
@@ -239,6 +249,7 @@ async fn agents_register_sidecars_follow_and_silence_expires() {
     agent
         .send(&NodeMessage::Heartbeat {
             state: InstanceState::Up,
+            ack: true,
         })
         .await
         .unwrap();

@@ -50,9 +50,11 @@ fn main() -> std::io::Result<()> {
         }),
         NodeMessage::Heartbeat {
             state: InstanceState::Up,
+            ack: false,
         },
         NodeMessage::Heartbeat {
             state: InstanceState::Draining,
+            ack: true,
         },
         NodeMessage::Deregister,
     ]);

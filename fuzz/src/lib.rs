@@ -131,7 +131,7 @@ fn apply(
                 }
             }
         }
-        NodeMessage::Heartbeat { state } => {
+        NodeMessage::Heartbeat { state, .. } => {
             if let Some(key) = registered {
                 let _ = registry.heartbeat(session, key, state, now);
             }

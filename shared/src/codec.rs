@@ -340,6 +340,7 @@ mod tests {
             encode_frame(
                 &NodeMessage::Heartbeat {
                     state: InstanceState::Up,
+                    ack: false,
                 },
                 MAX_NODE_FRAME,
             )
@@ -353,7 +354,8 @@ mod tests {
         assert_eq!(
             b,
             Some(NodeMessage::Heartbeat {
-                state: InstanceState::Up
+                state: InstanceState::Up,
+                ack: false,
             })
         );
         assert_eq!(c, None, "clean end of stream");
