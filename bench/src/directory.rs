@@ -77,6 +77,9 @@ struct Figures {
     setup: Duration,
     directory_cpu: f64,
     generator_cpu: f64,
+    /// UDP datagrams received per second on this host in the window (loopback: every
+    /// datagram between the directory and the generator, counted once).
+    datagrams_per_s: f64,
     rss_mb: f64,
     hwm_mb: f64,
     changes: usize,
@@ -238,8 +241,12 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Figures> {
     // The steady window: K changes per second, round robin over the churned instances.
     let window_subscribed = observed.subscribed.load(Ordering::Acquire);
     let pid = directory.pid();
-    let (dir_before, own_before, window_started) =
-        (cpu_ticks(pid)?, cpu_ticks_self()?, Instant::now());
+    let (dir_before, own_before, udp_before, window_started) = (
+        cpu_ticks(pid)?,
+        cpu_ticks_self()?,
+        udp_datagrams_received()?,
+        Instant::now(),
+    );
     let mut made = 0usize;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(k)));
     while window_started.elapsed() < Duration::from_secs(seconds) {
@@ -262,6 +269,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Figures> {
     let clk_tck = clock_ticks_per_second();
     let directory_cpu = (cpu_ticks(pid)? - dir_before) as f64 / clk_tck / window;
     let generator_cpu = (cpu_ticks_self()? - own_before) as f64 / clk_tck / window;
+    let datagrams_per_s = udp_datagrams_received()?.saturating_sub(udp_before) as f64 / window;
     let (rss_mb, hwm_mb) = memory_mb(pid)?;
 
     // A silent agent: its connection stays open, its heartbeats stop.
@@ -311,6 +319,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Figures> {
         setup,
         directory_cpu,
         generator_cpu,
+        datagrams_per_s,
         rss_mb,
         hwm_mb,
         changes: made,
@@ -504,6 +513,24 @@ async fn silent_agent(endpoint: &quinn::Endpoint, addr: &str) -> Result<oneshot:
     Ok(silence)
 }
 
+/// UDP datagrams this host has received (`Udp InDatagrams` in `/proc/net/snmp`).
+fn udp_datagrams_received() -> Result<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").context("read /proc/net/snmp")?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = udp
+        .next()
+        .zip(udp.next())
+        .context("no Udp lines in /proc/net/snmp")?;
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "InDatagrams")
+        .context("no Udp InDatagrams in /proc/net/snmp")?
+        .1
+        .parse()
+        .context("Udp InDatagrams")
+}
+
 /// utime + stime of process `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> Result<u64> {
     stat_ticks(&Path::new("/proc").join(pid.to_string()).join("stat"))
@@ -561,7 +588,7 @@ fn row(f: &Figures) -> String {
         format!("{:.2}", d.as_secs_f64())
     });
     format!(
-        "| {} ({} registered) | {} ({} subscribed, {} again) | {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.0} |",
+        "| {} ({} registered) | {} ({} subscribed, {} again) | {} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.0} |",
         fmt_int(f.instances),
         fmt_int(f.registered),
         fmt_int(f.sidecars),
@@ -570,6 +597,7 @@ fn row(f: &Figures) -> String {
         f.changes_per_s,
         f.directory_cpu,
         f.generator_cpu,
+        fmt_int(f.datagrams_per_s.round() as usize),
         f.rss_mb,
         f.hwm_mb,
         f.p50_ms,
@@ -626,10 +654,10 @@ fn report(all: &[Figures], args: &Args) -> String {
     );
     out.push_str(
         "| instances | sidecars | changes/s | directory CPU (cores) | generator CPU (cores) \
-         | directory RSS MB | RSS high-water MB | propagation p50 ms | p99 ms | max ms \
+         | UDP datagrams/s | directory RSS MB | RSS high-water MB | propagation p50 ms | p99 ms | max ms \
          | deliveries | silent agent withdrawn everywhere, s | setup s |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for f in all {
         out.push_str(&row(f));
         out.push('\n');
@@ -640,7 +668,10 @@ fn report(all: &[Figures], args: &Args) -> String {
          (`deliveries` counts them against changes × sidecars subscribed when the window \
          started; a sidecar whose connection failed subscribes again, as a real one does, and \
          `again` counts those). Heartbeat interval 1 s (the \
-         default), so the silent agent is due to be withdrawn after its TTL.\n",
+         default), so the silent agent is due to be withdrawn after its TTL. UDP datagrams/s: \
+         the host's `Udp InDatagrams` (`/proc/net/snmp`) over the window, so every datagram \
+         between the directory and the generator once, in either direction; unlike CPU it does \
+         not depend on the machine's speed.\n",
     );
     if let Some(f) = all.iter().find(|f| f.instances == 10_000) {
         out.push_str("\nTargets of issue 5 at 10,000 instances:\n\n");
