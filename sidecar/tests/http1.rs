@@ -633,7 +633,7 @@ async fn expect_100_continue_gets_the_body_through() {
 #[tokio::test]
 async fn smuggling_attempts_get_400_and_never_reach_the_instance() {
     let (s, log) = setup().await;
-    let attempts: [&[u8]; 9] = [
+    let attempts: [&[u8]; 10] = [
         // CL.TE / TE.CL: both framings (RFC 9112 §6.3: reject, or use chunked, and close).
         b"POST /smuggle/cl-te HTTP/1.1\r\nHost: web\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n\
           0\r\n\r\nGET /smuggle/inner HTTP/1.1\r\nHost: web\r\n\r\n",
@@ -648,6 +648,8 @@ async fn smuggling_attempts_get_400_and_never_reach_the_instance() {
         b"POST /smuggle/minus HTTP/1.1\r\nHost: web\r\nContent-Length: -1\r\n\r\nhello",
         // Chunked not the final coding (§6.3: 400 and close).
         b"POST /smuggle/gzip HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+        // Two Host fields: each hop could route by another one (RFC 9112 §3.2: 400).
+        b"GET /smuggle/two-hosts HTTP/1.1\r\nHost: web\r\nHost: other\r\n\r\n",
         // Whitespace between field name and colon (§5.1: 400).
         b"POST /smuggle/space HTTP/1.1\r\nHost: web\r\nTransfer-Encoding : chunked\r\nContent-Length: 3\r\n\r\n\
           0\r\n\r\nGET /smuggle/inner HTTP/1.1\r\nHost: web\r\n\r\n",

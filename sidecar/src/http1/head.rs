@@ -66,6 +66,8 @@ pub enum HeadError {
     BadTarget(String),
     #[error("CONNECT is not supported: the sidecar proxies HTTP requests, not tunnels")]
     Connect,
+    #[error("more than one Host field")]
+    DuplicateHost,
 }
 
 impl HeadError {
@@ -119,7 +121,8 @@ pub struct ParsedRequest<'a> {
 /// `Ok(None)`: the head is not complete yet (the caller enforces the size limit). Errors: a
 /// malformed head, more than [`MAX_HEADERS`] fields, an ambiguous or invalid body length
 /// (both `Content-Length` and `Transfer-Encoding`, differing or non-numeric lengths), a
-/// last transfer coding other than `chunked`, `CONNECT`, an authority- or unknown-form target.
+/// last transfer coding other than `chunked`, two `Host` fields, `CONNECT`, an authority- or
+/// unknown-form target.
 pub fn parse_request<'a>(
     input: &'a [u8],
     client_ip: &[u8],
@@ -151,10 +154,14 @@ pub fn parse_request<'a>(
 
     // The target as the instance gets it, and the host the request names.
     let (path, authority) = split_target(target)?;
-    let host_field = fields
+    // RFC 9112 §3.2: two Host fields are a 400 (each hop could route by another one).
+    let mut hosts = fields
         .iter()
-        .find(|f| f.name.eq_ignore_ascii_case("host"))
-        .map(|f| f.value);
+        .filter(|f| f.name.eq_ignore_ascii_case("host"));
+    let host_field = hosts.next().map(|f| f.value);
+    if hosts.next().is_some() {
+        return Err(HeadError::DuplicateHost);
+    }
     let host = request_host(authority, host_field);
 
     out.clear();
@@ -589,6 +596,9 @@ mod tests {
             request("CONNECT web:443 HTTP/1.1\r\n\r\n").unwrap_err(),
             HeadError::Connect
         );
+        let twice = "GET / HTTP/1.1\r\nHost: web\r\nHost: other\r\n\r\n";
+        assert_eq!(request(twice).unwrap_err(), HeadError::DuplicateHost);
+        assert_eq!(HeadError::DuplicateHost.status(), 400);
     }
 
     #[test]
