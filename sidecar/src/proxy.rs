@@ -579,7 +579,12 @@ async fn answer_error(
         _ => false,
     };
     let keep = head.keep_alive && body_read;
-    write_error(&mut c.out, status, message, retry_after, keep);
+    let client = ClientSide {
+        http10: head.http10,
+        keep_alive: keep,
+        head_method: head.head_method,
+    };
+    write_error(&mut c.out, status, message, retry_after, client);
     let written = c.wr.write_all(&c.out).await;
     c.out.clear();
     keep && written.is_ok()
@@ -591,7 +596,12 @@ async fn answer_error(
 /// the connection and discard the answer before the client reads it.
 async fn refuse(c: &mut Client<'_>, status: u16, message: &str) {
     debug!(status, reason = message, "refusing the request and closing");
-    write_error(&mut c.out, status, message, None, false);
+    let closing = ClientSide {
+        http10: false,
+        keep_alive: false,
+        head_method: false,
+    };
+    write_error(&mut c.out, status, message, None, closing);
     if c.wr.write_all(&c.out).await.is_err() || c.wr.shutdown().await.is_err() {
         return;
     }

@@ -489,6 +489,11 @@ async fn head_204_and_304_responses_carry_no_body() {
     assert_eq!(reply.status, 304, "{reply:?}");
     assert_eq!(reply.header("etag"), Some("\"v1\""));
 
+    // The sidecar's own error to a HEAD has no body either.
+    c.send(b"HEAD / HTTP/1.1\r\nHost: nope\r\n\r\n").await;
+    let reply = c.reply(true).await;
+    assert_eq!(reply.status, 404, "{reply:?}");
+
     let reply = c
         .request(b"GET /echo?last HTTP/1.1\r\nHost: web\r\n\r\n")
         .await;

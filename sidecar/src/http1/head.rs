@@ -344,13 +344,15 @@ pub fn parse_response(
 }
 
 /// A `text/plain` response of one line, written into `out` (cleared first), from the proxy
-/// itself: `message` and a newline. `retry_after`: seconds for `Retry-After` (`503`).
+/// itself: `message` and a newline (no body to a `HEAD`). `retry_after`: seconds for
+/// `Retry-After` (`503`). `client.keep_alive`: the connection stays open (said explicitly to
+/// an HTTP/1.0 client); otherwise `connection: close`.
 pub fn write_error(
     out: &mut Vec<u8>,
     status: u16,
     message: &str,
     retry_after: Option<u32>,
-    keep_alive: bool,
+    client: ClientSide,
 ) {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -364,12 +366,16 @@ pub fn write_error(
         out.extend_from_slice(seconds.to_string().as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !keep_alive {
+    if !client.keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
+    } else if client.http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(message.as_bytes());
-    out.push(b'\n');
+    if !client.head_method {
+        out.extend_from_slice(message.as_bytes());
+        out.push(b'\n');
+    }
 }
 
 /// The reason phrase of a status the proxy answers itself.
@@ -742,12 +748,23 @@ mod tests {
     #[test]
     fn errors_are_one_line_of_text() {
         let mut out = Vec::new();
-        write_error(&mut out, 503, "queue full", Some(1), false);
+        write_error(&mut out, 503, "queue full", Some(1), client(false, false));
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text,
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
              content-length: 11\r\nretry-after: 1\r\nconnection: close\r\n\r\nqueue full\n"
+        );
+        let mut out = Vec::new();
+        let head_request = ClientSide {
+            head_method: true,
+            ..client(true, true)
+        };
+        write_error(&mut out, 404, "unknown service", None, head_request);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.ends_with("content-length: 16\r\nconnection: keep-alive\r\n\r\n"),
+            "no body to a HEAD, keep-alive said to HTTP/1.0: {text}"
         );
     }
 }
