@@ -313,24 +313,16 @@ pub fn parse_response(
             write_field(out, field.name.as_bytes(), field.value);
         }
     }
-    if (100..200).contains(&status) {
-        out.extend_from_slice(b"\r\n");
-        return Ok(Some(ResponseHead {
-            len,
-            status,
-            framing,
-            keep_alive,
-            pass_through,
-            client_keep_alive: client.keep_alive,
-        }));
-    }
-    if let (Some(coding), Framing::Chunked, true) = (transfer_encoding, framing, pass_through) {
-        write_field(out, b"transfer-encoding", coding);
-    }
-    if !client_keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    } else if client.http10 {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
+    // An interim head is forwarded as it is; the final one says how this hop is framed.
+    if !(100..200).contains(&status) {
+        if let (Some(coding), Framing::Chunked, true) = (transfer_encoding, framing, pass_through) {
+            write_field(out, b"transfer-encoding", coding);
+        }
+        if !client_keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if client.http10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
     }
     out.extend_from_slice(b"\r\n");
     Ok(Some(ResponseHead {

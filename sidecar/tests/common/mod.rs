@@ -315,6 +315,19 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
 }
 
 /// Whether a comma-separated field value lists `token` (case-insensitively).
+/// Parsed header fields as (lowercased name, value as text) pairs.
+pub fn lowercase_fields(fields: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    fields
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).to_string(),
+            )
+        })
+        .collect()
+}
+
 pub fn lists(value: &str, token: &str) -> bool {
     value
         .split(',')
@@ -375,16 +388,7 @@ async fn echo_connection(mut stream: TcpStream, log: Log) {
                         method: parsed.method.unwrap_or_default().to_string(),
                         target: parsed.path.unwrap_or_default().to_string(),
                         version: parsed.version.unwrap_or_default(),
-                        headers: parsed
-                            .headers
-                            .iter()
-                            .map(|h| {
-                                (
-                                    h.name.to_ascii_lowercase(),
-                                    String::from_utf8_lossy(h.value).to_string(),
-                                )
-                            })
-                            .collect(),
+                        headers: lowercase_fields(parsed.headers),
                         body: Vec::new(),
                         chunked: false,
                     };
