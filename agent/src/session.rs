@@ -273,6 +273,10 @@ async fn heartbeat(
         }
     };
     debug!(epoch, "closing the directory connection");
+    let result = result.map_err(|e| match e {
+        LinkError::Session(e) => LinkError::Session(e.with_cause(&connection)),
+        e => e,
+    });
     connection.close(0u32.into(), b"agent reconnecting");
     result
 }

@@ -31,6 +31,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use usher_agent::session::{self as agent_session, SessionContext};
 use usher_bench::docs;
+use usher_shared::backoff::Backoff;
 use usher_shared::enrolment::{self, Credentials, TlsFlags};
 use usher_shared::identity::NodeIdentity;
 use usher_shared::protocol::{DirectoryMessage, NodeMessage, Registration, Role};
@@ -67,6 +68,11 @@ struct Args {
     /// handshake; setup is not measured, only the steady window after it).
     #[arg(long, default_value_t = 200)]
     arrivals: u32,
+    /// Instead of the steady window: once the fleet is up, kill the directory and start it
+    /// again, twice, and time the fleet's return each time; written to the
+    /// `directory-restart` section.
+    #[arg(long)]
+    restarts: bool,
 }
 
 /// One run's figures.
@@ -96,6 +102,33 @@ struct Figures {
     resubscribed: usize,
 }
 
+/// What one run measured: the steady window, or the fleet's return after restarts.
+enum Measured {
+    Steady(Figures),
+    Restarts {
+        instances: usize,
+        sidecars: usize,
+        returns: Vec<Return>,
+    },
+}
+
+/// How the fleet came back after the directory was killed and started again.
+struct Return {
+    /// Which restart of the run (1, 2, ...).
+    nth: usize,
+    /// Until the table held every agent's instance again.
+    instances: Option<Duration>,
+    /// Until every sidecar had read a full table from the new directory.
+    sidecars: Option<Duration>,
+    /// Instances in the table at the end of the wait.
+    registered: usize,
+    /// The new directory's CPU over the return, in cores.
+    directory_cpu: f64,
+}
+
+/// Restarts per run, one after the other (each a sample).
+const RESTARTS: usize = 2;
+
 /// The latest change of each churned instance: when it was made and the state it set.
 type Changes = Arc<RwLock<HashMap<String, (Instant, InstanceState)>>>;
 
@@ -110,6 +143,8 @@ struct Observed {
     resubscribed: AtomicUsize,
     /// Sidecars that have seen the silent instance withdrawn.
     silent_withdrawn: AtomicUsize,
+    /// Full tables received, first subscriptions and later ones alike.
+    tables: AtomicUsize,
 }
 
 fn main() -> Result<()> {
@@ -137,21 +172,41 @@ fn main() -> Result<()> {
                 "usher-bench-directory: {n} instances, {m} sidecars, {} changes/s",
                 args.changes
             );
-            let figures = run(n, m, &args).await?;
-            eprintln!("{}", row(&figures));
-            all.push(figures);
+            let measured = run(n, m, &args).await?;
+            match &measured {
+                Measured::Steady(figures) => eprintln!("{}", row(figures)),
+                Measured::Restarts { returns, .. } => {
+                    for back in returns {
+                        eprintln!("{}", return_row(back));
+                    }
+                }
+            }
+            all.push(measured);
         }
-        let report = report(&all, &args);
-        println!("{report}");
-        docs::write_section(&docs::path(), "directory", &report)
+        if args.restarts {
+            let report = restart_report(&all, &args);
+            println!("{report}");
+            docs::write_section(&docs::path(), "directory-restart", &report)
+        } else {
+            let figures: Vec<Figures> = all
+                .into_iter()
+                .filter_map(|m| match m {
+                    Measured::Steady(figures) => Some(figures),
+                    Measured::Restarts { .. } => None,
+                })
+                .collect();
+            let report = report(&figures, &args);
+            println!("{report}");
+            docs::write_section(&docs::path(), "directory", &report)
+        }
     })
 }
 
-async fn run(n: usize, m: usize, args: &Args) -> Result<Figures> {
+async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
     let (k, seconds) = (args.changes, args.seconds);
     let setup_started = Instant::now();
     let mesh = Mesh::new()?;
-    let directory = mesh.start_directory("directory").await?;
+    let mut directory = mesh.start_directory("directory").await?;
     let agent = credentials(&mesh, "agent", Some(SERVICE)).await?;
     let sidecar = credentials(&mesh, "sidecar", None).await?;
     let addr = mesh.directory.quic();
@@ -208,13 +263,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Figures> {
             tokio::time::sleep(Duration::from_secs_f64(100.0 / f64::from(args.arrivals))).await;
         }
     }
-    let in_table = || async {
-        admin_json(&admin, "/v1/routes")
-            .await
-            .ok()
-            .and_then(|doc| doc["instances"].as_array().map(Vec::len))
-            .unwrap_or(0)
-    };
+    let in_table = || instances_in_table(&admin);
     if let Err(e) = wait_until(
         Duration::from_secs(60 + n as u64 / 100),
         "every instance in the directory's table",
@@ -237,6 +286,22 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Figures> {
     // The last batches reach the sidecars.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let setup = setup_started.elapsed();
+
+    if args.restarts {
+        // A crash: the directory is killed and started again on the same addresses and state.
+        let mut returns = Vec::new();
+        for nth in 1..=RESTARTS {
+            let back;
+            (directory, back) = restart(&mesh, directory, nth, n, m, &observed).await?;
+            returns.push(back);
+        }
+        stop_fleet(&stop_tx, sidecars, agents).await;
+        return Ok(Measured::Restarts {
+            instances: n,
+            sidecars: m,
+            returns,
+        });
+    }
 
     // The steady window: K changes per second, round robin over the churned instances.
     let window_subscribed = observed.subscribed.load(Ordering::Acquire);
@@ -287,14 +352,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Figures> {
     .ok()
     .map(|_| silenced.elapsed());
 
-    let _ = stop_tx.send(true);
-    for sidecar in sidecars {
-        let _ = tokio::time::timeout(Duration::from_secs(5), sidecar).await;
-    }
-    for (stop, task) in agents {
-        drop(stop); // closes without deregistering: the directory is stopped next anyway
-        task.abort();
-    }
+    stop_fleet(&stop_tx, sidecars, agents).await;
     drop(directory);
     drop(steady);
 
@@ -312,7 +370,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Figures> {
         let i = ((delays.len() as f64 * p).ceil() as usize).clamp(1, delays.len()) - 1;
         delays[i] as f64 / 1000.0
     };
-    Ok(Figures {
+    Ok(Measured::Steady(Figures {
         instances: n,
         sidecars: m,
         changes_per_s: k,
@@ -331,7 +389,78 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Figures> {
         registered,
         subscribed: window_subscribed,
         resubscribed: observed.resubscribed.load(Ordering::Acquire),
-    })
+    }))
+}
+
+/// Instances in the table of the directory whose admin port is `admin` (0 if it does not
+/// answer).
+async fn instances_in_table(admin: &str) -> usize {
+    admin_json(admin, "/v1/routes")
+        .await
+        .ok()
+        .and_then(|doc| doc["instances"].as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
+/// Stops the simulated sidecars and agents (the agents close without deregistering: the
+/// directory is stopped next anyway).
+async fn stop_fleet(
+    stop: &watch::Sender<bool>,
+    sidecars: Vec<JoinHandle<()>>,
+    agents: Vec<(oneshot::Sender<&'static str>, JoinHandle<bool>)>,
+) {
+    let _ = stop.send(true);
+    for sidecar in sidecars {
+        let _ = tokio::time::timeout(Duration::from_secs(5), sidecar).await;
+    }
+    for (stop, task) in agents {
+        drop(stop);
+        task.abort();
+    }
+}
+
+/// Kills `directory`, starts it again and waits for the `n` agents to register and the `m`
+/// sidecars to read a full table again; returns the new directory and how the fleet came
+/// back (restart number `nth`).
+async fn restart(
+    mesh: &Mesh,
+    mut directory: usher_tests::Process,
+    nth: usize,
+    n: usize,
+    m: usize,
+    observed: &Observed,
+) -> Result<(usher_tests::Process, Return)> {
+    let tables_before = observed.tables.load(Ordering::Acquire);
+    directory.kill();
+    let killed = Instant::now();
+    let directory = mesh
+        .start_directory(&format!("directory-restart-{nth}"))
+        .await?;
+    let cpu_before = cpu_ticks(directory.pid())?;
+    let admin = mesh.directory.admin();
+    let timeout = Duration::from_secs(60 + n as u64 / 100);
+    let in_table = || instances_in_table(&admin);
+    let (mut instances, mut sidecars) = (None, None);
+    while killed.elapsed() < timeout && (instances.is_none() || sidecars.is_none()) {
+        if instances.is_none() && in_table().await >= n {
+            instances = Some(killed.elapsed());
+        }
+        if sidecars.is_none() && observed.tables.load(Ordering::Acquire) >= tables_before + m {
+            sidecars = Some(killed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = killed.elapsed().as_secs_f64();
+    let directory_cpu =
+        (cpu_ticks(directory.pid())? - cpu_before) as f64 / clock_ticks_per_second() / elapsed;
+    let back = Return {
+        nth,
+        instances,
+        sidecars,
+        registered: in_table().await,
+        directory_cpu,
+    };
+    Ok((directory, back))
 }
 
 fn instance(id: &str, started_at_ms: u64) -> Instance {
@@ -428,6 +557,9 @@ async fn subscribe(
             let batch = match message {
                 Ok(DirectoryMessage::Deltas { changes, .. }) => changes,
                 Ok(DirectoryMessage::SnapshotChunk { last, .. }) => {
+                    if last {
+                        observed.tables.fetch_add(1, Ordering::AcqRel);
+                    }
                     if last && !counted {
                         counted = true;
                         observed.subscribed.fetch_add(1, Ordering::AcqRel);
@@ -470,9 +602,19 @@ async fn subscribe(
 }
 
 /// An agent that registers and heartbeats until told to go silent; then it keeps its
-/// connection open and sends nothing (a hung process, not a crashed one).
+/// connection open and sends nothing (a hung process, not a crashed one). Like a real node it
+/// connects again after its backoff while the directory refuses handshakes (the sidecars'
+/// arrival may hold every slot), for up to a minute.
 async fn silent_agent(endpoint: &quinn::Endpoint, addr: &str) -> Result<oneshot::Sender<()>> {
-    let mut session = open(endpoint, addr, Role::Agent, "bench/silent").await?;
+    let mut backoff = Backoff::reconnect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut session = loop {
+        match open(endpoint, addr, Role::Agent, "bench/silent").await {
+            Ok(session) => break session,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(backoff.next_delay()).await,
+            Err(e) => return Err(e.into()),
+        }
+    };
     session
         .send(&NodeMessage::Register(Registration {
             instance: instance(SILENT, usher_shared::unix_millis()),
@@ -610,6 +752,20 @@ fn row(f: &Figures) -> String {
     )
 }
 
+/// The restart columns of a [`Return`], from the restart's number on.
+fn return_row(back: &Return) -> String {
+    let secs =
+        |d: Option<Duration>| d.map_or("not in time".into(), |d| format!("{:.1}", d.as_secs_f64()));
+    format!(
+        "| {} | {} | {} | {} | {:.2} |",
+        back.nth,
+        secs(back.instances),
+        secs(back.sidecars),
+        fmt_int(back.registered),
+        back.directory_cpu,
+    )
+}
+
 fn fmt_int(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
@@ -632,12 +788,7 @@ fn verdict(ok: bool) -> &'static str {
 
 fn report(all: &[Figures], args: &Args) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .unwrap_or_default();
+    let date = today();
     let sizes: Vec<String> = args.sizes.iter().map(usize::to_string).collect();
     let sidecars: Vec<String> = args.sidecars.iter().map(usize::to_string).collect();
     let mut out = format!(
@@ -705,4 +856,56 @@ fn report(all: &[Figures], args: &Args) -> String {
         ));
     }
     out
+}
+
+/// The `directory-restart` section: how the fleet came back after each restart.
+fn restart_report(all: &[Measured], args: &Args) -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let sizes: Vec<String> = args.sizes.iter().map(usize::to_string).collect();
+    let sidecars: Vec<String> = args.sidecars.iter().map(usize::to_string).collect();
+    let mut out = format!(
+        "Measured {} on {cpus} CPUs shared by the directory and this generator.\n\n```sh\n\
+         RESTARTS=1 SIZES={} SIDECARS={} ARRIVALS={} bench/directory\n```\n\n\
+         Once the fleet is up, the directory is killed (SIGKILL) and started again on the same \
+         addresses and state, {RESTARTS} times in a row; every agent and sidecar reconnects \
+         after its jittered backoff. Times from the kill; CPU is the new directory's over the \
+         return.\n\n\
+         | instances | sidecars | restart | every instance back, s | every sidecar has a \
+         table again, s | instances at the end | directory CPU (cores) |\n\
+         |---|---|---|---|---|---|---|\n",
+        today(),
+        sizes.join(","),
+        sidecars.join(","),
+        args.arrivals,
+    );
+    for measured in all {
+        if let Measured::Restarts {
+            instances,
+            sidecars,
+            returns,
+        } = measured
+        {
+            for back in returns {
+                out.push_str(&format!(
+                    "| {} | {} {}\n",
+                    fmt_int(*instances),
+                    fmt_int(*sidecars),
+                    return_row(back)
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The current UTC date and time, as `date -u` prints it.
+fn today() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }

@@ -153,9 +153,8 @@ pub async fn run_with_reloads(
             Err(e) => warn!(socket = name, error = %e, "cannot size the UDP socket buffers"),
         }
     }
-    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &credentials.reset_secret);
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::new(Arc::new(reset_key)),
+        server::endpoint_config(&credentials.reset_secret),
         Some(server_config),
         listeners.quic,
         Arc::new(quinn::TokioRuntime),

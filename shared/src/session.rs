@@ -18,6 +18,8 @@ pub enum SessionError {
     Connect(#[from] quinn::ConnectError),
     #[error("connection to the directory failed: {0}")]
     Connection(#[from] quinn::ConnectionError),
+    #[error("connection to the directory lost: {0}")]
+    Lost(quinn::ConnectionError),
     #[error("directory stream failed: {0}")]
     Frame(#[from] FrameError),
     #[error("directory closed the stream")]
@@ -29,6 +31,18 @@ pub enum SessionError {
         expected: &'static str,
         got: &'static str,
     },
+}
+
+impl SessionError {
+    /// A stream that failed because its connection ended says why the connection ended
+    /// (`Lost`: reset by peer, timed out, closed by peer and its reason) instead of quinn's
+    /// "connection lost"; every other error is kept.
+    pub fn with_cause(self, connection: &quinn::Connection) -> Self {
+        match (self, connection.close_reason()) {
+            (SessionError::Frame(_), Some(reason)) => SessionError::Lost(reason),
+            (error, _) => error,
+        }
+    }
 }
 
 /// An open conversation with the directory: one QUIC connection and one bidirectional stream.

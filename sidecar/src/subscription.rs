@@ -75,6 +75,10 @@ pub async fn run(
                     result = follow(session, &replica) => result,
                 };
                 replica.set_connected(false);
+                let result = match result {
+                    LinkError::Session(e) => LinkError::Session(e.with_cause(&connection)),
+                    e => e,
+                };
                 connection.close(0u32.into(), b"sidecar resubscribing");
                 result
             }

@@ -143,6 +143,40 @@ async fn killed_agent_is_withdrawn_within_four_seconds() {
     assert_eq!(r.status, 200);
 }
 
+/// Waits until the `n` agents of `web` are up in the restarted directory's table and the
+/// sidecar follows that directory (connected, a table from it, an epoch other than
+/// `old_epoch`).
+async fn rejoined(m: &Running, n: usize, old_epoch: &serde_json::Value) {
+    let dir_admin = m.mesh.directory.admin();
+    wait_until(
+        Duration::from_secs(15),
+        "agents to rejoin the restarted directory",
+        || async {
+            admin_json(&dir_admin, "/v1/routes")
+                .await
+                .map(|r| instances_in(&r, "web", "up").len() == n)
+                .unwrap_or(false)
+        },
+    )
+    .await
+    .unwrap();
+    let admin = m.sidecar_addrs.admin();
+    wait_until(
+        Duration::from_secs(20),
+        "the sidecar to follow the new directory",
+        || async {
+            admin_json(&admin, "/v1/routes")
+                .await
+                .map(|r| {
+                    r["connected"] == true && r["source"] == "directory" && r["epoch"] != *old_epoch
+                })
+                .unwrap_or(false)
+        },
+    )
+    .await
+    .unwrap();
+}
+
 /// 4. SIGKILL of the directory fails no request; a restarted directory is rejoined by agents
 ///    and sidecars, and no instance is withdrawn meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,34 +215,7 @@ async fn directory_restart_fails_no_request_and_withdraws_nothing() {
     m.directory = m.mesh.start_directory("directory-restarted").await.unwrap();
 
     // Agents re-register with the new directory and the sidecar resubscribes to it.
-    let dir_admin = m.mesh.directory.admin();
-    wait_until(
-        Duration::from_secs(15),
-        "agents to rejoin the restarted directory",
-        || async {
-            admin_json(&dir_admin, "/v1/routes")
-                .await
-                .map(|r| instances_in(&r, "web", "up").len() == 3)
-                .unwrap_or(false)
-        },
-    )
-    .await
-    .unwrap();
-    let old_epoch = before["epoch"].clone();
-    wait_until(
-        Duration::from_secs(20),
-        "the sidecar to follow the new directory",
-        || async {
-            admin_json(&admin, "/v1/routes")
-                .await
-                .map(|r| {
-                    r["connected"] == true && r["source"] == "directory" && r["epoch"] != old_epoch
-                })
-                .unwrap_or(false)
-        },
-    )
-    .await
-    .unwrap();
+    rejoined(&m, 3, &before["epoch"]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     watching.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -229,6 +236,30 @@ async fn directory_restart_fails_no_request_and_withdraws_nothing() {
         instances_in(&after, "web", "up"),
         instances_in(&before, "web", "up")
     );
+}
+
+/// 4b. A directory that crashed and started again answers the packets of its previous
+///     process's connections with a stateless reset: agents and the sidecar reconnect because
+///     the directory told them, not after their own timeouts (3 s and more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_directory_resets_the_connections_of_the_crashed_one() {
+    let mut m = mesh_with(2).await;
+    let admin = m.sidecar_addrs.admin();
+    let old_epoch = admin_json(&admin, "/v1/routes").await.unwrap()["epoch"].clone();
+    m.directory.kill();
+    m.directory = m.mesh.start_directory("directory-restarted").await.unwrap();
+    rejoined(&m, 2, &old_epoch).await;
+    for node in m.agents.iter().chain([&m.sidecar]) {
+        let log = node.log();
+        let lost = log
+            .lines()
+            .find(|l| l.contains("lost the directory"))
+            .unwrap_or_else(|| panic!("the node noticed the restart:\n{log}"));
+        assert!(
+            lost.contains("reset by peer"),
+            "the node learnt of the restart from a stateless reset: {lost}"
+        );
+    }
 }
 
 /// 5. A sidecar restarted while the directory is down serves from its persisted table.
