@@ -100,6 +100,18 @@ struct Figures {
     /// Sidecars subscribed when the window started, and subscriptions made again in the run.
     subscribed: usize,
     resubscribed: usize,
+    /// The real `usher-sidecar` that followed the fleet during the window.
+    sidecar: RealSidecar,
+}
+
+/// What following the fleet cost one real `usher-sidecar` over the window.
+struct RealSidecar {
+    /// CPU, in cores.
+    cpu: f64,
+    /// Bytes written to storage (`/proc/PID/io` `write_bytes`), MB per second.
+    writes_mb_per_s: f64,
+    /// VmRSS at the end of the window, MB.
+    rss_mb: f64,
 }
 
 /// What one run measured: the steady window, or the fleet's return after restarts.
@@ -303,6 +315,20 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
         });
     }
 
+    // One real sidecar beside the simulated ones: what following the fleet costs it.
+    let real_addrs = mesh.sidecar_addrs("real");
+    let real = mesh.start_sidecar("sidecar", &real_addrs).await?;
+    let real_admin = real_addrs.admin();
+    if let Err(e) = wait_until(
+        Duration::from_secs(60),
+        "the real sidecar holding every instance",
+        || instances_at_least(&real_admin, registered + 1),
+    )
+    .await
+    {
+        eprintln!("usher-bench-directory: going on without its full table: {e}");
+    }
+
     // The steady window: K changes per second, round robin over the churned instances.
     let window_subscribed = observed.subscribed.load(Ordering::Acquire);
     let pid = directory.pid();
@@ -312,6 +338,8 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
         udp_datagrams_received()?,
         Instant::now(),
     );
+    let (real_cpu_before, real_writes_before) =
+        (cpu_ticks(real.pid())?, bytes_written(real.pid())?);
     let mut made = 0usize;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(k)));
     while window_started.elapsed() < Duration::from_secs(seconds) {
@@ -336,6 +364,14 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
     let generator_cpu = (cpu_ticks_self()? - own_before) as f64 / clk_tck / window;
     let datagrams_per_s = udp_datagrams_received()?.saturating_sub(udp_before) as f64 / window;
     let (rss_mb, hwm_mb) = memory_mb(pid)?;
+    let sidecar = RealSidecar {
+        cpu: (cpu_ticks(real.pid())? - real_cpu_before) as f64 / clk_tck / window,
+        writes_mb_per_s: bytes_written(real.pid())?.saturating_sub(real_writes_before) as f64
+            / 1e6
+            / window,
+        rss_mb: memory_mb(real.pid())?.0,
+    };
+    drop(real);
 
     // A silent agent: its connection stays open, its heartbeats stop.
     let silenced = Instant::now();
@@ -388,12 +424,28 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
         silent_withdrawn,
         registered,
         subscribed: window_subscribed,
+        sidecar,
         resubscribed: observed.resubscribed.load(Ordering::Acquire),
     }))
 }
 
-/// Instances in the table of the directory whose admin port is `admin` (0 if it does not
-/// answer).
+/// Whether the table at admin port `admin` (a directory's or a sidecar's) holds at least `n`
+/// instances.
+async fn instances_at_least(admin: &str, n: usize) -> bool {
+    instances_in_table(admin).await >= n
+}
+
+/// `write_bytes` of `/proc/PID/io`: bytes process `pid` caused to be written to storage.
+fn bytes_written(pid: u32) -> Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).context("read /proc/PID/io")?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no write_bytes in /proc/PID/io")
+}
+
+/// Instances in the table at admin port `admin` (a directory's or a sidecar's; 0 if it does
+/// not answer).
 async fn instances_in_table(admin: &str) -> usize {
     admin_json(admin, "/v1/routes")
         .await
@@ -730,7 +782,7 @@ fn row(f: &Figures) -> String {
         format!("{:.2}", d.as_secs_f64())
     });
     format!(
-        "| {} ({} registered) | {} ({} subscribed, {} again) | {} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.0} |",
+        "| {} ({} registered) | {} ({} subscribed, {} again) | {} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
         fmt_int(f.instances),
         fmt_int(f.registered),
         fmt_int(f.sidecars),
@@ -748,6 +800,9 @@ fn row(f: &Figures) -> String {
         fmt_int(f.deliveries),
         fmt_int(f.changes * f.subscribed),
         silent,
+        f.sidecar.cpu,
+        f.sidecar.writes_mb_per_s,
+        f.sidecar.rss_mb,
         f.setup.as_secs_f64(),
     )
 }
@@ -806,9 +861,10 @@ fn report(all: &[Figures], args: &Args) -> String {
     out.push_str(
         "| instances | sidecars | changes/s | directory CPU (cores) | generator CPU (cores) \
          | UDP datagrams/s | directory RSS MB | RSS high-water MB | propagation p50 ms | p99 ms | max ms \
-         | deliveries | silent agent withdrawn everywhere, s | setup s |\n",
+         | deliveries | silent agent withdrawn everywhere, s | real sidecar CPU (cores) \
+         | its disk writes MB/s | its RSS MB | setup s |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for f in all {
         out.push_str(&row(f));
         out.push('\n');
@@ -822,7 +878,10 @@ fn report(all: &[Figures], args: &Args) -> String {
          default), so the silent agent is due to be withdrawn after its TTL. UDP datagrams/s: \
          the host's `Udp InDatagrams` (`/proc/net/snmp`) over the window, so every datagram \
          between the directory and the generator once, in either direction; unlike CPU it does \
-         not depend on the machine's speed.\n",
+         not depend on the machine's speed. Real sidecar: one `usher-sidecar` process \
+         subscribed beside the simulated ones, following every change; its CPU and the bytes \
+         it wrote to storage (`/proc/PID/io`, its persisted `routes.json`) over the window, \
+         its RSS at the end.\n",
     );
     if let Some(f) = all.iter().find(|f| f.instances == 10_000) {
         out.push_str("\nTargets of issue 5 at 10,000 instances:\n\n");

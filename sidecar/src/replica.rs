@@ -2,17 +2,20 @@
 //!
 //! The table is an immutable snapshot swapped atomically, so the request path reads it without
 //! a lock. It comes from the directory (snapshot, then deltas), or at startup from
-//! `routes.json` in the state directory when the directory is unreachable; every table from
-//! the directory is persisted there (temp file + rename), off the request path.
+//! `routes.json` in the state directory when the directory is unreachable; the tables from
+//! the directory are persisted there (temp file + rename, at most every
+//! [`PERSIST_INTERVAL`]), off the request path.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use usher_shared::routes::{Instance, RouteTable, ServiceVersion};
@@ -216,11 +219,18 @@ impl Replica {
     }
 }
 
-/// Persists every table received from the directory to `dir`, coalescing bursts, until
-/// `shutdown`; then writes the last one.
+/// Least time between two writes of `routes.json`: 5 s. The file only serves a sidecar that
+/// starts while the directory is unreachable, so a table a few seconds old is as good there;
+/// writing every table as it came cost a sidecar following 3,000 instances at 100 changes/s
+/// several megabytes of writes and fsyncs a second (`docs/BENCHMARKS.md`).
+pub const PERSIST_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Persists the tables received from the directory to `dir` until `shutdown`: the first at
+/// once, then the latest at most once per [`PERSIST_INTERVAL`], and the last one at shutdown.
 pub async fn persist(replica: Arc<Replica>, dir: PathBuf, shutdown: CancellationToken) {
     let mut received = replica.received.subscribe();
     let mut saved = 0u64;
+    let mut last_write: Option<Instant> = None;
     let mut stop = false;
     loop {
         let current = *received.borrow_and_update();
@@ -233,6 +243,7 @@ pub async fn persist(replica: Arc<Replica>, dir: PathBuf, shutdown: Cancellation
                 Ok(Err(e)) => warn!(error = %e, "cannot persist the route table"),
                 Err(e) => warn!(error = %e, "the persisting task failed"),
             }
+            last_write = Some(Instant::now());
         }
         if stop {
             return;
@@ -241,6 +252,13 @@ pub async fn persist(replica: Arc<Replica>, dir: PathBuf, shutdown: Cancellation
             _ = shutdown.cancelled() => true,
             changed = received.changed() => changed.is_err(),
         };
+        if let (false, Some(at)) = (stop, last_write) {
+            // Later tables coalesce until the interval has passed (or the sidecar stops).
+            stop = tokio::select! {
+                _ = shutdown.cancelled() => true,
+                _ = tokio::time::sleep_until(at + PERSIST_INTERVAL) => false,
+            };
+        }
     }
 }
 
@@ -314,7 +332,15 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert_eq!(load(dir.path()).unwrap(), Some(table()));
+
+        // The next table waits for the interval; the last one is written at shutdown.
+        let mut next = table();
+        next.revision = 4;
+        replica.set(next.clone(), Source::Directory);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(load(dir.path()).unwrap(), Some(table()), "coalesced");
         shutdown.cancel();
         task.await.unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(next));
     }
 }
