@@ -7,12 +7,15 @@
 //! Per size it reports the directory's CPU (share of one core, `/proc/PID/stat` utime+stime over
 //! the steady window), its RSS (VmRSS at the end, VmHWM), this generator's own CPU share (it
 //! competes with the directory for the same cores), the propagation delay of every change to
-//! every sidecar (p50, p99, max; both ends are in this process, so one clock), and the time for
-//! a silent agent (connection open, heartbeats stopped) to be withdrawn at every sidecar.
+//! every sidecar (p50, p99, max; both ends are in this process, so one clock), the time for
+//! a silent agent (connection open, heartbeats stopped) to be withdrawn at every sidecar, and
+//! what following the fleet costs one real `usher-sidecar` process (CPU, writes, RSS). With
+//! `--restarts` it instead kills and restarts the directory under the connected fleet and times
+//! the fleet's return.
 //!
 //! ```text
 //! usher-bench-directory [--sizes 1000,10000,30000] [--sidecars 1000] [--changes 100]
-//!                       [--seconds 20]
+//!                       [--seconds 20] [--arrivals 200] [--restarts]
 //! ```
 //!
 //! Run from the repository root after `cargo build --release` (it starts
