@@ -841,7 +841,7 @@ fn verdict(ok: bool) -> &'static str {
 
 fn report(all: &[Figures], args: &Args) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let date = today();
+    let date = docs::today();
     let sizes: Vec<String> = args.sizes.iter().map(usize::to_string).collect();
     let sidecars: Vec<String> = args.sidecars.iter().map(usize::to_string).collect();
     let mut out = format!(
@@ -930,7 +930,7 @@ fn restart_report(all: &[Measured], args: &Args) -> String {
          | instances | sidecars | restart | every instance back, s | every sidecar has a \
          table again, s | instances at the end | directory CPU (cores) |\n\
          |---|---|---|---|---|---|---|\n",
-        today(),
+        docs::today(),
         sizes.join(","),
         sidecars.join(","),
         args.arrivals,
@@ -953,16 +953,4 @@ fn restart_report(all: &[Measured], args: &Args) -> String {
         }
     }
     out
-}
-
-/// The current UTC date and time, as `date -u` prints it.
-fn today() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .unwrap_or_default()
-        .trim()
-        .to_string()
 }

@@ -21,3 +21,15 @@ pub fn write_section(path: &str, name: &str, body: &str) -> Result<()> {
     };
     std::fs::write(path, updated).with_context(|| format!("cannot write {path}"))
 }
+
+/// The current UTC date and time, as `date -u` prints it.
+pub fn today() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}

@@ -315,7 +315,7 @@ mod tests {
                 panic!("not deltas");
             };
             replica
-                .apply_deltas(epoch, from_revision, to_revision, changes)
+                .apply_deltas(epoch, from_revision, to_revision, &changes)
                 .unwrap();
         }
         assert_eq!(replica.revision, 2510);

@@ -180,7 +180,7 @@ async fn follow(sidecar: &mut Session, table: &mut RouteTable, done: impl Fn(&Ro
                 to_revision,
                 changes,
             } => table
-                .apply_deltas(epoch, from_revision, to_revision, changes)
+                .apply_deltas(epoch, from_revision, to_revision, &changes)
                 .unwrap(),
             other => panic!("unexpected {other:?}"),
         }
@@ -291,7 +291,7 @@ async fn deregister_withdraws_at_once_and_resume_gets_only_deltas() {
         } => {
             assert_eq!(from_revision, table.revision);
             table
-                .apply_deltas(epoch, from_revision, to_revision, changes)
+                .apply_deltas(epoch, from_revision, to_revision, &changes)
                 .unwrap();
         }
         other => panic!("expected deltas, got {other:?}"),

@@ -184,7 +184,7 @@ impl RouteTable {
         epoch: u64,
         from: u64,
         to: u64,
-        changes: Vec<Change>,
+        changes: &[Change],
     ) -> Result<(), DeltaError> {
         if epoch != self.epoch {
             return Err(DeltaError::WrongEpoch {
@@ -199,10 +199,31 @@ impl RouteTable {
             });
         }
         for change in changes {
-            self.apply(change);
+            self.apply(change.clone());
         }
         self.revision = to;
         Ok(())
+    }
+
+    /// Whether the table names the service version: declared, or with at least one instance
+    /// (O(log n)).
+    pub fn names_version(&self, service: &str, version: &str) -> bool {
+        let version = ServiceVersion {
+            service: service.to_string(),
+            version: version.to_string(),
+        };
+        if self.declared.contains(&version) {
+            return true;
+        }
+        let first = InstanceKey {
+            service: version.service,
+            version: version.version,
+            id: String::new(),
+        };
+        self.instances
+            .range(&first..)
+            .next()
+            .is_some_and(|(key, _)| key.service == first.service && key.version == first.version)
     }
 
     pub fn get(&self, key: &InstanceKey) -> Option<&Instance> {
@@ -406,7 +427,7 @@ pub(crate) mod tests {
         };
         assert_eq!(changes.len(), 2);
         replica
-            .apply_deltas(7, snap.revision, log.table().revision, changes)
+            .apply_deltas(7, snap.revision, log.table().revision, &changes)
             .unwrap();
         assert_eq!(&replica, log.table());
     }
@@ -434,6 +455,45 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_version_is_named_while_declared_or_with_an_instance() {
+        let mut table = RouteTable::new(7);
+        let v2 = ServiceVersion {
+            service: "web".into(),
+            version: "v2".into(),
+        };
+        table.apply(Change::Upsert(instance(
+            "web",
+            "v1",
+            "a",
+            InstanceState::Starting,
+        )));
+        table.apply(Change::Upsert(instance(
+            "webx",
+            "v1",
+            "b",
+            InstanceState::Up,
+        )));
+        table.apply(Change::Declare(v2.clone()));
+        assert!(table.names_version("web", "v1"));
+        assert!(table.names_version("web", "v2"), "declared, no instance");
+        assert!(
+            !table.names_version("web", "v"),
+            "a prefix is not a version"
+        );
+        assert!(!table.names_version("we", "v1"));
+        table.apply(Change::Remove(
+            instance("web", "v1", "a", InstanceState::Up).key(),
+        ));
+        table.apply(Change::Undeclare(v2));
+        assert!(
+            !table.names_version("web", "v1"),
+            "webx's instance is not web's"
+        );
+        assert!(!table.names_version("web", "v2"));
+        assert!(table.names_version("webx", "v1"));
+    }
+
+    #[test]
     fn deltas_with_a_gap_or_wrong_epoch_are_refused_untouched() {
         let mut replica = RouteTable::new(7);
         let change = vec![Change::Upsert(instance(
@@ -443,15 +503,15 @@ pub(crate) mod tests {
             InstanceState::Up,
         ))];
         assert_eq!(
-            replica.apply_deltas(8, 0, 1, change.clone()),
+            replica.apply_deltas(8, 0, 1, &change),
             Err(DeltaError::WrongEpoch { held: 7, got: 8 })
         );
         assert_eq!(
-            replica.apply_deltas(7, 3, 4, change.clone()),
+            replica.apply_deltas(7, 3, 4, &change),
             Err(DeltaError::Gap { held: 0, from: 3 })
         );
         assert!(replica.is_empty());
-        replica.apply_deltas(7, 0, 1, change).unwrap();
+        replica.apply_deltas(7, 0, 1, &change).unwrap();
         assert_eq!(replica.len(), 1);
     }
 

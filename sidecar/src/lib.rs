@@ -12,7 +12,8 @@
 //! - [`replica`]: the table snapshot, where it came from, `routes.json` persistence.
 //! - [`subscription`]: follow the directory forever (snapshot, deltas, reconnect).
 //! - [`route`]: which service version a request is for (pure).
-//! - [`reserver`]: per service version slots, queueing and ejection (Waiter).
+//! - [`reserver`]: per service version reservation, queueing and ejection (Waiter), over
+//!   [`slots`]: one version's instances, laid out so picking and deltas are O(1).
 //! - [`http1`]: HTTP/1.1 heads (parsed by httparse, rewritten per hop) and bodies.
 //! - [`pool`] and [`proxy`]: keep-alive connections to instances and the HTTP proxy.
 //! - [`admin`]: `GET /healthz`, `GET /v1/routes`.
@@ -27,6 +28,7 @@ pub mod proxy;
 pub mod replica;
 pub mod reserver;
 pub mod route;
+pub mod slots;
 pub mod subscription;
 
 use std::sync::Arc;

@@ -39,7 +39,8 @@ use crate::http1::head::{
 };
 use crate::pool::{Pool, Upstream};
 use crate::replica::Replica;
-use crate::reserver::{InstanceId, Reservation, ReserveError, Reserver};
+use crate::reserver::{Reservation, ReserveError, Reserver};
+use crate::slots::InstanceId;
 
 /// Instances one request may try.
 pub const MAX_ATTEMPTS: usize = 3;

@@ -1,14 +1,17 @@
 //! The sidecar's replica of the route table (Baker: clients replicate the routes).
 //!
-//! The table is an immutable snapshot swapped atomically, so the request path reads it without
-//! a lock. It comes from the directory (snapshot, then deltas), or at startup from
+//! The request path never reads the table: it asks the [`RouteIndex`] (swapped atomically, read
+//! without a lock) for a version's reserver. The table itself is copy-on-write behind a lock,
+//! so a batch of deltas changes it in place, and the reservers with it, in O(changes) (issue
+//! 5: a sidecar following 10,000 instances copied the whole table per batch). It comes from
+//! the directory (snapshot, then deltas), or at startup from
 //! `routes.json` in the state directory when the directory is unreachable; the tables from
 //! the directory are persisted there (temp file + rename, at most every
 //! [`PERSIST_INTERVAL`]), off the request path.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -18,7 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use usher_shared::routes::{Instance, RouteTable, ServiceVersion};
+use usher_shared::routes::{Change, DeltaError, Instance, RouteTable, ServiceVersion};
 
 use crate::reserver::{Reserver, Reservers};
 use crate::route::{RouteError, RouteIndex};
@@ -130,7 +133,8 @@ pub fn save(dir: &Path, table: &RouteTable) -> Result<(), PersistError> {
 /// The current table, where it came from, and whether the directory is connected.
 #[derive(Debug)]
 pub struct Replica {
-    table: ArcSwap<RouteTable>,
+    /// Shared with readers (admin, persistence) only while they look; changed in place.
+    table: Mutex<Arc<RouteTable>>,
     /// The routing decisions of `table`, rebuilt with it.
     index: ArcSwap<RouteIndex>,
     source: AtomicU8,
@@ -144,7 +148,7 @@ impl Replica {
     /// An empty replica (source `none`) whose changes are pushed to `reservers`.
     pub fn new(reservers: Arc<Reservers>) -> Self {
         Self {
-            table: ArcSwap::from_pointee(RouteTable::default()),
+            table: Mutex::default(),
             index: ArcSwap::from_pointee(RouteIndex::default()),
             source: AtomicU8::new(Source::None as u8),
             connected: AtomicBool::new(false),
@@ -153,9 +157,13 @@ impl Replica {
         }
     }
 
-    /// The table to route with (lock-free).
+    /// The table held now (a snapshot: later changes do not show in it).
     pub fn table(&self) -> Arc<RouteTable> {
-        self.table.load_full()
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Arc<RouteTable>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The reserver of the service version `host` names (lock-free, no allocation); see
@@ -191,9 +199,38 @@ impl Replica {
 
     /// Routes with `table` from now on.
     pub fn set(&self, table: RouteTable, source: Source) {
+        let mut held = self.lock();
         let index = RouteIndex::new(self.reservers.sync(&table));
-        self.table.store(Arc::new(table));
+        *held = Arc::new(table);
         self.index.store(Arc::new(index));
+        drop(held);
+        self.updated(source);
+    }
+
+    /// Applies a batch of deltas from the directory (see [`RouteTable::apply_deltas`]) to the
+    /// table and the reservers in place, O(changes); the index is rebuilt only when a version
+    /// comes, goes, or gains or loses its last routable instance.
+    ///
+    /// Errors (and changes nothing) on another epoch or a gap: the caller must resubscribe.
+    pub fn apply_deltas(
+        &self,
+        epoch: u64,
+        from: u64,
+        to: u64,
+        changes: &[Change],
+    ) -> Result<(), DeltaError> {
+        let mut held = self.lock();
+        let table = Arc::make_mut(&mut held);
+        table.apply_deltas(epoch, from, to, changes)?;
+        if let Some(versions) = self.reservers.apply(changes, table) {
+            self.index.store(Arc::new(RouteIndex::new(versions)));
+        }
+        drop(held);
+        self.updated(Source::Directory);
+        Ok(())
+    }
+
+    fn updated(&self, source: Source) {
         self.source.store(source as u8, Ordering::Release);
         if source == Source::Directory {
             self.received.send_modify(|n| *n += 1);

@@ -8,26 +8,19 @@
 //! by a success. If every routable instance is ejected, they are used anyway ("panic mode"),
 //! so a blip never black-holes a service.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rand::Rng;
 use thiserror::Error;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use usher_shared::protocol::{fit_load_report, InstanceLoad, VersionLoad};
-use usher_shared::routes::{Instance, InstanceKey, RouteTable, ServiceVersion};
+use usher_shared::routes::{Change, Instance, InstanceKey, RouteTable, ServiceVersion};
 
-/// First ejection after a connection failure (Waiter).
-pub const EJECTION_BASE: Duration = Duration::from_secs(10);
-/// Longest ejection (Waiter).
-pub const EJECTION_MAX: Duration = Duration::from_secs(300);
-
-/// An instance's id as the reserver keeps it: shared, so a reservation holds it without a copy.
-pub type InstanceId = Arc<str>;
+use crate::slots::{InstanceId, Slots};
 
 /// Why no instance was reserved.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -48,136 +41,12 @@ pub enum ReserveError {
     NoOtherInstance { service: String, version: String },
 }
 
-/// Consecutive connection failures and the resulting ejection deadline.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Ejection {
-    failures: u32,
-    until: Option<Instant>,
-}
-
-impl Ejection {
-    /// Records a failure at `now`: ejected for 10 s, doubling per consecutive failure, at most
-    /// 300 s.
-    pub fn fail(&mut self, now: Instant) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        let factor = 1u32 << (self.failures - 1).min(16);
-        let period = (EJECTION_BASE * factor).min(EJECTION_MAX);
-        self.until = Some(now + period);
-        period
-    }
-
-    /// A success clears the ejection and the failure count.
-    pub fn clear(&mut self) {
-        *self = Self::default();
-    }
-
-    pub fn active(&self, now: Instant) -> bool {
-        self.until.is_some_and(|until| now < until)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Slot {
-    address: SocketAddr,
-    capacity: u32,
-    in_use: u32,
-    routable: bool,
-    /// Still in the route table; a withdrawn slot lingers until its last reservation ends.
-    present: bool,
-    ejection: Ejection,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    slots: HashMap<InstanceId, Slot, usher_shared::FastHash>,
-}
-
-impl State {
-    /// Picks an instance for a request that already tried `exclude`, without allocating (this
-    /// runs on every request). `Err(true)` when no routable instance outside `exclude` exists
-    /// at all, `Err(false)` when all are busy.
-    fn pick(&self, exclude: &[InstanceId], now: Instant) -> Result<InstanceId, bool> {
-        let candidate =
-            |id: &InstanceId, s: &Slot| s.present && s.routable && !exclude.contains(id);
-        let (mut routable, mut healthy, mut healthy_free, mut free) =
-            (0usize, 0usize, 0usize, 0usize);
-        for (id, s) in &self.slots {
-            if !candidate(id, s) {
-                continue;
-            }
-            routable += 1;
-            let is_free = s.in_use < s.capacity;
-            free += usize::from(is_free);
-            if !s.ejection.active(now) {
-                healthy += 1;
-                healthy_free += usize::from(is_free);
-            }
-        }
-        if routable == 0 {
-            return Err(true);
-        }
-        // Panic mode: when every routable instance is ejected, use them all.
-        let panic = healthy == 0;
-        let eligible = self.slots.iter().filter(|(id, s)| {
-            candidate(id, s) && s.in_use < s.capacity && (panic || !s.ejection.active(now))
-        });
-        choose(eligible, if panic { free } else { healthy_free })
-            .cloned()
-            .ok_or(false)
-    }
-}
-
-/// `a` is less loaded than `b` (in-use slots over capacity, compared without division).
-fn less_loaded(a: &Slot, b: &Slot) -> bool {
-    (a.in_use as u64) * (b.capacity as u64) < (b.in_use as u64) * (a.capacity as u64)
-}
-
-/// Power of two random choices over the `n` items of `eligible`: the less loaded of two
-/// distinct random candidates, so with two candidates the least loaded always wins, and ties
-/// go either way (sequential traffic still spreads).
-fn choose<'a>(
-    eligible: impl Iterator<Item = (&'a InstanceId, &'a Slot)>,
-    n: usize,
-) -> Option<&'a InstanceId> {
-    let (a, b) = match n {
-        0 => return None,
-        1 => (0, 0),
-        n => {
-            let mut rng = rand::rng();
-            let a = rng.random_range(0..n);
-            let mut b = rng.random_range(0..n - 1);
-            if b >= a {
-                b += 1;
-            }
-            (a, b)
-        }
-    };
-    let (mut first, mut second) = (None, None);
-    for (i, candidate) in eligible.enumerate() {
-        if i == a {
-            first = Some(candidate);
-        }
-        if i == b {
-            second = Some(candidate);
-        }
-        if first.is_some() && second.is_some() {
-            break;
-        }
-    }
-    let (first, second) = (first?, second?);
-    Some(if less_loaded(second.1, first.1) {
-        second.0
-    } else {
-        first.0
-    })
-}
-
 /// The instance reserver of one service version.
 #[derive(Debug)]
 pub struct Reserver {
     service: String,
     version: String,
-    state: Mutex<State>,
+    slots: Mutex<Slots>,
     /// Woken when a slot is released or the instances change.
     freed: Notify,
     queued: AtomicUsize,
@@ -192,44 +61,39 @@ impl Reserver {
         Self {
             service: service.into(),
             version: version.into(),
-            state: Mutex::new(State::default()),
+            slots: Mutex::new(Slots::default()),
             freed: Notify::new(),
             queued: AtomicUsize::new(0),
             demand,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replaces the known instances with `instances` (this version's entries of the route
     /// table). In-use counts survive; withdrawn instances linger until released.
     pub fn sync<'a>(&self, instances: impl IntoIterator<Item = &'a Instance>) {
-        let mut state = self.lock();
-        for slot in state.slots.values_mut() {
-            slot.present = false;
-        }
-        for i in instances {
-            let slot = state.slots.entry(i.id.as_str().into()).or_insert(Slot {
-                address: i.address,
-                capacity: i.capacity,
-                in_use: 0,
-                routable: false,
-                present: true,
-                ejection: Ejection::default(),
-            });
-            if slot.address != i.address {
-                slot.ejection.clear();
-            }
-            slot.address = i.address;
-            slot.capacity = i.capacity;
-            slot.routable = i.state.routable();
-            slot.present = true;
-        }
-        state.slots.retain(|_, s| s.present || s.in_use > 0);
-        drop(state);
+        self.lock().replace(instances);
         self.freed.notify_waiters();
+    }
+
+    /// Adds or updates one instance of this version (a delta), O(1).
+    pub fn upsert(&self, instance: &Instance) {
+        self.lock().upsert(instance);
+        self.freed.notify_waiters();
+    }
+
+    /// Withdraws one instance (a delta), O(1); it lingers until its last release.
+    pub fn withdraw(&self, id: &str) {
+        self.lock().withdraw(id);
+        self.freed.notify_waiters();
+    }
+
+    /// Whether any instance is present and `up` (the router's fallback needs it).
+    pub fn routable(&self) -> bool {
+        self.lock().any_routable()
     }
 
     /// Reserves a slot on an instance not in `exclude`, waiting up to `timeout` for one.
@@ -290,19 +154,14 @@ impl Reserver {
         self: &Arc<Self>,
         exclude: &[InstanceId],
     ) -> Result<Result<Reservation, bool>, ReserveError> {
-        let mut state = self.lock();
-        match state.pick(exclude, Instant::now()) {
-            Ok(id) => {
-                let slot = state.slots.get_mut(&id).expect("picked from the map");
-                slot.in_use += 1;
-                let address = slot.address;
-                Ok(Ok(Reservation {
-                    reserver: self.clone(),
-                    id,
-                    address,
-                    succeeded: false,
-                }))
-            }
+        let reserved = self.lock().reserve(exclude, Instant::now());
+        match reserved {
+            Ok((id, address)) => Ok(Ok(Reservation {
+                reserver: self.clone(),
+                id,
+                address,
+                succeeded: false,
+            })),
             Err(true) if !exclude.is_empty() => Err(ReserveError::NoOtherInstance {
                 service: self.service.clone(),
                 version: self.version.clone(),
@@ -313,17 +172,7 @@ impl Reserver {
 
     /// Returns a slot; `succeeded` also clears the instance's ejection (one lock for both).
     fn release(&self, id: &str, succeeded: bool) {
-        let mut state = self.lock();
-        if let Some(slot) = state.slots.get_mut(id) {
-            slot.in_use = slot.in_use.saturating_sub(1);
-            if succeeded {
-                slot.ejection.clear();
-            }
-            if !slot.present && slot.in_use == 0 {
-                state.slots.remove(id);
-            }
-        }
-        drop(state);
+        self.lock().release(id, succeeded);
         // A waiter counts itself queued before it takes the lock to look, so either it saw
         // this slot free or it is counted here (the lock orders the two).
         if self.queued.load(Ordering::SeqCst) > 0 {
@@ -331,28 +180,27 @@ impl Reserver {
         }
     }
 
-    fn with_slot(&self, id: &str, f: impl FnOnce(&mut Slot)) {
-        if let Some(slot) = self.lock().slots.get_mut(id) {
+    fn with_slot(&self, id: &str, f: impl FnOnce(&mut crate::slots::Slot)) {
+        if let Some(slot) = self.lock().get_mut(id) {
             f(slot);
         }
     }
 
     /// Slots in use on instance `id` (0 if unknown).
     pub fn in_use(&self, id: &str) -> u32 {
-        self.lock().slots.get(id).map_or(0, |s| s.in_use)
+        self.lock().get(id).map_or(0, |s| s.in_use)
     }
 
     /// Whether instance `id` is ejected now.
     pub fn ejected(&self, id: &str) -> bool {
         self.lock()
-            .slots
             .get(id)
             .is_some_and(|s| s.ejection.active(Instant::now()))
     }
 
     /// Nothing in use and nothing waiting: the reserver can be forgotten.
     pub fn idle(&self) -> bool {
-        self.queued() == 0 && self.lock().slots.values().all(|s| s.in_use == 0)
+        self.queued() == 0 && self.lock().iter().all(|s| s.in_use == 0)
     }
 
     pub fn service(&self) -> &str {
@@ -373,11 +221,10 @@ impl Reserver {
     pub fn load(&self) -> VersionLoad {
         let mut instances: Vec<InstanceLoad> = self
             .lock()
-            .slots
             .iter()
-            .filter(|(_, s)| s.in_use > 0)
-            .map(|(id, s)| InstanceLoad {
-                id: id.to_string(),
+            .filter(|s| s.in_use > 0)
+            .map(|s| InstanceLoad {
+                id: s.id.to_string(),
                 in_flight: s.in_use,
             })
             .collect();
@@ -441,11 +288,20 @@ impl Drop for Reservation {
 }
 
 /// Every service version's reserver: one per version the route table names, kept in step with
-/// the table, and kept after the version leaves the table while requests still hold it.
+/// the table (a full table in one pass over it, a batch of deltas in O(changes)), and kept
+/// after the version leaves the table while requests still hold it.
 #[derive(Debug, Default)]
 pub struct Reservers {
-    by_version: Mutex<HashMap<ServiceVersion, Arc<Reserver>>>,
+    by_version: Mutex<HashMap<ServiceVersion, Entry>>,
     demand: Arc<Notify>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    reserver: Arc<Reserver>,
+    /// The route table names the version (declared, or with instances). A version that left
+    /// it stays only while requests use or wait on its reserver.
+    listed: bool,
 }
 
 /// One version of the table, as [`Reservers::sync`] leaves it: its reserver and whether it
@@ -458,8 +314,10 @@ pub struct SyncedVersion {
     pub routable: bool,
 }
 
+type VersionMap = HashMap<ServiceVersion, Entry>;
+
 impl Reservers {
-    fn lock(&self) -> MutexGuard<'_, HashMap<ServiceVersion, Arc<Reserver>>> {
+    fn lock(&self) -> MutexGuard<'_, VersionMap> {
         self.by_version.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -471,7 +329,7 @@ impl Reservers {
     /// The load of every version with requests in flight or queued, busiest first, cut to what
     /// one report carries ([`fit_load_report`]) (Waiter/WSO2: the autoscaler's signal).
     pub fn loads(&self) -> Vec<VersionLoad> {
-        let reservers: Vec<_> = self.lock().values().cloned().collect();
+        let reservers: Vec<_> = self.lock().values().map(|e| e.reserver.clone()).collect();
         let mut loads: Vec<VersionLoad> = reservers
             .iter()
             .map(|r| r.load())
@@ -482,10 +340,11 @@ impl Reservers {
         loads
     }
 
-    /// Brings the reservers in step with `table` in one pass over its instances: a reserver
-    /// for every version it names (declared or with instances), synced with that version's
-    /// instances; a version gone from the table keeps its reserver only while requests use or
-    /// wait on it. Returns the table's versions (for [`crate::route::RouteIndex`]).
+    /// Brings the reservers in step with a full `table` in one pass over its instances: a
+    /// reserver for every version it names (declared or with instances), synced with that
+    /// version's instances; a version gone from the table keeps its reserver only while
+    /// requests use or wait on it. Returns the table's versions (for
+    /// [`crate::route::RouteIndex`]).
     pub fn sync(&self, table: &RouteTable) -> Vec<SyncedVersion> {
         let mut grouped: BTreeMap<(&str, &str), Vec<&Instance>> = BTreeMap::new();
         for declared in table.declared() {
@@ -500,34 +359,67 @@ impl Reservers {
                 .push(instance);
         }
         let mut map = self.lock();
-        let mut synced = Vec::with_capacity(grouped.len());
-        let mut kept = HashSet::with_capacity(grouped.len());
-        for ((service, version), instances) in grouped {
-            let key = ServiceVersion {
-                service: service.to_string(),
-                version: version.to_string(),
-            };
-            let reserver = map
-                .entry(key.clone())
-                .or_insert_with(|| Arc::new(Reserver::new(service, version, self.demand.clone())))
-                .clone();
-            reserver.sync(instances.iter().copied());
-            synced.push(SyncedVersion {
-                service: key.service.clone(),
-                version: key.version.clone(),
-                reserver,
-                routable: instances.iter().any(|i| i.state.routable()),
-            });
-            kept.insert(key);
+        for entry in map.values_mut() {
+            entry.listed = false;
         }
-        map.retain(|key, reserver| {
-            if kept.contains(key) {
-                return true;
+        for ((service, version), instances) in grouped {
+            let entry = self.entry(&mut map, service, version);
+            entry.listed = true;
+            entry.reserver.sync(instances);
+        }
+        forget_unlisted(&mut map);
+        listed(&map)
+    }
+
+    /// Applies a batch of deltas to the reservers of the versions it names, O(changes):
+    /// `table` is the route table with the batch already applied. Returns the table's versions
+    /// when the router's index must change (a version came or went, or gained its first or
+    /// lost its last routable instance), `None` when the index stands.
+    pub fn apply(&self, changes: &[Change], table: &RouteTable) -> Option<Vec<SyncedVersion>> {
+        let mut map = self.lock();
+        // Each named version's (listed, routable) before the batch.
+        let mut before: HashMap<ServiceVersion, (bool, bool)> = HashMap::new();
+        for change in changes {
+            let (service, version) = match change {
+                Change::Upsert(i) => (&i.service, &i.version),
+                Change::Remove(key) => (&key.service, &key.version),
+                Change::Declare(v) | Change::Undeclare(v) => (&v.service, &v.version),
+            };
+            let entry = self.entry(&mut map, service, version);
+            let state = (entry.listed, entry.reserver.routable());
+            match change {
+                Change::Upsert(instance) => entry.reserver.upsert(instance),
+                Change::Remove(key) => entry.reserver.withdraw(&key.id),
+                Change::Declare(_) | Change::Undeclare(_) => {}
             }
-            reserver.sync(std::iter::empty());
-            !reserver.idle()
-        });
-        synced
+            before
+                .entry(ServiceVersion {
+                    service: service.clone(),
+                    version: version.clone(),
+                })
+                .or_insert(state);
+        }
+        let mut reindex = false;
+        for (key, state) in before {
+            if let Some(entry) = map.get_mut(&key) {
+                entry.listed = table.names_version(&key.service, &key.version);
+                reindex |= (entry.listed, entry.reserver.routable()) != state;
+            }
+        }
+        forget_unlisted(&mut map);
+        reindex.then(|| listed(&map))
+    }
+
+    /// The entry of a version, created (unlisted) if it has none.
+    fn entry<'m>(&self, map: &'m mut VersionMap, service: &str, version: &str) -> &'m mut Entry {
+        map.entry(ServiceVersion {
+            service: service.to_string(),
+            version: version.to_string(),
+        })
+        .or_insert_with(|| Entry {
+            reserver: Arc::new(Reserver::new(service, version, self.demand.clone())),
+            listed: false,
+        })
     }
 
     /// In-use slots and ejection of one instance, for the admin API.
@@ -538,14 +430,40 @@ impl Reservers {
                 service: key.service.clone(),
                 version: key.version.clone(),
             })
-            .cloned();
+            .map(|e| e.reserver.clone());
         reserver.map_or((0, false), |r| (r.in_use(&key.id), r.ejected(&key.id)))
     }
+}
+
+/// Withdraws every instance of the versions the table no longer names, and forgets those
+/// nobody uses or waits on.
+fn forget_unlisted(map: &mut VersionMap) {
+    map.retain(|_, entry| {
+        if entry.listed {
+            return true;
+        }
+        entry.reserver.sync(std::iter::empty());
+        !entry.reserver.idle()
+    });
+}
+
+/// The versions the table names, for [`crate::route::RouteIndex`].
+fn listed(map: &VersionMap) -> Vec<SyncedVersion> {
+    map.iter()
+        .filter(|(_, entry)| entry.listed)
+        .map(|(key, entry)| SyncedVersion {
+            service: key.service.clone(),
+            version: key.version.clone(),
+            reserver: entry.reserver.clone(),
+            routable: entry.reserver.routable(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::slots::EJECTION_BASE;
     use std::collections::BTreeMap;
     use usher_shared::routes::InstanceState;
 
@@ -707,7 +625,7 @@ mod tests {
         );
         drop(held);
         assert_eq!(r.in_use("a"), 0);
-        assert!(r.lock().slots.is_empty());
+        assert!(r.lock().is_empty());
     }
 
     #[tokio::test]
@@ -817,19 +735,6 @@ mod tests {
         assert!(r.load().instances.is_empty());
     }
 
-    #[test]
-    fn ejection_backs_off_to_the_cap() {
-        let t0 = Instant::now();
-        let mut e = Ejection::default();
-        let periods: Vec<u64> = (0..8).map(|_| e.fail(t0).as_secs()).collect();
-        assert_eq!(periods, vec![10, 20, 40, 80, 160, 300, 300, 300]);
-        assert!(e.active(t0 + Duration::from_secs(299)));
-        assert!(!e.active(t0 + Duration::from_secs(300)));
-        e.clear();
-        assert!(!e.active(t0));
-        assert_eq!(e.fail(t0), EJECTION_BASE);
-    }
-
     #[tokio::test]
     async fn sequential_requests_spread_over_idle_instances() {
         let r = reserver(&[
@@ -843,27 +748,98 @@ mod tests {
         assert_eq!(seen.len(), 2);
     }
 
+    /// What a sidecar's reservers route with: per listed version whether it is routable, and
+    /// its slots (id, port, capacity, routable).
+    type Summary = BTreeMap<(String, String), (bool, Vec<(String, u16, u32, bool)>)>;
+
+    fn summary(reservers: &Reservers) -> Summary {
+        listed(&reservers.lock())
+            .into_iter()
+            .map(|v| {
+                let slots = v.reserver.lock();
+                let mut instances: Vec<_> = slots
+                    .iter()
+                    .map(|s| {
+                        let routable = slots.candidate_ids().any(|c| c == &*s.id);
+                        (s.id.to_string(), s.address.port(), s.capacity, routable)
+                    })
+                    .collect();
+                instances.sort();
+                ((v.service, v.version), (v.routable, instances))
+            })
+            .collect()
+    }
+
     #[test]
-    fn power_of_two_choices_prefers_the_less_loaded() {
-        let mut state = State::default();
-        for (i, in_use) in [9u32, 9, 9, 0].iter().enumerate() {
-            state.slots.insert(
-                format!("i{i}").into(),
-                Slot {
-                    address: SocketAddr::from(([127, 0, 0, 1], 1)),
-                    capacity: 10,
-                    in_use: *in_use,
-                    routable: true,
-                    present: true,
-                    ejection: Ejection::default(),
-                },
+    fn deltas_leave_the_reservers_as_the_full_table_would() {
+        // One sidecar follows deltas, the other syncs every full table; random batches over
+        // two services, two versions and four ids per version (a fixed seed: reproducible).
+        let (incremental, full) = (Reservers::default(), Reservers::default());
+        let mut table = RouteTable::new(1);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let states = [
+            InstanceState::Starting,
+            InstanceState::Up,
+            InstanceState::Draining,
+            InstanceState::Unknown,
+        ];
+        let mut indexed = summary(&incremental);
+        for _ in 0..500 {
+            let changes: Vec<Change> = (0..1 + next(4))
+                .map(|_| {
+                    let service = ["web", "api"][next(2) as usize].to_string();
+                    let version = ["v1", "v2"][next(2) as usize].to_string();
+                    let id = format!("i{}", next(4));
+                    match next(8) {
+                        0 => Change::Declare(ServiceVersion { service, version }),
+                        1 => Change::Undeclare(ServiceVersion { service, version }),
+                        2..=4 => Change::Remove(InstanceKey {
+                            service,
+                            version,
+                            id,
+                        }),
+                        _ => Change::Upsert(Instance {
+                            service,
+                            version,
+                            ..instance(
+                                &id,
+                                1 + next(3) as u16,
+                                1 + next(3) as u32,
+                                states[next(4) as usize],
+                            )
+                        }),
+                    }
+                })
+                .collect();
+            let revision = table.revision;
+            table
+                .apply_deltas(1, revision, revision + 1, &changes)
+                .unwrap();
+            let reindexed = incremental.apply(&changes, &table);
+            full.sync(&table);
+            let now = summary(&incremental);
+            assert_eq!(now, summary(&full), "after {changes:?}");
+            // The index is rebuilt exactly when what it holds changed.
+            let routes = |s: &Summary| -> Vec<_> {
+                s.iter()
+                    .map(|(k, (routable, _))| (k.clone(), *routable))
+                    .collect()
+            };
+            assert_eq!(
+                reindexed.is_some(),
+                routes(&now) != routes(&indexed),
+                "after {changes:?}"
             );
+            if reindexed.is_some() {
+                indexed = now;
+            }
         }
-        let now = Instant::now();
-        let idle = (0..400)
-            .filter(|_| &*state.pick(&[], now).unwrap() == "i3")
-            .count();
-        // i3 wins whenever it is one of the two choices: half the draws.
-        assert!(idle > 120, "idle instance chosen {idle} times of 400");
+        assert!(!incremental.lock().is_empty());
     }
 }

@@ -218,16 +218,13 @@ fn apply(
             to_revision,
             changes,
         } => {
-            let mut table = RouteTable::clone(&replica.table());
-            let count = changes.len();
-            table.apply_deltas(epoch, from_revision, to_revision, changes)?;
+            replica.apply_deltas(epoch, from_revision, to_revision, &changes)?;
             debug!(
                 from_revision,
                 to_revision,
-                changes = count,
+                changes = changes.len(),
                 "applied deltas"
             );
-            replica.set(table, Source::Directory);
             Ok(())
         }
         other => Err(LinkError::Unexpected(other.kind())),

@@ -1,0 +1,223 @@
+//! What the size of a service version costs a sidecar, in one process with the sidecar's own
+//! code (issue 5: sidecars at fleet scale). For each size N:
+//!
+//! - **reserve**: one reservation and its release (`Reserver::reserve`, power of two choices)
+//!   on a version of N instances of capacity 1, all idle, and with half of them busy (held by
+//!   other requests). The baseline is the same on a version of one instance (for the half-busy
+//!   case: two instances, one busy), measured in the same run.
+//! - **deltas**: one batch of 10 changes (instances turning `draining` and back) applied to a
+//!   replica holding N instances, in place (`Replica::apply_deltas`), against the full-table
+//!   resync a sidecar did until 2026-12-02 (a copy of the table with the batch applied, then
+//!   `Replica::set`), in the same run.
+//!
+//! Each figure is the median of 5 timed runs of at least 200 ms. Figures are printed and
+//! written between the `sidecar-scale` markers of `docs/BENCHMARKS.md` (or of the file
+//! `BENCH_DOCS` names). Run `target/release/usher-bench-sidecar-scale [--sizes 1,100,10000]`
+//! from the repository root after `cargo build --release`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use usher_bench::docs;
+use usher_shared::routes::{Change, Instance, InstanceState, RouteTable};
+use usher_sidecar::replica::{Replica, Source};
+use usher_sidecar::reserver::Reserver;
+
+#[derive(Debug, Parser)]
+#[command(about = "What a service version's size costs a sidecar per request and per batch")]
+struct Args {
+    /// Instances in the version, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000,10000")]
+    sizes: Vec<usize>,
+}
+
+/// Changes per batch of deltas (a directory batches up to 100; 100 changes/s over a 100 ms
+/// batch is 10).
+const BATCH: usize = 10;
+const RUNS: usize = 5;
+const RUN_AT_LEAST: Duration = Duration::from_millis(200);
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_QUEUED: usize = 1024;
+
+fn instance(i: usize, state: InstanceState) -> Instance {
+    Instance {
+        service: "fleet".into(),
+        version: "v1".into(),
+        id: format!("i{i}"),
+        address: SocketAddr::from(([127, 0, 0, 1], 10_000 + (i % 50_000) as u16)),
+        capacity: 1,
+        weight: 1,
+        state,
+        started_at_ms: 0,
+        labels: BTreeMap::new(),
+    }
+}
+
+/// The median over [`RUNS`] runs of `op`'s time per call, each run calling it until
+/// [`RUN_AT_LEAST`] has passed.
+async fn per_call<F: AsyncFnMut() -> Result<()>>(mut op: F) -> Result<Duration> {
+    let mut runs = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        let (started, mut calls) = (Instant::now(), 0u32);
+        while started.elapsed() < RUN_AT_LEAST {
+            op().await?;
+            calls += 1;
+        }
+        runs.push(started.elapsed() / calls);
+    }
+    runs.sort();
+    Ok(runs[RUNS / 2])
+}
+
+/// One reservation and its release on a version of `n` instances of capacity 1, `busy` of
+/// them held by other requests.
+async fn reserve(n: usize, busy: usize) -> Result<Duration> {
+    let reserver = Arc::new(Reserver::new("fleet", "v1", Arc::default()));
+    let instances: Vec<_> = (0..n).map(|i| instance(i, InstanceState::Up)).collect();
+    reserver.sync(&instances);
+    let mut held = Vec::with_capacity(busy);
+    for _ in 0..busy {
+        held.push(reserver.reserve(&[], QUEUE_TIMEOUT, MAX_QUEUED).await?);
+    }
+    let time = per_call(async || {
+        reserver.reserve(&[], QUEUE_TIMEOUT, MAX_QUEUED).await?;
+        Ok(())
+    })
+    .await?;
+    drop(held);
+    Ok(time)
+}
+
+/// One batch of [`BATCH`] changes to a replica of `n` instances: (in place, full resync).
+async fn deltas(n: usize) -> Result<(Duration, Duration)> {
+    let table = RouteTable::from_snapshot(
+        1,
+        1,
+        (0..n).map(|i| instance(i, InstanceState::Up)).collect(),
+    );
+    let replica = Replica::new(Arc::default());
+    replica.set(table, Source::Directory);
+    // Each batch turns BATCH instances `draining` or back `up`, walking through the table.
+    let mut next = 0usize;
+    let mut batch = || -> Vec<Change> {
+        (0..BATCH)
+            .map(|_| {
+                let i = next % n;
+                let state = if (next / n).is_multiple_of(2) {
+                    InstanceState::Draining
+                } else {
+                    InstanceState::Up
+                };
+                next += 1;
+                Change::Upsert(instance(i, state))
+            })
+            .collect()
+    };
+    let in_place = per_call(async || {
+        let changes = batch();
+        let revision = replica.table().revision;
+        replica.apply_deltas(1, revision, revision + 1, &changes)?;
+        Ok(())
+    })
+    .await?;
+    let full = per_call(async || {
+        let changes = batch();
+        let mut table = RouteTable::clone(&replica.table());
+        let revision = table.revision;
+        table.apply_deltas(1, revision, revision + 1, &changes)?;
+        replica.set(table, Source::Directory);
+        Ok(())
+    })
+    .await?;
+    Ok((in_place, full))
+}
+
+struct Row {
+    n: usize,
+    idle: Duration,
+    half_busy: Duration,
+    in_place: Duration,
+    full: Duration,
+}
+
+fn ns(d: Duration) -> String {
+    format!("{}", d.as_nanos())
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e6)
+}
+
+fn ratio(a: Duration, b: Duration) -> String {
+    format!("{:.2}", a.as_secs_f64() / b.as_secs_f64())
+}
+
+fn report(rows: &[Row], base_idle: Duration, base_busy: Duration, sizes: &str) -> String {
+    let mut out = format!(
+        "Measured {} on {} CPUs, one thread.\n\n```sh\ntarget/release/usher-bench-sidecar-scale --sizes {sizes}\n```\n\n",
+        docs::today(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    out.push_str(
+        "| instances in the version | reserve + release, all idle, ns | ÷ 1 instance | half busy, ns | ÷ 2 instances, 1 busy | batch of 10 deltas in place, µs | full resync, µs | full ÷ in place |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.n,
+            ns(r.idle),
+            ratio(r.idle, base_idle),
+            ns(r.half_busy),
+            ratio(r.half_busy, base_busy),
+            us(r.in_place),
+            us(r.full),
+            ratio(r.full, r.in_place),
+        ));
+    }
+    out.push_str(&format!(
+        "\nBaselines in the same run: reserve + release on 1 idle instance {} ns; on 2 instances with 1 busy {} ns. \
+         Full resync: what a sidecar did per batch until 2026-12-02 (copy the table, apply the batch, re-sync every reserver, rebuild the index).\n",
+        ns(base_idle),
+        ns(base_busy),
+    ));
+    out
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.sizes.is_empty() || args.sizes.contains(&0) {
+        bail!("--sizes must be positive");
+    }
+    let base_idle = reserve(1, 0).await?;
+    let base_busy = reserve(2, 1).await?;
+    let mut rows = Vec::new();
+    for &n in &args.sizes {
+        let idle = reserve(n, 0).await?;
+        let half_busy = reserve(n.max(2), n.max(2) / 2).await?;
+        let (in_place, full) = deltas(n).await?;
+        let row = Row {
+            n,
+            idle,
+            half_busy,
+            in_place,
+            full,
+        };
+        eprintln!(
+            "usher-bench-sidecar-scale: {n} instances: reserve {} ns idle, {} ns half busy; batch {} µs in place, {} µs full",
+            ns(row.idle),
+            ns(row.half_busy),
+            us(row.in_place),
+            us(row.full)
+        );
+        rows.push(row);
+    }
+    let sizes: Vec<String> = args.sizes.iter().map(|n| n.to_string()).collect();
+    let report = report(&rows, base_idle, base_busy, &sizes.join(","));
+    println!("{report}");
+    docs::write_section(&docs::path(), "sidecar-scale", &report)
+}
