@@ -4,7 +4,7 @@
 //! - **reserve**: one reservation and its release (`Reserver::reserve`, power of two choices)
 //!   on a version of N instances of capacity 1, all idle, and with half of them busy (held by
 //!   other requests). The baseline is the same on a version of one instance (for the half-busy
-//!   case: two instances, one busy), measured in the same run.
+//!   case: two instances, one busy), measured just before.
 //! - **deltas**: one batch of 10 changes (instances turning `draining` and back) applied to a
 //!   replica holding N instances, in place (`Replica::apply_deltas`), against the full-table
 //!   resync a sidecar did until 2026-12-02 (a copy of the table with the batch applied, then
@@ -139,7 +139,11 @@ async fn deltas(n: usize) -> Result<(Duration, Duration)> {
 struct Row {
     n: usize,
     idle: Duration,
+    /// The same on one instance, measured just before.
+    base_idle: Duration,
     half_busy: Duration,
+    /// The same on two instances, one busy, measured just before.
+    base_busy: Duration,
     in_place: Duration,
     full: Duration,
 }
@@ -156,7 +160,7 @@ fn ratio(a: Duration, b: Duration) -> String {
     format!("{:.2}", a.as_secs_f64() / b.as_secs_f64())
 }
 
-fn report(rows: &[Row], base_idle: Duration, base_busy: Duration, sizes: &str) -> String {
+fn report(rows: &[Row], sizes: &str) -> String {
     let mut out = format!(
         "Measured {} on {} CPUs, one thread.\n\n```sh\ntarget/release/usher-bench-sidecar-scale --sizes {sizes}\n```\n\n",
         docs::today(),
@@ -170,20 +174,18 @@ fn report(rows: &[Row], base_idle: Duration, base_busy: Duration, sizes: &str) -
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.n,
             ns(r.idle),
-            ratio(r.idle, base_idle),
+            ratio(r.idle, r.base_idle),
             ns(r.half_busy),
-            ratio(r.half_busy, base_busy),
+            ratio(r.half_busy, r.base_busy),
             us(r.in_place),
             us(r.full),
             ratio(r.full, r.in_place),
         ));
     }
-    out.push_str(&format!(
-        "\nBaselines in the same run: reserve + release on 1 idle instance {} ns; on 2 instances with 1 busy {} ns. \
+    out.push_str(
+        "\nEach ratio's baseline (reserve + release on 1 idle instance; on 2 instances with 1 busy) is measured just before its row. \
          Full resync: what a sidecar did per batch until 2026-12-02 (copy the table, apply the batch, re-sync every reserver, rebuild the index).\n",
-        ns(base_idle),
-        ns(base_busy),
-    ));
+    );
     out
 }
 
@@ -193,17 +195,19 @@ async fn main() -> Result<()> {
     if args.sizes.is_empty() || args.sizes.contains(&0) {
         bail!("--sizes must be positive");
     }
-    let base_idle = reserve(1, 0).await?;
-    let base_busy = reserve(2, 1).await?;
     let mut rows = Vec::new();
     for &n in &args.sizes {
+        let base_idle = reserve(1, 0).await?;
         let idle = reserve(n, 0).await?;
+        let base_busy = reserve(2, 1).await?;
         let half_busy = reserve(n.max(2), n.max(2) / 2).await?;
         let (in_place, full) = deltas(n).await?;
         let row = Row {
             n,
             idle,
+            base_idle,
             half_busy,
+            base_busy,
             in_place,
             full,
         };
@@ -217,7 +221,7 @@ async fn main() -> Result<()> {
         rows.push(row);
     }
     let sizes: Vec<String> = args.sizes.iter().map(|n| n.to_string()).collect();
-    let report = report(&rows, base_idle, base_busy, &sizes.join(","));
+    let report = report(&rows, &sizes.join(","));
     println!("{report}");
     docs::write_section(&docs::path(), "sidecar-scale", &report)
 }
