@@ -10,6 +10,13 @@
 //!   resync a sidecar did until 2026-12-02 (a copy of the table with the batch applied, then
 //!   `Replica::set`), in the same run.
 //!
+//! And for each queue length Q (`--queued`):
+//!
+//! - **queue**: Q + 1 requests share one instance of capacity 1, so Q of them wait in its queue
+//!   at any time; each holds its slot for one turn of the runtime, releases it and reserves
+//!   again. The figure is the time per reservation, against the same with 1 waiting, measured
+//!   just before.
+//!
 //! Each figure is the median of 5 timed runs of at least 200 ms. Figures are printed and
 //! written between the `sidecar-scale` markers of `docs/BENCHMARKS.md` (or of the file
 //! `BENCH_DOCS` names). Run `target/release/usher-bench-sidecar-scale [--sizes 1,100,10000]`
@@ -33,7 +40,13 @@ struct Args {
     /// Instances in the version, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000,10000")]
     sizes: Vec<usize>,
+    /// Requests waiting in the queue, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000")]
+    queued: Vec<usize>,
 }
+
+/// Reservations per queue measurement, split among the requests.
+const QUEUE_RESERVATIONS: usize = 5_000;
 
 /// Changes per batch of deltas (a directory batches up to 100; 100 changes/s over a 100 ms
 /// batch is 10).
@@ -90,6 +103,40 @@ async fn reserve(n: usize, busy: usize) -> Result<Duration> {
     .await?;
     drop(held);
     Ok(time)
+}
+
+/// The time per reservation when `waiting` + 1 requests share one slot (see the module docs):
+/// the median of [`RUNS`] runs of [`QUEUE_RESERVATIONS`] reservations.
+async fn queue(waiting: usize) -> Result<Duration> {
+    let reserver = Arc::new(Reserver::new("fleet", "v1", Arc::default()));
+    reserver.sync(&[instance(0, InstanceState::Up)]);
+    let requests = waiting + 1;
+    let rounds = QUEUE_RESERVATIONS.div_ceil(requests);
+    let mut runs = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..requests)
+            .map(|_| {
+                let reserver = reserver.clone();
+                tokio::spawn(async move {
+                    for _ in 0..rounds {
+                        let held = reserver
+                            .reserve(&[], Duration::from_secs(600), requests)
+                            .await?;
+                        tokio::task::yield_now().await;
+                        drop(held);
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        runs.push(started.elapsed() / (rounds * requests) as u32);
+    }
+    runs.sort();
+    Ok(runs[RUNS / 2])
 }
 
 /// One batch of [`BATCH`] changes to a replica of `n` instances: (in place, full resync).
@@ -160,9 +207,9 @@ fn ratio(a: Duration, b: Duration) -> String {
     format!("{:.2}", a.as_secs_f64() / b.as_secs_f64())
 }
 
-fn report(rows: &[Row], sizes: &str) -> String {
+fn report(rows: &[Row], queues: &[QueueRow], args: &str) -> String {
     let mut out = format!(
-        "Measured {} on {} CPUs, one thread.\n\n```sh\ntarget/release/usher-bench-sidecar-scale --sizes {sizes}\n```\n\n",
+        "Measured {} on {} CPUs, one thread.\n\n```sh\ntarget/release/usher-bench-sidecar-scale {args}\n```\n\n",
         docs::today(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
@@ -186,14 +233,32 @@ fn report(rows: &[Row], sizes: &str) -> String {
         "\nEach ratio's baseline (reserve + release on 1 idle instance; on 2 instances with 1 busy) is measured just before its row. \
          Full resync: what a sidecar did per batch until 2026-12-02 (copy the table, apply the batch, re-sync every reserver, rebuild the index).\n",
     );
+    out.push_str(
+        "\n| requests waiting | per reservation through the queue, ns | ÷ 1 waiting |\n|---|---|---|\n",
+    );
+    for q in queues {
+        out.push_str(&format!(
+            "| {} | {} | {} |\n",
+            q.waiting,
+            ns(q.per_reservation),
+            ratio(q.per_reservation, q.base),
+        ));
+    }
     out
+}
+
+struct QueueRow {
+    waiting: usize,
+    per_reservation: Duration,
+    /// The same with 1 waiting, measured just before.
+    base: Duration,
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    if args.sizes.is_empty() || args.sizes.contains(&0) {
-        bail!("--sizes must be positive");
+    if args.sizes.is_empty() || args.sizes.contains(&0) || args.queued.contains(&0) {
+        bail!("--sizes and --queued must be positive");
     }
     let mut rows = Vec::new();
     for &n in &args.sizes {
@@ -220,8 +285,36 @@ async fn main() -> Result<()> {
         );
         rows.push(row);
     }
-    let sizes: Vec<String> = args.sizes.iter().map(|n| n.to_string()).collect();
-    let report = report(&rows, &sizes.join(","));
+    let mut queues = Vec::new();
+    for &waiting in &args.queued {
+        let base = queue(1).await?;
+        let per_reservation = queue(waiting).await?;
+        eprintln!(
+            "usher-bench-sidecar-scale: {waiting} waiting: {} ns per reservation ({} ns with 1)",
+            ns(per_reservation),
+            ns(base)
+        );
+        queues.push(QueueRow {
+            waiting,
+            per_reservation,
+            base,
+        });
+    }
+    let list = |v: &[usize]| {
+        v.iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let report = report(
+        &rows,
+        &queues,
+        &format!(
+            "--sizes {} --queued {}",
+            list(&args.sizes),
+            list(&args.queued)
+        ),
+    );
     println!("{report}");
     docs::write_section(&docs::path(), "sidecar-scale", &report)
 }

@@ -3,19 +3,20 @@
 //!
 //! A request reserves a slot before it is sent and releases it when its [`Reservation`] is
 //! dropped (the response body ended, or the client went away), so a slot cannot leak. With no
-//! free slot the request waits in a bounded queue up to the queue timeout. An instance whose
-//! connection fails is ejected locally with backoff (Waiter: 10 s doubling to 300 s), cleared
-//! by a success. If every routable instance is ejected, they are used anyway ("panic mode"),
-//! so a blip never black-holes a service.
+//! free slot the request waits in a bounded queue up to the queue timeout, served oldest
+//! first: a freed slot is handed to the oldest waiting request that may take it, so a release
+//! wakes one request however many wait (until 2026-12-02 it woke them all: O(queue) per
+//! release, `docs/BENCHMARKS.md`). An instance whose connection fails is ejected locally with
+//! backoff (Waiter: 10 s doubling to 300 s), cleared by a success. If every routable instance
+//! is ejected, they are used anyway ("panic mode"), so a blip never black-holes a service.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use usher_shared::protocol::{fit_load_report, InstanceLoad, VersionLoad};
 use usher_shared::routes::{Change, Instance, InstanceKey, RouteTable, ServiceVersion};
@@ -46,13 +47,76 @@ pub enum ReserveError {
 pub struct Reserver {
     service: String,
     version: String,
-    slots: Mutex<Slots>,
-    /// Woken when a slot is released or the instances change.
-    freed: Notify,
-    queued: AtomicUsize,
+    inner: Mutex<Inner>,
     /// Told when a request starts waiting for a version with no routable instance (cold
     /// start), so the load report goes out at once.
     demand: Arc<Notify>,
+}
+
+/// What a reserver holds under its lock: its instances' slots and the requests waiting, oldest
+/// first.
+#[derive(Debug, Default)]
+struct Inner {
+    slots: Slots,
+    waiting: VecDeque<Waiter>,
+}
+
+/// A request waiting for a slot: the instances it must not be sent to (a retry's tried ones)
+/// and where its slot is handed.
+#[derive(Debug)]
+struct Waiter {
+    exclude: Vec<InstanceId>,
+    handoff: oneshot::Sender<Handoff>,
+}
+
+/// What a waiting request is handed.
+#[derive(Debug)]
+enum Handoff {
+    /// A slot, already counted in use.
+    Slot(InstanceId, SocketAddr),
+    /// A retry: no routable instance outside the ones it tried remains.
+    NoOtherInstance,
+}
+
+impl Inner {
+    /// Hands free slots to the waiting requests, oldest first, each to the first one that may
+    /// take it, and tells a waiting retry when no other instance remains. Runs under the lock
+    /// whenever a slot is freed or the instances change, so a free slot never sits idle while
+    /// a request that may take it waits, and no request is woken for nothing: a release wakes
+    /// one request, not every waiting one.
+    fn hand_off(&mut self, now: Instant) {
+        let mut at = 0;
+        while let Some(waiter) = self.waiting.get(at) {
+            if waiter.handoff.is_closed() {
+                // Timed out or gone.
+                self.waiting.remove(at);
+                continue;
+            }
+            let handoff = match self.slots.reserve(&waiter.exclude, now) {
+                Ok((id, address)) => Handoff::Slot(id, address),
+                Err(true) if !waiter.exclude.is_empty() => Handoff::NoOtherInstance,
+                // Nothing is free for a request that excludes nothing: nor for any other.
+                Err(_) if waiter.exclude.is_empty() => return,
+                Err(_) => {
+                    at += 1;
+                    continue;
+                }
+            };
+            let Some(waiter) = self.waiting.remove(at) else {
+                return;
+            };
+            if let Err(Handoff::Slot(id, _)) = waiter.handoff.send(handoff) {
+                // The request went away in the meantime: the slot is free again.
+                self.slots.release(&id, false);
+            }
+        }
+    }
+
+    /// Requests waiting now (the ones that went away are dropped from the queue).
+    fn waiting(&mut self) -> usize {
+        self.waiting.retain(|w| !w.handoff.is_closed());
+        self.waiting.len()
+    }
 }
 
 impl Reserver {
@@ -61,42 +125,46 @@ impl Reserver {
         Self {
             service: service.into(),
             version: version.into(),
-            slots: Mutex::new(Slots::default()),
-            freed: Notify::new(),
-            queued: AtomicUsize::new(0),
+            inner: Mutex::default(),
             demand,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Slots> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the instances with `change`, then hands what it freed to waiting requests.
+    fn change(&self, change: impl FnOnce(&mut Slots)) {
+        let mut inner = self.lock();
+        change(&mut inner.slots);
+        inner.hand_off(Instant::now());
     }
 
     /// Replaces the known instances with `instances` (this version's entries of the route
     /// table). In-use counts survive; withdrawn instances linger until released.
     pub fn sync<'a>(&self, instances: impl IntoIterator<Item = &'a Instance>) {
-        self.lock().replace(instances);
-        self.freed.notify_waiters();
+        self.change(|slots| slots.replace(instances));
     }
 
     /// Adds or updates one instance of this version (a delta), O(1).
     pub fn upsert(&self, instance: &Instance) {
-        self.lock().upsert(instance);
-        self.freed.notify_waiters();
+        self.change(|slots| slots.upsert(instance));
     }
 
     /// Withdraws one instance (a delta), O(1); it lingers until its last release.
     pub fn withdraw(&self, id: &str) {
-        self.lock().withdraw(id);
-        self.freed.notify_waiters();
+        self.change(|slots| slots.withdraw(id));
     }
 
     /// Whether any instance is present and `up` (the router's fallback needs it).
     pub fn routable(&self) -> bool {
-        self.lock().any_routable()
+        self.lock().slots.any_routable()
     }
 
     /// Reserves a slot on an instance not in `exclude`, waiting up to `timeout` for one.
+    /// Waiting requests are served in order of arrival (a freed slot is handed to the oldest
+    /// that may take it).
     ///
     /// Errors: the queue already holds `max_queued` requests, nothing was free in time, or
     /// (with a non-empty `exclude`, i.e. a retry) no other routable instance exists.
@@ -106,101 +174,103 @@ impl Reserver {
         timeout: Duration,
         max_queued: usize,
     ) -> Result<Reservation, ReserveError> {
-        // The fast path: a free slot, no waiter registered, no timer.
-        let no_instance = match self.try_reserve(exclude)? {
-            Ok(reservation) => return Ok(reservation),
-            Err(no_instance) => no_instance,
+        let receiver = {
+            let mut inner = self.lock();
+            // The fast path: a free slot (no waiting request may take it, or it would have
+            // been handed over), no timer.
+            let no_instance = match inner.slots.reserve(exclude, Instant::now()) {
+                Ok((id, address)) => return Ok(self.reservation(id, address)),
+                Err(true) if !exclude.is_empty() => return Err(self.no_other_instance()),
+                Err(no_instance) => no_instance,
+            };
+            // Counted without the requests that went away only when it matters.
+            if inner.waiting.len() >= max_queued {
+                let queued = inner.waiting();
+                if queued >= max_queued {
+                    return Err(ReserveError::QueueFull {
+                        service: self.service.clone(),
+                        version: self.version.clone(),
+                        queued,
+                    });
+                }
+            }
+            let (handoff, receiver) = oneshot::channel();
+            inner.waiting.push_back(Waiter {
+                exclude: exclude.to_vec(),
+                handoff,
+            });
+            if no_instance {
+                self.demand.notify_one();
+            }
+            receiver
         };
-        // Counted as queued before it looks again, so a release that sees no request queued
-        // cannot have missed this one (see `release`).
-        let now_queued = self.queued.fetch_add(1, Ordering::SeqCst);
-        let _ticket = QueueTicket(&self.queued);
-        if now_queued >= max_queued {
-            return Err(ReserveError::QueueFull {
+        let mut pending = Pending {
+            reserver: self,
+            receiver,
+        };
+        let handoff = match tokio::time::timeout(timeout, &mut pending.receiver).await {
+            Ok(handoff) => handoff.ok(),
+            // One last look: a slot may have been handed over just at the deadline.
+            Err(_) => pending.take(),
+        };
+        match handoff {
+            Some(Handoff::Slot(id, address)) => Ok(self.reservation(id, address)),
+            Some(Handoff::NoOtherInstance) => Err(self.no_other_instance()),
+            None => Err(ReserveError::Timeout {
                 service: self.service.clone(),
                 version: self.version.clone(),
-                queued: now_queued,
-            });
-        }
-        if no_instance {
-            self.demand.notify_one();
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            // Looked at again once registered, so a release in between is not missed.
-            if let Ok(reservation) = self.try_reserve(exclude)? {
-                return Ok(reservation);
-            }
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                // One last look: a slot may have been freed just at the deadline.
-                if let Ok(reservation) = self.try_reserve(exclude)? {
-                    return Ok(reservation);
-                }
-                return Err(ReserveError::Timeout {
-                    service: self.service.clone(),
-                    version: self.version.clone(),
-                    waited: timeout,
-                });
-            }
+                waited: timeout,
+            }),
         }
     }
 
-    /// Reserves at once if a slot is free: `Ok(Ok(_))`; `Ok(Err(no_instance))` when the
-    /// request must wait (`no_instance`: no routable instance at all, so not just busy).
-    fn try_reserve(
-        self: &Arc<Self>,
-        exclude: &[InstanceId],
-    ) -> Result<Result<Reservation, bool>, ReserveError> {
-        let reserved = self.lock().reserve(exclude, Instant::now());
-        match reserved {
-            Ok((id, address)) => Ok(Ok(Reservation {
-                reserver: self.clone(),
-                id,
-                address,
-                succeeded: false,
-            })),
-            Err(true) if !exclude.is_empty() => Err(ReserveError::NoOtherInstance {
-                service: self.service.clone(),
-                version: self.version.clone(),
-            }),
-            Err(no_instance) => Ok(Err(no_instance)),
+    fn reservation(self: &Arc<Self>, id: InstanceId, address: SocketAddr) -> Reservation {
+        Reservation {
+            reserver: self.clone(),
+            id,
+            address,
+            succeeded: false,
+        }
+    }
+
+    fn no_other_instance(&self) -> ReserveError {
+        ReserveError::NoOtherInstance {
+            service: self.service.clone(),
+            version: self.version.clone(),
         }
     }
 
     /// Returns a slot; `succeeded` also clears the instance's ejection (one lock for both).
+    /// The slot goes to the oldest waiting request that may take it.
     fn release(&self, id: &str, succeeded: bool) {
-        self.lock().release(id, succeeded);
-        // A waiter counts itself queued before it takes the lock to look, so either it saw
-        // this slot free or it is counted here (the lock orders the two).
-        if self.queued.load(Ordering::SeqCst) > 0 {
-            self.freed.notify_waiters();
-        }
+        let mut inner = self.lock();
+        inner.slots.release(id, succeeded);
+        inner.hand_off(Instant::now());
     }
 
     fn with_slot(&self, id: &str, f: impl FnOnce(&mut crate::slots::Slot)) {
-        if let Some(slot) = self.lock().get_mut(id) {
+        if let Some(slot) = self.lock().slots.get_mut(id) {
             f(slot);
         }
     }
 
     /// Slots in use on instance `id` (0 if unknown).
     pub fn in_use(&self, id: &str) -> u32 {
-        self.lock().get(id).map_or(0, |s| s.in_use)
+        self.lock().slots.get(id).map_or(0, |s| s.in_use)
     }
 
     /// Whether instance `id` is ejected now.
     pub fn ejected(&self, id: &str) -> bool {
         self.lock()
+            .slots
             .get(id)
             .is_some_and(|s| s.ejection.active(Instant::now()))
     }
 
     /// Nothing in use and nothing waiting: the reserver can be forgotten.
     pub fn idle(&self) -> bool {
-        self.queued() == 0 && self.lock().iter().all(|s| s.in_use == 0)
+        let mut inner = self.lock();
+        inner.waiting() == 0 && inner.slots.iter().all(|s| s.in_use == 0)
     }
 
     pub fn service(&self) -> &str {
@@ -213,38 +283,57 @@ impl Reserver {
 
     /// Requests waiting for a slot now.
     pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        self.lock().waiting()
     }
 
     /// In-flight and queued requests of this version, for the load report.
     /// Instances with requests in flight come busiest first.
     pub fn load(&self) -> VersionLoad {
-        let mut instances: Vec<InstanceLoad> = self
-            .lock()
-            .iter()
-            .filter(|s| s.in_use > 0)
-            .map(|s| InstanceLoad {
-                id: s.id.to_string(),
-                in_flight: s.in_use,
-            })
-            .collect();
+        let (mut instances, queued) = {
+            let mut inner = self.lock();
+            let instances: Vec<InstanceLoad> = inner
+                .slots
+                .iter()
+                .filter(|s| s.in_use > 0)
+                .map(|s| InstanceLoad {
+                    id: s.id.to_string(),
+                    in_flight: s.in_use,
+                })
+                .collect();
+            (instances, inner.waiting())
+        };
         instances.sort_by_key(|i| std::cmp::Reverse(i.in_flight));
         VersionLoad {
             service: self.service.clone(),
             version: self.version.clone(),
             in_flight: instances.iter().map(|i| i.in_flight).sum(),
-            queued: u32::try_from(self.queued()).unwrap_or(u32::MAX),
+            queued: u32::try_from(queued).unwrap_or(u32::MAX),
             instances,
         }
     }
 }
 
-/// Counts a waiting request while it lives.
-struct QueueTicket<'a>(&'a AtomicUsize);
+/// A waiting request's end of its handoff. However the request ends (answered, timed out,
+/// or dropped because its client went away), a slot handed to it is used or released, never
+/// lost.
+struct Pending<'a> {
+    reserver: &'a Reserver,
+    receiver: oneshot::Receiver<Handoff>,
+}
 
-impl Drop for QueueTicket<'_> {
+impl Pending<'_> {
+    /// Closes the handoff (no slot is handed after this) and takes what was handed before.
+    fn take(&mut self) -> Option<Handoff> {
+        self.receiver.close();
+        self.receiver.try_recv().ok()
+    }
+}
+
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if let Some(Handoff::Slot(id, _)) = self.take() {
+            self.reserver.release(&id, false);
+        }
     }
 }
 
@@ -541,6 +630,88 @@ mod tests {
         assert_eq!(r.queued(), 0);
     }
 
+    /// Polls `future` once: it must be waiting.
+    async fn waiting<F: std::future::Future + Unpin>(future: &mut F) {
+        tokio::select! {
+            biased;
+            _ = future => panic!("expected it to wait"),
+            _ = std::future::ready(()) => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn waiting_requests_get_freed_slots_oldest_first_one_each() {
+        let r = reserver(&[instance("a", 1, 1, InstanceState::Up)]);
+        let held = r.reserve(&[], SHORT, 10).await.unwrap();
+        let mut waiters: Vec<_> = (0..100)
+            .map(|_| Box::pin(r.reserve(&[], Duration::from_secs(5), 100)))
+            .collect();
+        for waiter in &mut waiters {
+            waiting(waiter).await;
+        }
+        assert_eq!(r.queued(), 100);
+        drop(held);
+        // The slot went to the oldest request, and only to it: the others still wait.
+        assert_eq!(r.in_use("a"), 1);
+        assert_eq!(r.queued(), 99);
+        let mut waiters = waiters.into_iter();
+        let first = waiters.next().unwrap().await.unwrap();
+        let mut second = waiters.next().unwrap();
+        waiting(&mut second).await;
+        drop(first);
+        let second = second.await.unwrap();
+        assert_eq!(r.queued(), 98);
+        // A new request does not overtake the waiting ones.
+        let mut late = Box::pin(r.reserve(&[], Duration::from_secs(5), 100));
+        waiting(&mut late).await;
+        drop(second);
+        let mut third = waiters.next().unwrap();
+        tokio::time::timeout(SHORT, &mut third)
+            .await
+            .unwrap()
+            .unwrap();
+        waiting(&mut late).await;
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_that_goes_away_takes_no_slot_with_it() {
+        let r = reserver(&[instance("a", 1, 1, InstanceState::Up)]);
+        let held = r.reserve(&[], SHORT, 10).await.unwrap();
+        // Gone before a slot is freed.
+        let mut gone = Box::pin(r.reserve(&[], Duration::from_secs(5), 10));
+        waiting(&mut gone).await;
+        drop(gone);
+        // Handed the freed slot, then gone before it looks.
+        let mut handed = Box::pin(r.reserve(&[], Duration::from_secs(5), 10));
+        waiting(&mut handed).await;
+        drop(held);
+        assert_eq!(r.in_use("a"), 1, "handed to the second request");
+        drop(handed);
+        assert_eq!(r.in_use("a"), 0, "released when it went away");
+        assert_eq!(r.queued(), 0);
+        assert!(r.idle());
+        r.reserve(&[], SHORT, 10).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_waiting_retry_learns_at_once_when_no_other_instance_remains() {
+        let r = reserver(&[
+            instance("a", 1, 1, InstanceState::Up),
+            instance("b", 2, 1, InstanceState::Up),
+        ]);
+        let tried: [InstanceId; 1] = ["a".into()];
+        let _b = r.reserve(&tried, SHORT, 10).await.unwrap();
+        let mut retry = Box::pin(r.reserve(&tried, Duration::from_secs(5), 10));
+        waiting(&mut retry).await;
+        r.withdraw("b");
+        let started = Instant::now();
+        assert!(matches!(
+            retry.await,
+            Err(ReserveError::NoOtherInstance { .. })
+        ));
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
     #[tokio::test]
     async fn a_new_instance_wakes_waiters() {
         let r = reserver(&[]);
@@ -625,7 +796,7 @@ mod tests {
         );
         drop(held);
         assert_eq!(r.in_use("a"), 0);
-        assert!(r.lock().is_empty());
+        assert!(r.lock().slots.is_empty());
     }
 
     #[tokio::test]
@@ -756,7 +927,8 @@ mod tests {
         listed(&reservers.lock())
             .into_iter()
             .map(|v| {
-                let slots = v.reserver.lock();
+                let inner = v.reserver.lock();
+                let slots = &inner.slots;
                 let mut instances: Vec<_> = slots
                     .iter()
                     .map(|s| {
