@@ -135,7 +135,8 @@ pub fn save(dir: &Path, table: &RouteTable) -> Result<(), PersistError> {
 pub struct Replica {
     /// Shared with readers (admin, persistence) only while they look; changed in place.
     table: Mutex<Arc<RouteTable>>,
-    /// The routing decisions of `table`, rebuilt with it.
+    /// The routing decisions of `table`, rebuilt when they change (a version comes or goes, or
+    /// gains its first or loses its last routable instance).
     index: ArcSwap<RouteIndex>,
     source: AtomicU8,
     connected: AtomicBool,

@@ -475,18 +475,17 @@ impl Reservers {
                 Change::Declare(v) | Change::Undeclare(v) => (&v.service, &v.version),
             };
             let entry = self.entry(&mut map, service, version);
-            let state = (entry.listed, entry.reserver.routable());
-            match change {
-                Change::Upsert(instance) => entry.reserver.upsert(instance),
-                Change::Remove(key) => entry.reserver.withdraw(&key.id),
-                Change::Declare(_) | Change::Undeclare(_) => {}
-            }
             before
                 .entry(ServiceVersion {
                     service: service.clone(),
                     version: version.clone(),
                 })
-                .or_insert(state);
+                .or_insert_with(|| (entry.listed, entry.reserver.routable()));
+            match change {
+                Change::Upsert(instance) => entry.reserver.upsert(instance),
+                Change::Remove(key) => entry.reserver.withdraw(&key.id),
+                Change::Declare(_) | Change::Undeclare(_) => {}
+            }
         }
         let mut reindex = false;
         for (key, state) in before {

@@ -383,6 +383,17 @@ mod tests {
         }
     }
 
+    /// `n` instances `i0`.. `up`, of capacity 10, with `in_use` slots of each in use.
+    fn up(n: usize, in_use: u32) -> Slots {
+        let mut slots = Slots::default();
+        for i in 0..n {
+            let instance = instance(&format!("i{i}"), InstanceState::Up);
+            slots.upsert(&instance);
+            slots.get_mut(&instance.id).unwrap().in_use = in_use;
+        }
+        slots
+    }
+
     /// The layout invariant: candidates first, positions right.
     fn check(slots: &Slots) {
         for (at, slot) in slots.slots.iter().enumerate() {
@@ -411,11 +422,7 @@ mod tests {
     #[test]
     fn power_of_two_choices_prefers_the_less_loaded() {
         for n in SIZES {
-            let mut slots = Slots::default();
-            for i in 0..n {
-                slots.upsert(&instance(&format!("i{i}"), InstanceState::Up));
-                slots.get_mut(&format!("i{i}")).unwrap().in_use = 9;
-            }
+            let mut slots = up(n, 9);
             slots.get_mut("i0").unwrap().in_use = 0;
             let now = Instant::now();
             let draws = 100 * n;
@@ -432,11 +439,7 @@ mod tests {
 
     #[test]
     fn the_only_free_instance_among_many_busy_ones_is_found() {
-        let mut slots = Slots::default();
-        for i in 0..1000 {
-            slots.upsert(&instance(&format!("i{i}"), InstanceState::Up));
-            slots.get_mut(&format!("i{i}")).unwrap().in_use = 10;
-        }
+        let mut slots = up(1000, 10);
         slots.get_mut("i500").unwrap().in_use = 9;
         let now = Instant::now();
         let (id, _) = slots.reserve(&[], now).unwrap();
@@ -499,10 +502,7 @@ mod tests {
     fn draws_are_uniform_over_the_eligible() {
         // All idle but one excluded and one busy: the others are each picked about as often.
         for n in SIZES {
-            let mut slots = Slots::default();
-            for i in 0..n {
-                slots.upsert(&instance(&format!("i{i}"), InstanceState::Up));
-            }
+            let mut slots = up(n, 0);
             slots.get_mut("i3").unwrap().in_use = 10;
             let now = Instant::now();
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
