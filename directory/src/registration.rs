@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use usher_shared::codec::{read_frame, MAX_NODE_FRAME};
+use usher_shared::codec::{read_frame, FrameError, MAX_NODE_FRAME};
 use usher_shared::protocol::{DirectoryMessage, ErrorCode, NodeMessage};
 use usher_shared::routes::InstanceKey;
 
@@ -26,7 +26,8 @@ fn millis(d: Duration) -> u64 {
 /// Runs an agent's conversation until it deregisters, the stream ends or `shutdown` fires.
 ///
 /// Only an agent whose certificate names the instance's service may register it
-/// ([`crate::authz::check_register`]).
+/// ([`crate::authz::check_register`]). The registration runs boxed, so the task that lives
+/// as long as the agent holds only the heartbeat loop's state.
 pub(crate) async fn run(
     mut stream: NodeStream,
     session: SessionId,
@@ -35,37 +36,61 @@ pub(crate) async fn run(
     security: &Security,
     shutdown: CancellationToken,
 ) {
+    let registered = Box::pin(register(&mut stream, session, peer, &registry, security)).await;
+    if let Some(key) = registered {
+        let ttl = registry.settings().ttl;
+        heartbeats(stream, session, &key, &registry, ttl, shutdown).await
+    }
+}
+
+/// Reads the `Register`, checks it, records the instance and confirms; the instance's key,
+/// or `None` if the agent was refused or went away.
+async fn register(
+    stream: &mut NodeStream,
+    session: SessionId,
+    peer: &Peer,
+    registry: &Registry,
+    security: &Security,
+) -> Option<InstanceKey> {
     let registration = match read_first(&mut stream.recv).await {
         Ok(Some(NodeMessage::Register(registration))) => registration,
         Ok(Some(other)) => {
             let message = format!("an agent must register first, not send {}", other.kind());
-            return stream.refuse(ErrorCode::UnexpectedMessage, message).await;
+            stream.refuse(ErrorCode::UnexpectedMessage, message).await;
+            return None;
         }
-        Ok(None) => return,
-        Err(refusal) => return stream.refuse(refusal.0, refusal.1).await,
+        Ok(None) => return None,
+        Err(refusal) => {
+            stream.refuse(refusal.0, refusal.1).await;
+            return None;
+        }
     };
     if let Err(message) = check_register(&peer.identity, &registration.instance.service) {
         security.refused(peer.address, &peer.identity, &message);
-        return stream.refuse(ErrorCode::InvalidRequest, message).await;
+        stream.refuse(ErrorCode::InvalidRequest, message).await;
+        return None;
     }
     let key = registration.instance.key();
     if let Err(e) = registry.register(session, registration.instance, Instant::now()) {
-        return stream
+        stream
             .refuse(ErrorCode::InvalidRequest, e.to_string())
             .await;
+        return None;
     }
-    let ttl = registry.settings().ttl;
     let registered = DirectoryMessage::Registered {
         next_heartbeat_ms: millis(registry.next_heartbeat()),
-        ttl_ms: millis(ttl),
+        ttl_ms: millis(registry.settings().ttl),
     };
     if let Err(e) = stream.write(&registered).await {
         debug!(error = %e, "cannot confirm the registration");
-        return;
+        return None;
     }
-    heartbeats(stream, session, &key, &registry, ttl, shutdown).await
+    Some(key)
 }
 
+/// The heartbeat loop: the state of the task that lives as long as the agent's stream, so
+/// nothing large is held across its awaits (a frame is handled by [`on_frame`], which
+/// returns only what to do next).
 async fn heartbeats(
     mut stream: NodeStream,
     session: SessionId,
@@ -80,34 +105,16 @@ async fn heartbeats(
             _ = shutdown.cancelled() => return,
             frame = tokio::time::timeout(ttl * 2, read_frame(&mut stream.recv, MAX_NODE_FRAME)) => frame,
         };
-        let message = match frame {
+        let frame = match frame {
+            Ok(frame) => frame,
             Err(_) => {
                 debug!(after = ?ttl * 2, "agent silent; dropping its stream");
                 return;
             }
-            Ok(Ok(Some(message))) => message,
-            Ok(Ok(None)) => {
-                debug!("agent closed its stream without deregistering; the TTL decides");
-                return;
-            }
-            Ok(Err(e)) => {
-                warn!(error = %e, "bad frame from an agent");
-                return stream
-                    .refuse(ErrorCode::InvalidRequest, e.to_string())
-                    .await;
-            }
         };
-        let now = Instant::now();
-        match message {
-            NodeMessage::Heartbeat { state, ack } => {
-                if let Err(e) = registry.heartbeat(session, key, state, now) {
-                    return stream
-                        .refuse(ErrorCode::InvalidRequest, e.to_string())
-                        .await;
-                }
-                if !ack {
-                    continue; // the agent keeps its interval (HEARTBEATS_PER_ACK)
-                }
+        match on_frame(frame, session, key, registry) {
+            Next::Wait => {}
+            Next::Acknowledge => {
                 let ack = DirectoryMessage::HeartbeatAck {
                     next_heartbeat_ms: millis(registry.next_heartbeat()),
                 };
@@ -116,20 +123,70 @@ async fn heartbeats(
                     return;
                 }
             }
-            NodeMessage::Deregister => {
-                if let Err(e) = registry.deregister(session, key, now) {
-                    debug!(error = %e, "deregistration of a superseded session ignored");
-                }
+            Next::Finish => {
                 let _ = stream.send.finish();
                 return;
             }
-            other => {
-                let message = format!(
-                    "a registered agent sends heartbeat or deregister, not {}",
-                    other.kind()
-                );
-                return stream.refuse(ErrorCode::UnexpectedMessage, message).await;
+            Next::Stop => return,
+            Next::Refuse(code, reason) => return stream.refuse(code, reason).await,
+        }
+    }
+}
+
+/// What the heartbeat loop does after a frame from a registered agent.
+enum Next {
+    /// Wait for the next frame (a heartbeat without `ack`, see `HEARTBEATS_PER_ACK`).
+    Wait,
+    /// Answer with the next heartbeat interval.
+    Acknowledge,
+    /// The agent deregistered: finish the stream.
+    Finish,
+    /// The agent closed its stream: end without a word.
+    Stop,
+    /// Refuse the agent with an error frame.
+    Refuse(ErrorCode, String),
+}
+
+/// Handles one frame of a registered agent: `Heartbeat` renews the instance (and records a
+/// state change), `Deregister` removes it; anything else is refused.
+fn on_frame(
+    frame: Result<Option<NodeMessage>, FrameError>,
+    session: SessionId,
+    key: &InstanceKey,
+    registry: &Registry,
+) -> Next {
+    let message = match frame {
+        Ok(Some(message)) => message,
+        Ok(None) => {
+            debug!("agent closed its stream without deregistering; the TTL decides");
+            return Next::Stop;
+        }
+        Err(e) => {
+            warn!(error = %e, "bad frame from an agent");
+            return Next::Refuse(ErrorCode::InvalidRequest, e.to_string());
+        }
+    };
+    let now = Instant::now();
+    match message {
+        NodeMessage::Heartbeat { state, ack } => {
+            match registry.heartbeat(session, key, state, now) {
+                Err(e) => Next::Refuse(ErrorCode::InvalidRequest, e.to_string()),
+                Ok(()) if ack => Next::Acknowledge,
+                Ok(()) => Next::Wait,
             }
         }
+        NodeMessage::Deregister => {
+            if let Err(e) = registry.deregister(session, key, now) {
+                debug!(error = %e, "deregistration of a superseded session ignored");
+            }
+            Next::Finish
+        }
+        other => Next::Refuse(
+            ErrorCode::UnexpectedMessage,
+            format!(
+                "a registered agent sends heartbeat or deregister, not {}",
+                other.kind()
+            ),
+        ),
     }
 }

@@ -26,7 +26,7 @@ use usher_shared::protocol::{DirectoryMessage, ErrorCode, NodeMessage, Role, PRO
 use usher_shared::identity::NodeIdentity;
 
 use crate::authz::Security;
-use crate::registry::Registry;
+use crate::registry::{Registry, SessionId};
 
 /// A stream must say hello (and then register or subscribe) within this time.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,6 +115,41 @@ pub(crate) struct Peer {
     pub identity: NodeIdentity,
 }
 
+/// Completes the handshake and reads the node identity from the peer's certificate; `None`
+/// (the connection closed, the refusal counted and logged) if either fails.
+async fn handshake(
+    incoming: quinn::Incoming,
+    security: &Security,
+) -> Option<(quinn::Connection, NodeIdentity)> {
+    let address = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(e) => {
+            security.handshake_refused(address, &e);
+            return None;
+        }
+    };
+    let certs = usher_shared::quic::peer_certificates(&connection);
+    let refusal = match certs
+        .first()
+        .map(|c| usher_shared::identity::inspect(c.as_ref()))
+    {
+        Some(Ok(info)) => return Some((connection, info.identity)),
+        Some(Err(e)) => {
+            warn!(peer = %address, error = %e, "refused: the certificate names no usher identity");
+            "the certificate names no usher identity"
+        }
+        None => {
+            warn!(peer = %address, "refused: no client certificate");
+            "no client certificate"
+        }
+    };
+    security.identities_refused.fetch_add(1, Ordering::Relaxed);
+    connection.close(CLOSE_REFUSED.into(), refusal.as_bytes());
+    None
+}
+
+/// One connection: the handshake, then a conversation task per stream the node opens.
 async fn connection(
     incoming: quinn::Incoming,
     registry: Arc<Registry>,
@@ -122,33 +157,12 @@ async fn connection(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let address = incoming.remote_address();
-    let connection = match incoming.await {
-        Ok(connection) => connection,
-        Err(e) => return security.handshake_refused(address, &e),
+    // Boxed: the handshake's state is freed once it ends instead of sizing a task that lives
+    // as long as the connection.
+    let Some((connection, identity)) = Box::pin(handshake(incoming, &security)).await else {
+        return;
     };
-    let certs = usher_shared::quic::peer_certificates(&connection);
-    let identity = match certs
-        .first()
-        .map(|c| usher_shared::identity::inspect(c.as_ref()))
-    {
-        Some(Ok(info)) => info.identity,
-        Some(Err(e)) => {
-            security.identities_refused.fetch_add(1, Ordering::Relaxed);
-            warn!(peer = %address, error = %e, "refused: the certificate names no usher identity");
-            connection.close(
-                CLOSE_REFUSED.into(),
-                b"the certificate names no usher identity",
-            );
-            return;
-        }
-        None => {
-            security.identities_refused.fetch_add(1, Ordering::Relaxed);
-            warn!(peer = %address, "refused: no client certificate");
-            connection.close(CLOSE_REFUSED.into(), b"no client certificate");
-            return;
-        }
-    };
+    let address = connection.remote_address();
     debug!(%identity, "connection established");
     let peer = Peer { address, identity };
     loop {
@@ -165,7 +179,9 @@ async fn connection(
                 }
             },
         };
-        let span = info_span!("stream", id = %send.id());
+        // The conversation logs in the connection's span (the peer), then in the node's; a
+        // span of its own for the stream would hold nothing more (a node opens one) and cost
+        // memory per agent.
         tracker.spawn(
             conversation(
                 send,
@@ -175,64 +191,94 @@ async fn connection(
                 security.clone(),
                 shutdown.clone(),
             )
-            .instrument(span),
+            .in_current_span(),
         );
     }
 }
 
 /// One stream: hello, welcome, then the role's conversation.
+///
+/// The task lives as long as the node's stream (at fleet scale, one per agent), and a task is
+/// as large as its largest state: the greeting runs boxed, so its state is freed once the
+/// conversation starts instead of sizing every agent's task for its whole life.
 async fn conversation(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
     peer: Peer,
     registry: Arc<Registry>,
     security: Arc<Security>,
     shutdown: CancellationToken,
 ) {
-    let hello = match read_first(&mut recv).await {
-        Ok(Some(NodeMessage::Hello(hello))) => hello,
-        Ok(Some(other)) => {
-            let message = format!("expected hello first, got {}", other.kind());
-            return refuse(&mut send, ErrorCode::UnexpectedMessage, message).await;
-        }
-        Ok(None) => return,
-        Err(refusal) => return refuse(&mut send, refusal.0, refusal.1).await,
-    };
-    if hello.protocol != PROTOCOL_VERSION {
-        let message = format!(
-            "this directory speaks protocol {PROTOCOL_VERSION}; the node speaks {}",
-            hello.protocol
-        );
-        return refuse(&mut send, ErrorCode::UnsupportedProtocol, message).await;
-    }
-    if let Err(message) = crate::authz::check_hello(&peer.identity, hello.role) {
-        security.refused(peer.address, &peer.identity, &message);
-        return refuse(&mut send, ErrorCode::InvalidRequest, message).await;
-    }
-    let epoch = registry.settings().epoch;
-    let welcome = DirectoryMessage::Welcome {
-        protocol: PROTOCOL_VERSION,
-        epoch,
-    };
-    if let Err(e) = write_bounded(&mut send, &welcome).await {
-        debug!(error = %e, "cannot send welcome");
+    let Some((stream, session, span)) =
+        Box::pin(greet(send, recv, &peer, &registry, &security)).await
+    else {
         return;
-    }
-    let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("node", role = %hello.role, node = %hello.node, session);
-    let stream = NodeStream { send, recv };
+    };
     match peer.identity.role() {
         Role::Agent => {
             crate::registration::run(stream, session, &peer, registry, &security, shutdown)
                 .instrument(span)
                 .await
         }
+        // Boxed: a subscription's state is larger than a registration's, and there are
+        // fewer sidecars than agents; unboxed it would size every agent's task.
         Role::Sidecar => {
-            crate::subscription::run(stream, session, registry, shutdown)
-                .instrument(span)
-                .await
+            Box::pin(crate::subscription::run(
+                stream, session, registry, shutdown,
+            ))
+            .instrument(span)
+            .await
         }
     }
+}
+
+/// Reads the hello, checks the protocol version and the role, and sends the welcome; the
+/// stream, a new session id and the node's span for the conversation, or `None` if the node
+/// was refused or went away.
+async fn greet(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    peer: &Peer,
+    registry: &Registry,
+    security: &Security,
+) -> Option<(NodeStream, SessionId, tracing::Span)> {
+    let hello = match read_first(&mut recv).await {
+        Ok(Some(NodeMessage::Hello(hello))) => hello,
+        Ok(Some(other)) => {
+            let message = format!("expected hello first, got {}", other.kind());
+            refuse(&mut send, ErrorCode::UnexpectedMessage, message).await;
+            return None;
+        }
+        Ok(None) => return None,
+        Err(refusal) => {
+            refuse(&mut send, refusal.0, refusal.1).await;
+            return None;
+        }
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        let message = format!(
+            "this directory speaks protocol {PROTOCOL_VERSION}; the node speaks {}",
+            hello.protocol
+        );
+        refuse(&mut send, ErrorCode::UnsupportedProtocol, message).await;
+        return None;
+    }
+    if let Err(message) = crate::authz::check_hello(&peer.identity, hello.role) {
+        security.refused(peer.address, &peer.identity, &message);
+        refuse(&mut send, ErrorCode::InvalidRequest, message).await;
+        return None;
+    }
+    let welcome = DirectoryMessage::Welcome {
+        protocol: PROTOCOL_VERSION,
+        epoch: registry.settings().epoch,
+    };
+    if let Err(e) = write_bounded(&mut send, &welcome).await {
+        debug!(error = %e, "cannot send welcome");
+        return None;
+    }
+    let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("node", role = %hello.role, node = %hello.node, session);
+    Some((NodeStream { send, recv }, session, span))
 }
 
 /// A refusal: the error code and a sentence for the node's log.
@@ -319,12 +365,18 @@ async fn bounded(
 }
 
 /// Sends an error frame and finishes the stream (best effort: the node may be gone).
+///
+/// Boxed: refusing is rare, and its state (a timer, the frame) would otherwise size every
+/// conversation task for as long as it lives.
 pub(crate) async fn refuse(
     send: &mut quinn::SendStream,
     code: ErrorCode,
     message: impl Into<String>,
 ) {
-    let message = message.into();
+    Box::pin(send_refusal(send, code, message.into())).await
+}
+
+async fn send_refusal(send: &mut quinn::SendStream, code: ErrorCode, message: String) {
     info!(code = ?code, reason = %message, "refusing the node");
     let frame = DirectoryMessage::Error { code, message };
     let _ = tokio::time::timeout(
