@@ -15,6 +15,7 @@ pub mod http;
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -47,20 +48,49 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback TCP port (bound, read, released).
+/// A free loopback TCP port for a child process to listen on.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free tcp port")
+    free_port(|port| TcpListener::bind(("127.0.0.1", port)).is_ok())
 }
 
-/// A free loopback UDP port (bound, read, released).
+/// A free loopback UDP port for a child process to bind.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free udp port")
+    free_port(|port| UdpSocket::bind(("127.0.0.1", port)).is_ok())
+}
+
+/// Ports below this are never the kernel's ephemeral ports (Linux's default range starts at
+/// 32768, `/proc/sys/net/ipv4/ip_local_port_range`).
+const EPHEMERAL_START: u16 = 32_768;
+
+/// Ports handed out come from the `PORT_SPAN` ports below [`EPHEMERAL_START`].
+const PORT_SPAN: u16 = 12_000;
+
+/// The next port this process tries: each port is handed out once, so two tests of one
+/// binary never get the same port.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A port that `bindable` accepts, released again for a child process to take. Taken from
+/// below the kernel's ephemeral range: a port the kernel picked (bind to port 0) could be
+/// handed by the kernel to any outgoing connection of a concurrent test between this check
+/// and the child's bind ("Address already in use"); a port below the range is only ever
+/// taken by a bind that names it. Each test binary starts at an offset of its own (its pid),
+/// so binaries run one after another rarely meet a port still held by an earlier one.
+fn free_port(bindable: impl Fn(u16) -> bool) -> u16 {
+    let base = EPHEMERAL_START - PORT_SPAN;
+    let _ = NEXT_PORT.compare_exchange(
+        0,
+        (std::process::id() % u32::from(PORT_SPAN)) as u16 + 1,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..PORT_SPAN {
+        let offset = NEXT_PORT.fetch_add(1, Ordering::Relaxed) % PORT_SPAN;
+        let port = base + offset;
+        if bindable(port) {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {base}..{EPHEMERAL_START}");
 }
 
 /// A child process of a test. Killed (SIGKILL) on drop; its log is printed if the test failed.
