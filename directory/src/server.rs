@@ -386,3 +386,48 @@ async fn send_refusal(send: &mut quinn::SendStream, code: ErrorCode, message: St
     .await;
     let _ = send.finish();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Size in bytes of the future `f` returns for these argument types (nothing is called).
+    macro_rules! future_size {
+        ($f:expr, $($arg:ty),*) => {{
+            fn size<F: Fn($($arg),*) -> Fut, Fut>(_: F) -> usize {
+                std::mem::size_of::<Fut>()
+            }
+            size($f)
+        }};
+    }
+
+    /// The connection and conversation tasks live as long as an agent (10,000 of them at
+    /// fleet scale), so their one-off phases run boxed; unboxed, these futures were 1,192
+    /// and 2,576 bytes (docs/BENCHMARKS.md, control plane).
+    #[test]
+    fn the_tasks_that_live_as_long_as_an_agent_stay_small() {
+        let connection = future_size!(
+            connection,
+            quinn::Incoming,
+            Arc<Registry>,
+            Arc<Security>,
+            CancellationToken,
+            TaskTracker
+        );
+        let conversation = future_size!(
+            conversation,
+            quinn::SendStream,
+            quinn::RecvStream,
+            Peer,
+            Arc<Registry>,
+            Arc<Security>,
+            CancellationToken
+        );
+        eprintln!("connection {connection} B, conversation {conversation} B");
+        assert!(connection <= 1_000, "connection future {connection} B");
+        assert!(
+            conversation <= 2_000,
+            "conversation future {conversation} B"
+        );
+    }
+}
