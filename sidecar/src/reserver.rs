@@ -59,6 +59,8 @@ pub struct Reserver {
 struct Inner {
     slots: Slots,
     waiting: VecDeque<Waiter>,
+    /// When the pending wake-up for an ejection's end fires ([`Reserver::hand_off_at`]).
+    wake_at: Option<Instant>,
 }
 
 /// A request waiting for a slot: the instances it must not be sent to (a retry's tried ones)
@@ -84,6 +86,10 @@ impl Inner {
     /// whenever a slot is freed or the instances change, so a free slot never sits idle while
     /// a request that may take it waits, and no request is woken for nothing: a release wakes
     /// one request, not every waiting one.
+    ///
+    /// An ejection ending frees slots without any release or change, so the reserver also
+    /// runs it then ([`Reserver::hand_off_at`]), and when an ejection leaves every instance
+    /// ejected (panic mode makes them all eligible again).
     fn hand_off(&mut self, now: Instant) {
         let mut at = 0;
         while let Some(waiter) = self.waiting.get(at) {
@@ -248,10 +254,59 @@ impl Reserver {
         inner.hand_off(Instant::now());
     }
 
-    fn with_slot(&self, id: &str, f: impl FnOnce(&mut crate::slots::Slot)) {
-        if let Some(slot) = self.lock().slots.get_mut(id) {
-            f(slot);
+    /// Ejects instance `id` after a failed connection (Waiter: 10 s doubling to 300 s);
+    /// returns for how long. What the ejection changes is handed to waiting requests at once
+    /// (the last instance ejected puts the version in panic mode) and again when it ends.
+    fn eject(self: &Arc<Self>, id: &str) -> Duration {
+        let now = Instant::now();
+        let period = {
+            let mut inner = self.lock();
+            let Some(slot) = inner.slots.get_mut(id) else {
+                return Duration::ZERO;
+            };
+            let period = slot.ejection.fail(now);
+            inner.hand_off(now);
+            period
+        };
+        self.hand_off_at(now + period);
+        period
+    }
+
+    /// Hands free slots to waiting requests at `at`, when an ejection ends. One wake-up per
+    /// reserver is pending at a time, for the earliest end: it then looks for the next end
+    /// (O(instances), once per ejection that ends). Without a runtime (never in the sidecar)
+    /// nothing is scheduled, and the next release or change hands the slots over instead.
+    fn hand_off_at(self: &Arc<Self>, at: Instant) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        {
+            let mut inner = self.lock();
+            if inner.wake_at.is_some_and(|pending| pending <= at) {
+                return;
+            }
+            inner.wake_at = Some(at);
         }
+        let reserver = Arc::downgrade(self);
+        runtime.spawn(async move {
+            tokio::time::sleep_until(at).await;
+            let Some(reserver) = reserver.upgrade() else {
+                return;
+            };
+            let next = {
+                let mut inner = reserver.lock();
+                if inner.wake_at != Some(at) {
+                    return; // an earlier wake-up took over, and looks for the next end
+                }
+                inner.wake_at = None;
+                let now = Instant::now();
+                inner.hand_off(now);
+                inner.slots.next_ejection_end(now)
+            };
+            if let Some(next) = next {
+                reserver.hand_off_at(next);
+            }
+        });
     }
 
     /// Slots in use on instance `id` (0 if unknown).
@@ -363,10 +418,7 @@ impl Reservation {
 
     /// The connection to the instance failed: eject it; returns for how long.
     pub fn failed(&self) -> Duration {
-        let mut period = Duration::ZERO;
-        self.reserver
-            .with_slot(&self.id, |s| period = s.ejection.fail(Instant::now()));
-        period
+        self.reserver.eject(&self.id)
     }
 }
 
@@ -823,6 +875,44 @@ mod tests {
         assert!(r.ejected("a"), "cleared when the slot is released");
         drop(g);
         assert!(!r.ejected("a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_request_gets_an_ejected_instance_when_its_ejection_ends() {
+        let r = reserver(&[
+            instance("a", 1, 1, InstanceState::Up),
+            instance("b", 2, 1, InstanceState::Up),
+        ]);
+        let a = r.reserve(&["b".into()], SHORT, 10).await.unwrap();
+        assert_eq!(a.failed(), EJECTION_BASE);
+        drop(a); // a is free but ejected
+        let b = r.reserve(&[], SHORT, 10).await.unwrap();
+        assert_eq!(b.id().as_ref(), "b");
+        // b stays busy: no release or change comes, only the end of a's ejection.
+        let started = Instant::now();
+        let waited = r.reserve(&[], EJECTION_BASE * 3, 10).await;
+        assert_eq!(waited.unwrap().id().as_ref(), "a");
+        assert_eq!(started.elapsed(), EJECTION_BASE);
+        drop(b);
+    }
+
+    #[tokio::test]
+    async fn ejecting_the_last_instance_hands_its_slots_to_waiting_requests() {
+        let r = reserver(&[
+            instance("a", 1, 1, InstanceState::Up),
+            instance("b", 2, 1, InstanceState::Up),
+        ]);
+        let a = r.reserve(&["b".into()], SHORT, 10).await.unwrap();
+        a.failed();
+        drop(a);
+        let b = r.reserve(&[], SHORT, 10).await.unwrap();
+        let mut queued = Box::pin(r.reserve(&[], Duration::from_secs(5), 10));
+        waiting(&mut queued).await;
+        // b fails too: every instance is ejected, so a's free slot is usable (panic mode).
+        b.failed();
+        let got = tokio::time::timeout(SHORT, queued).await;
+        assert_eq!(got.expect("handed at once").unwrap().id().as_ref(), "a");
+        drop(b);
     }
 
     #[tokio::test]

@@ -113,6 +113,14 @@ impl Slots {
         self.slots.is_empty()
     }
 
+    /// The earliest end of an ejection after `now` among the candidates, if any is ejected.
+    pub fn next_ejection_end(&self, now: Instant) -> Option<Instant> {
+        self.slots[..self.candidates]
+            .iter()
+            .filter_map(|s| s.ejection.until.filter(|&until| until > now))
+            .min()
+    }
+
     /// Whether any instance is present and `up` (ejected or busy ones count).
     pub fn any_routable(&self) -> bool {
         self.candidates > 0
