@@ -31,7 +31,8 @@ pub const MAX_DRAWS: u32 = 16;
 /// An instance's id as the reserver keeps it: shared, so a reservation holds it without a copy.
 pub type InstanceId = Arc<str>;
 
-/// Consecutive connection failures and the resulting ejection deadline.
+/// Consecutive ejections of an instance after connection failures, and when the current one
+/// ends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ejection {
     failures: u32,
@@ -39,9 +40,15 @@ pub struct Ejection {
 }
 
 impl Ejection {
-    /// Records a failure at `now`: ejected for 10 s, doubling per consecutive failure, at most
-    /// 300 s.
+    /// Records a failure at `now`; returns how long the instance stays ejected from `now`.
+    /// Ejected for 10 s, doubling with each failure after an ejection has ended, at most 300 s
+    /// (Waiter). A failure while the instance is ejected (a request sent before the ejection,
+    /// or in panic mode) is the same incident: it neither doubles nor extends the ejection, so
+    /// an instance that dies with many requests in flight is ejected for 10 s, not 300 s.
     pub fn fail(&mut self, now: Instant) -> Duration {
+        if let Some(until) = self.until.filter(|&until| now < until) {
+            return until - now;
+        }
         self.failures = self.failures.saturating_add(1);
         let factor = 1u32 << (self.failures - 1).min(16);
         let period = (EJECTION_BASE * factor).min(EJECTION_MAX);
@@ -415,13 +422,37 @@ mod tests {
     fn ejection_backs_off_to_the_cap() {
         let t0 = Instant::now();
         let mut e = Ejection::default();
-        let periods: Vec<u64> = (0..8).map(|_| e.fail(t0).as_secs()).collect();
+        // Each failure comes as the previous ejection ends (a retry after it fails again).
+        let mut now = t0;
+        let periods: Vec<u64> = (0..8)
+            .map(|_| {
+                let period = e.fail(now);
+                now += period;
+                period.as_secs()
+            })
+            .collect();
         assert_eq!(periods, vec![10, 20, 40, 80, 160, 300, 300, 300]);
-        assert!(e.active(t0 + Duration::from_secs(299)));
-        assert!(!e.active(t0 + Duration::from_secs(300)));
+        let last = now - EJECTION_MAX;
+        assert!(e.active(last + Duration::from_secs(299)));
+        assert!(!e.active(now));
         e.clear();
-        assert!(!e.active(t0));
+        assert!(!e.active(last));
+        assert_eq!(e.fail(now), EJECTION_BASE);
+    }
+
+    #[test]
+    fn failures_while_ejected_are_one_incident() {
+        let t0 = Instant::now();
+        let mut e = Ejection::default();
         assert_eq!(e.fail(t0), EJECTION_BASE);
+        // The requests in flight when the instance died fail too: the ejection stands.
+        let later = t0 + Duration::from_secs(1);
+        for _ in 0..10 {
+            assert_eq!(e.fail(later), EJECTION_BASE - Duration::from_secs(1));
+        }
+        assert!(!e.active(t0 + EJECTION_BASE));
+        // A failure after the ejection ended is the next one: doubled.
+        assert_eq!(e.fail(t0 + EJECTION_BASE), EJECTION_BASE * 2);
     }
 
     /// Sizes that take each path of [`Slots::pick`]: the scan, and the draws.
