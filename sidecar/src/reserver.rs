@@ -877,15 +877,21 @@ mod tests {
         assert!(!r.ejected("a"));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_waiting_request_gets_an_ejected_instance_when_its_ejection_ends() {
+    /// Instances `a` and `b` of one slot each, `a` free but ejected (its first failure).
+    async fn a_ejected_b_free() -> Arc<Reserver> {
         let r = reserver(&[
             instance("a", 1, 1, InstanceState::Up),
             instance("b", 2, 1, InstanceState::Up),
         ]);
         let a = r.reserve(&["b".into()], SHORT, 10).await.unwrap();
         assert_eq!(a.failed(), EJECTION_BASE);
-        drop(a); // a is free but ejected
+        drop(a);
+        r
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_request_gets_an_ejected_instance_when_its_ejection_ends() {
+        let r = a_ejected_b_free().await;
         let b = r.reserve(&[], SHORT, 10).await.unwrap();
         assert_eq!(b.id().as_ref(), "b");
         // b stays busy: no release or change comes, only the end of a's ejection.
@@ -898,13 +904,7 @@ mod tests {
 
     #[tokio::test]
     async fn ejecting_the_last_instance_hands_its_slots_to_waiting_requests() {
-        let r = reserver(&[
-            instance("a", 1, 1, InstanceState::Up),
-            instance("b", 2, 1, InstanceState::Up),
-        ]);
-        let a = r.reserve(&["b".into()], SHORT, 10).await.unwrap();
-        a.failed();
-        drop(a);
+        let r = a_ejected_b_free().await;
         let b = r.reserve(&[], SHORT, 10).await.unwrap();
         let mut queued = Box::pin(r.reserve(&[], Duration::from_secs(5), 10));
         waiting(&mut queued).await;
