@@ -156,7 +156,10 @@ struct Observed {
     subscribed: AtomicUsize,
     /// Subscriptions that failed and were made again.
     resubscribed: AtomicUsize,
-    /// Sidecars that have seen the silent instance withdrawn.
+    /// Set when the silent agent stops heartbeating: a withdrawal seen before (the run
+    /// collapsed and its registration lapsed with the others') does not count.
+    silenced: AtomicBool,
+    /// Sidecars that have seen the silent instance withdrawn since it was silenced.
     silent_withdrawn: AtomicUsize,
     /// Full tables received, first subscriptions and later ones alike.
     tables: AtomicUsize,
@@ -378,6 +381,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
 
     // A silent agent: its connection stays open, its heartbeats stop.
     let silenced = Instant::now();
+    observed.silenced.store(true, Ordering::Release);
     let _ = silent.send(());
     let silent_withdrawn = wait_until(
         Duration::from_secs(20),
@@ -637,7 +641,11 @@ async fn subscribe(
                             }
                         }
                     }
-                    Change::Remove(key) if key.id == SILENT && !silent_seen => {
+                    Change::Remove(key)
+                        if key.id == SILENT
+                            && !silent_seen
+                            && observed.silenced.load(Ordering::Acquire) =>
+                    {
                         silent_seen = true;
                         observed.silent_withdrawn.fetch_add(1, Ordering::AcqRel);
                     }

@@ -254,18 +254,6 @@ fn same_instances(a: &ServiceSpec, b: &ServiceSpec) -> bool {
         && a.scale.concurrency == b.scale.concurrency
 }
 
-/// Each managed version's registered instances, from the route table.
-fn registered(registry: &Registry) -> BTreeMap<(String, String), Vec<String>> {
-    let mut by_version: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-    for i in registry.table().instances() {
-        by_version
-            .entry((i.service.clone(), i.version.clone()))
-            .or_default()
-            .push(i.id.clone());
-    }
-    by_version
-}
-
 /// Whether another managed version of `spec`'s service is newer (compared as the route table
 /// does). An old version is scaled to zero once idle whatever its `min_instances`, so its
 /// routes are withdrawn (Waiter kept old versions running; usher does not).
@@ -284,7 +272,6 @@ async fn cycle(
 ) {
     let now = Instant::now();
     let mut totals = registry.load().totals(now);
-    let mut registered = registered(registry);
     let old: Vec<bool> = managed
         .iter()
         .map(|m| superseded(&m.spec, managed))
@@ -294,7 +281,7 @@ async fn cycle(
         let load = totals.remove(&key).unwrap_or_default();
         let outstanding = load.outstanding();
         let observed = Observed {
-            registered: registered.remove(&key).unwrap_or_default(),
+            registered: registry.instance_ids(&m.spec.name, &m.spec.version),
             busy: load.busy,
         };
         let mut settings = m.spec.scale;

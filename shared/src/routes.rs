@@ -212,18 +212,29 @@ impl RouteTable {
             service: service.to_string(),
             version: version.to_string(),
         };
-        if self.declared.contains(&version) {
-            return true;
-        }
+        self.declared.contains(&version)
+            || self
+                .instances_of(&version.service, &version.version)
+                .next()
+                .is_some()
+    }
+
+    /// The instances of one service version, ordered by id: O(log n) to the first, then one
+    /// step per instance of the version (the table is ordered by (service, version, id)).
+    pub fn instances_of<'a>(
+        &'a self,
+        service: &'a str,
+        version: &'a str,
+    ) -> impl Iterator<Item = &'a Instance> + 'a {
         let first = InstanceKey {
-            service: version.service,
-            version: version.version,
+            service: service.to_string(),
+            version: version.to_string(),
             id: String::new(),
         };
         self.instances
-            .range(&first..)
-            .next()
-            .is_some_and(|(key, _)| key.service == first.service && key.version == first.version)
+            .range(first..)
+            .take_while(move |(key, _)| key.service == service && key.version == version)
+            .map(|(_, instance)| instance)
     }
 
     pub fn get(&self, key: &InstanceKey) -> Option<&Instance> {
@@ -491,6 +502,38 @@ pub(crate) mod tests {
         );
         assert!(!table.names_version("web", "v2"));
         assert!(table.names_version("webx", "v1"));
+    }
+
+    #[test]
+    fn instances_of_a_version_are_its_own_and_no_neighbours() {
+        let mut table = RouteTable::new(7);
+        for (service, version, id) in [
+            ("web", "v1", "b"),
+            ("web", "v1", "a"),
+            ("web", "v10", "c"),
+            ("web", "v", "d"),
+            ("webx", "v1", "e"),
+            ("we", "bv1", "f"),
+        ] {
+            table.apply(Change::Upsert(instance(
+                service,
+                version,
+                id,
+                InstanceState::Up,
+            )));
+        }
+        let ids = |service, version| -> Vec<String> {
+            table
+                .instances_of(service, version)
+                .map(|i| i.id.clone())
+                .collect()
+        };
+        assert_eq!(ids("web", "v1"), ["a", "b"], "in id order");
+        assert_eq!(ids("web", "v10"), ["c"]);
+        assert_eq!(ids("web", "v"), ["d"]);
+        assert_eq!(ids("webx", "v1"), ["e"]);
+        assert!(ids("web", "v2").is_empty());
+        assert!(ids("", "").is_empty());
     }
 
     #[test]
