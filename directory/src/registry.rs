@@ -735,10 +735,19 @@ mod tests {
         let r = registry(t0);
         let rx = r.subscribe();
         r.register(1, instance("a", InstanceState::Up), t0).unwrap();
-        assert_eq!(r.publish_due(t0), Some(t0 + Duration::from_millis(100)));
-        assert_eq!(*rx.borrow(), 0, "not yet published");
-        assert_eq!(r.publish_due(t0 + Duration::from_millis(100)), None);
+        assert_eq!(r.publish_due(t0), None, "no batch yet: at once");
         assert_eq!(*rx.borrow(), 1);
+        let later = t0 + Duration::from_millis(10);
+        r.register(2, instance("b", InstanceState::Up), later)
+            .unwrap();
+        assert_eq!(
+            r.publish_due(later),
+            Some(t0 + Duration::from_millis(100)),
+            "100 ms after the previous batch"
+        );
+        assert_eq!(*rx.borrow(), 1, "not yet published");
+        assert_eq!(r.publish_due(t0 + Duration::from_millis(100)), None);
+        assert_eq!(*rx.borrow(), 2);
         // A heartbeat without a state change is not a change.
         r.heartbeat(
             1,
@@ -759,11 +768,15 @@ mod tests {
             version: "v1".into(),
         };
         r.declare([web], t0);
-        assert_eq!(r.publish_due(t0 + Duration::from_millis(100)), None);
+        assert_eq!(r.publish_due(t0), None);
         // Starting is not routable: it waits for the batch.
-        r.register(1, instance("a", InstanceState::Starting), t0)
+        let starting = t0 + Duration::from_millis(10);
+        r.register(1, instance("a", InstanceState::Starting), starting)
             .unwrap();
-        assert_eq!(r.publish_due(t0), Some(t0 + Duration::from_millis(100)));
+        assert_eq!(
+            r.publish_due(starting),
+            Some(t0 + Duration::from_millis(100))
+        );
         // Up, and the first of its version: at once.
         let at = t0 + Duration::from_millis(20);
         r.heartbeat(
