@@ -37,7 +37,7 @@ use usher_bench::docs;
 use usher_shared::backoff::Backoff;
 use usher_shared::enrolment::{self, Credentials, TlsFlags};
 use usher_shared::identity::NodeIdentity;
-use usher_shared::protocol::{DirectoryMessage, NodeMessage, Registration, Role};
+use usher_shared::protocol::{DirectoryMessage, NodeMessage, Registration, Role, FEED_FORMAT};
 use usher_shared::routes::{Change, Instance, InstanceState};
 use usher_shared::session::{node_endpoint, open};
 use usher_tests::{admin_json, wait_until, Mesh};
@@ -582,6 +582,7 @@ async fn subscribe(
             let subscribe = NodeMessage::Subscribe {
                 epoch: None,
                 revision: 0,
+                feed_format: FEED_FORMAT,
             };
             session.send(&subscribe).await?;
             Ok::<_, usher_shared::session::SessionError>(session)

@@ -8,6 +8,10 @@
 //! receive it; only a sidecar that holds a revision inside a batch (after a snapshot) or older
 //! than the retained batches gets frames of its own, once.
 //!
+//! Each batch is kept in both encodings (named fields, and compact for sidecars of this
+//! build's [`usher_shared::protocol::FEED_FORMAT`]); the two share revision boundaries, so a
+//! subscriber's position does not depend on its encoding. Snapshots are cached per encoding.
+//!
 //! Pure: [`crate::registry::Registry`] holds a [`Feed`] behind its lock and decides when to
 //! publish.
 
@@ -15,7 +19,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use serde::Serialize;
-use usher_shared::codec::{encode_frame, FrameError, MAX_DIRECTORY_FRAME};
+use usher_shared::codec::{encode_frame_as, Encoding, FrameError, MAX_DIRECTORY_FRAME};
 use usher_shared::protocol::DirectoryMessage;
 use usher_shared::routes::{Change, Instance, ServiceVersion};
 
@@ -36,12 +40,28 @@ pub const MAX_SNAPSHOT_LAG: u64 = 1_000;
 /// Encoded frames, ready to write; cloning one shares its bytes.
 pub type Frames = Vec<Bytes>;
 
+/// The same frames in each [`Encoding`]: the same messages, the same revision boundaries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Encoded {
+    pub named: Frames,
+    pub compact: Frames,
+}
+
+impl Encoded {
+    pub fn get(&self, encoding: Encoding) -> &Frames {
+        match encoding {
+            Encoding::Named => &self.named,
+            Encoding::Compact => &self.compact,
+        }
+    }
+}
+
 /// One published batch: the frames that take a sidecar from revision `from` to `to`.
 #[derive(Debug)]
 struct Batch {
     from: u64,
     to: u64,
-    frames: Frames,
+    frames: Encoded,
 }
 
 /// An encoded snapshot of the table at `revision` of `epoch`.
@@ -65,18 +85,27 @@ pub enum Position {
     NotRetained,
 }
 
-/// The published batches, oldest first and contiguous, and the latest encoded snapshot.
+/// The published batches, oldest first and contiguous, and the latest encoded snapshot in
+/// each encoding (named, compact).
 #[derive(Debug, Default)]
 pub struct Feed {
     batches: VecDeque<Batch>,
     retained: usize,
-    snapshot: Option<Snapshot>,
+    snapshots: [Option<Snapshot>; 2],
+}
+
+/// Where an encoding's snapshot is cached in [`Feed`].
+fn slot(encoding: Encoding) -> usize {
+    match encoding {
+        Encoding::Named => 0,
+        Encoding::Compact => 1,
+    }
 }
 
 impl Feed {
     /// Appends the batch from `from` to `to`. A batch that does not follow the last one
     /// (the changes between could not be encoded) starts the feed again.
-    pub fn push(&mut self, from: u64, to: u64, frames: Frames) {
+    pub fn push(&mut self, from: u64, to: u64, frames: Encoded) {
         if self.batches.back().is_some_and(|last| last.to != from) {
             self.batches.clear();
             self.retained = 0;
@@ -96,8 +125,9 @@ impl Feed {
         self.retained = 0;
     }
 
-    /// Where `revision` stands among the retained batches (see [`Position`]).
-    pub fn position(&self, revision: u64) -> Position {
+    /// Where `revision` stands among the retained batches (see [`Position`]); the frames are
+    /// those of `encoding`.
+    pub fn position(&self, revision: u64, encoding: Encoding) -> Position {
         let first = self.batches.partition_point(|b| b.to <= revision);
         let Some(batch) = self.batches.get(first) else {
             return Position::NotRetained;
@@ -111,32 +141,39 @@ impl Feed {
         let later = self.batches.range(first..);
         let frames = later
             .clone()
-            .flat_map(|b| b.frames.iter().cloned())
+            .flat_map(|b| b.frames.get(encoding).iter().cloned())
             .collect();
         let to = later.last().map_or(revision, |b| b.to);
         Position::Start { frames, to }
     }
 
-    /// The cached snapshot's frames and revision, if it is of `epoch` and at most
-    /// [`MAX_SNAPSHOT_LAG`] changes behind `current`.
-    pub fn snapshot(&self, epoch: u64, current: u64) -> Option<(Frames, u64)> {
-        self.snapshot
+    /// The cached snapshot's frames in `encoding` and its revision, if it is of `epoch` and at
+    /// most [`MAX_SNAPSHOT_LAG`] changes behind `current`.
+    pub fn snapshot(&self, epoch: u64, current: u64, encoding: Encoding) -> Option<(Frames, u64)> {
+        self.snapshots[slot(encoding)]
             .as_ref()
             .filter(|s| s.epoch == epoch && s.revision <= current)
             .filter(|s| current - s.revision <= MAX_SNAPSHOT_LAG)
             .map(|s| (s.frames.clone(), s.revision))
     }
 
-    /// Caches `frames` as the snapshot at `revision` of `epoch`, unless a newer one is cached.
-    pub fn cache_snapshot(&mut self, epoch: u64, revision: u64, frames: Frames) {
-        if self
-            .snapshot
+    /// Caches `frames` as the snapshot in `encoding` at `revision` of `epoch`, unless a newer
+    /// one is cached.
+    pub fn cache_snapshot(
+        &mut self,
+        epoch: u64,
+        revision: u64,
+        encoding: Encoding,
+        frames: Frames,
+    ) {
+        let cached = &mut self.snapshots[slot(encoding)];
+        if cached
             .as_ref()
             .is_some_and(|s| s.epoch == epoch && s.revision > revision)
         {
             return;
         }
-        self.snapshot = Some(Snapshot {
+        *cached = Some(Snapshot {
             epoch,
             revision,
             frames,
@@ -145,31 +182,58 @@ impl Feed {
 }
 
 /// Encodes the changes after revision `from` of `epoch` (`changes[i]` is revision
-/// `from + i + 1`) as delta frames below the frame limit; no changes is one empty frame (it
-/// tells a new subscriber it is current).
+/// `from + i + 1`) as delta frames below the frame limit, in `encoding`; no changes is one
+/// empty frame (it tells a new subscriber it is current).
 ///
 /// Errors only if one change alone exceeds the frame limit (every change came through a
 /// 64 KiB node frame, so only a bug can).
-pub fn encode_deltas(epoch: u64, from: u64, changes: Vec<Change>) -> Result<Frames, FrameError> {
+pub fn encode_deltas(
+    epoch: u64,
+    from: u64,
+    changes: Vec<Change>,
+    encoding: Encoding,
+) -> Result<Frames, FrameError> {
+    deltas(epoch, from, changes)
+        .iter()
+        .map(|m| encode(m, encoding))
+        .collect()
+}
+
+/// [`encode_deltas`] in both encodings, for a published batch. Errors as [`encode_deltas`].
+pub fn encode_batch(epoch: u64, from: u64, changes: Vec<Change>) -> Result<Encoded, FrameError> {
+    let messages = deltas(epoch, from, changes);
+    let all = |encoding| -> Result<Frames, FrameError> {
+        messages.iter().map(|m| encode(m, encoding)).collect()
+    };
+    Ok(Encoded {
+        named: all(Encoding::Named)?,
+        compact: all(Encoding::Compact)?,
+    })
+}
+
+/// The `Deltas` messages that carry `changes` after revision `from`, each below the frame
+/// limit; at least one.
+fn deltas(epoch: u64, from: u64, changes: Vec<Change>) -> Vec<DirectoryMessage> {
     let mut at = from;
     chunks(changes)
         .into_iter()
         .map(|changes| {
             let next = at + changes.len() as u64;
-            let frame = encode(&DirectoryMessage::Deltas {
+            let message = DirectoryMessage::Deltas {
                 epoch,
                 from_revision: at,
                 to_revision: next,
                 changes,
-            });
+            };
             at = next;
-            frame
+            message
         })
         .collect()
 }
 
 /// Encodes the table at `revision` of `epoch` as snapshot chunks below the frame limit, the
-/// declared versions in the last one (Baker: the full table for a new or lost subscriber).
+/// declared versions in the last one (Baker: the full table for a new or lost subscriber), in
+/// `encoding`.
 ///
 /// Errors as [`encode_deltas`].
 pub fn encode_snapshot(
@@ -177,6 +241,7 @@ pub fn encode_snapshot(
     revision: u64,
     instances: Vec<Instance>,
     declared: Vec<ServiceVersion>,
+    encoding: Encoding,
 ) -> Result<Frames, FrameError> {
     let chunks = chunks(instances);
     let count = chunks.len();
@@ -186,27 +251,31 @@ pub fn encode_snapshot(
         .enumerate()
         .map(|(i, instances)| {
             let last = i + 1 == count;
-            encode(&DirectoryMessage::SnapshotChunk {
-                epoch,
-                revision,
-                instances,
-                declared: if last {
-                    declared.take().unwrap_or_default()
-                } else {
-                    Vec::new()
+            encode(
+                &DirectoryMessage::SnapshotChunk {
+                    epoch,
+                    revision,
+                    instances,
+                    declared: if last {
+                        declared.take().unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    },
+                    last,
                 },
-                last,
-            })
+                encoding,
+            )
         })
         .collect()
 }
 
-fn encode(msg: &DirectoryMessage) -> Result<Bytes, FrameError> {
-    encode_frame(msg, MAX_DIRECTORY_FRAME).map(Bytes::from)
+fn encode(msg: &DirectoryMessage, encoding: Encoding) -> Result<Bytes, FrameError> {
+    encode_frame_as(msg, MAX_DIRECTORY_FRAME, encoding).map(Bytes::from)
 }
 
 /// Splits `items` into runs of at most [`MAX_ITEMS_PER_FRAME`] entries and about
-/// [`FRAME_BUDGET`] encoded bytes; always at least one (possibly empty) run.
+/// [`FRAME_BUDGET`] encoded bytes with named fields (compact is smaller, so the same runs fit
+/// either encoding); always at least one (possibly empty) run.
 fn chunks<T: Serialize>(items: Vec<T>) -> Vec<Vec<T>> {
     let mut out = vec![Vec::new()];
     let mut bytes = 0;
@@ -266,7 +335,7 @@ mod tests {
     #[test]
     fn big_snapshots_are_chunked_below_the_frame_limit_and_rebuild_the_table() {
         let instances: Vec<_> = (0..2500).map(|i| instance(i, 1000)).collect();
-        let frames = encode_snapshot(9, 2500, instances.clone(), vec![]).unwrap();
+        let frames = encode_snapshot(9, 2500, instances.clone(), vec![], Encoding::Named).unwrap();
         let messages = decode(&frames);
         assert!(messages.len() >= 5, "{} chunks", messages.len());
         let mut all = Vec::new();
@@ -292,7 +361,7 @@ mod tests {
 
     #[test]
     fn an_empty_snapshot_is_one_last_chunk() {
-        let messages = decode(&encode_snapshot(1, 0, vec![], vec![]).unwrap());
+        let messages = decode(&encode_snapshot(1, 0, vec![], vec![], Encoding::Compact).unwrap());
         assert!(
             matches!(&messages[..], [DirectoryMessage::SnapshotChunk { last: true, instances, .. }] if instances.is_empty())
         );
@@ -301,7 +370,7 @@ mod tests {
     #[test]
     fn chunked_deltas_apply_in_order() {
         let changes: Vec<_> = (0..2500).map(|i| Change::Upsert(instance(i, 10))).collect();
-        let frames = encode_deltas(3, 10, changes).unwrap();
+        let frames = encode_deltas(3, 10, changes, Encoding::Compact).unwrap();
         assert!(frames.len() >= 3);
         let mut replica = RouteTable::from_snapshot(3, 10, vec![]);
         for m in decode(&frames) {
@@ -324,7 +393,7 @@ mod tests {
 
     #[test]
     fn no_changes_is_one_empty_frame() {
-        let messages = decode(&encode_deltas(3, 5, vec![]).unwrap());
+        let messages = decode(&encode_deltas(3, 5, vec![], Encoding::Named).unwrap());
         assert!(matches!(
             &messages[..],
             [DirectoryMessage::Deltas { from_revision: 5, to_revision: 5, changes, .. }] if changes.is_empty()
@@ -335,76 +404,148 @@ mod tests {
         vec![Bytes::from(vec![tag])]
     }
 
+    /// A batch whose named frame is `tag` and compact frame `tag + 100`.
+    fn batch(tag: u8) -> Encoded {
+        Encoded {
+            named: frame(tag),
+            compact: frame(tag + 100),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_the_same_messages_in_both_encodings_and_compact_is_smaller() {
+        let changes: Vec<_> = (0..2500)
+            .map(|i| Change::Upsert(instance(i, 10)))
+            .chain([Change::Remove(instance(7, 0).key())])
+            .collect();
+        let batch = encode_batch(3, 10, changes).unwrap();
+        assert!(batch.named.len() >= 3, "chunked");
+        assert_eq!(
+            decode(&batch.named),
+            decode(&batch.compact),
+            "same messages, same boundaries"
+        );
+        let size = |frames: &Frames| frames.iter().map(Bytes::len).sum::<usize>();
+        assert!(
+            size(&batch.compact) * 2 < size(&batch.named),
+            "{} compact bytes against {} named",
+            size(&batch.compact),
+            size(&batch.named)
+        );
+    }
+
     #[test]
     fn a_revision_at_a_batch_start_gets_the_shared_frames_of_every_later_batch() {
         let mut feed = Feed::default();
-        assert_eq!(feed.position(0), Position::NotRetained);
-        feed.push(0, 3, frame(1));
-        feed.push(3, 5, frame(2));
-        feed.push(5, 9, frame(3));
+        assert_eq!(feed.position(0, Encoding::Named), Position::NotRetained);
+        feed.push(0, 3, batch(1));
+        feed.push(3, 5, batch(2));
+        feed.push(5, 9, batch(3));
         assert_eq!(
-            feed.position(3),
+            feed.position(3, Encoding::Named),
             Position::Start {
                 frames: vec![Bytes::from(vec![2]), Bytes::from(vec![3])],
                 to: 9
             }
         );
         assert_eq!(
-            feed.position(0),
+            feed.position(0, Encoding::Named),
             Position::Start {
                 frames: [frame(1), frame(2), frame(3)].concat(),
                 to: 9
             }
         );
-        assert_eq!(feed.position(4), Position::Inside { boundary: 5 });
-        assert_eq!(feed.position(1), Position::Inside { boundary: 3 });
-        assert_eq!(feed.position(9), Position::NotRetained, "nothing after it");
+        assert_eq!(
+            feed.position(3, Encoding::Compact),
+            Position::Start {
+                frames: [frame(102), frame(103)].concat(),
+                to: 9
+            },
+            "each subscriber gets its encoding's frames"
+        );
+        for encoding in [Encoding::Named, Encoding::Compact] {
+            assert_eq!(feed.position(4, encoding), Position::Inside { boundary: 5 });
+            assert_eq!(feed.position(1, encoding), Position::Inside { boundary: 3 });
+            assert_eq!(
+                feed.position(9, encoding),
+                Position::NotRetained,
+                "nothing after it"
+            );
+        }
         // The frames are shared, not copied.
-        let Position::Start { frames, .. } = feed.position(5) else {
+        let Position::Start { frames, .. } = feed.position(5, Encoding::Compact) else {
             panic!()
         };
-        assert_eq!(frames[0].as_ptr(), feed.batches[2].frames[0].as_ptr());
+        assert_eq!(
+            frames[0].as_ptr(),
+            feed.batches[2].frames.compact[0].as_ptr()
+        );
     }
 
     #[test]
     fn old_batches_are_dropped_and_a_gap_starts_again() {
         let mut feed = Feed::default();
         let step = RETAINED_CHANGES as u64 / 2;
-        feed.push(0, step, frame(1));
-        feed.push(step, 2 * step, frame(2));
-        feed.push(2 * step, 3 * step, frame(3));
-        assert_eq!(feed.position(0), Position::NotRetained, "dropped");
-        assert!(matches!(feed.position(step), Position::Start { to, .. } if to == 3 * step));
-        feed.push(3 * step + 7, 3 * step + 9, frame(4));
-        assert_eq!(feed.position(step), Position::NotRetained);
+        feed.push(0, step, batch(1));
+        feed.push(step, 2 * step, batch(2));
+        feed.push(2 * step, 3 * step, batch(3));
+        assert_eq!(
+            feed.position(0, Encoding::Named),
+            Position::NotRetained,
+            "dropped"
+        );
+        assert!(
+            matches!(feed.position(step, Encoding::Named), Position::Start { to, .. } if to == 3 * step)
+        );
+        feed.push(3 * step + 7, 3 * step + 9, batch(4));
+        assert_eq!(feed.position(step, Encoding::Named), Position::NotRetained);
         assert!(matches!(
-            feed.position(3 * step + 7),
+            feed.position(3 * step + 7, Encoding::Named),
             Position::Start { .. }
         ));
         feed.reset();
-        assert_eq!(feed.position(3 * step + 7), Position::NotRetained);
+        assert_eq!(
+            feed.position(3 * step + 7, Encoding::Named),
+            Position::NotRetained
+        );
     }
 
     #[test]
     fn a_cached_snapshot_is_reused_while_recent() {
         let mut feed = Feed::default();
-        assert_eq!(feed.snapshot(1, 0), None);
-        feed.cache_snapshot(1, 100, frame(1));
-        assert_eq!(feed.snapshot(1, 100), Some((frame(1), 100)));
+        let named = Encoding::Named;
+        assert_eq!(feed.snapshot(1, 0, named), None);
+        feed.cache_snapshot(1, 100, named, frame(1));
+        assert_eq!(feed.snapshot(1, 100, named), Some((frame(1), 100)));
         assert_eq!(
-            feed.snapshot(1, 100 + MAX_SNAPSHOT_LAG),
+            feed.snapshot(1, 100, Encoding::Compact),
+            None,
+            "cached per encoding"
+        );
+        assert_eq!(
+            feed.snapshot(1, 100 + MAX_SNAPSHOT_LAG, named),
             Some((frame(1), 100))
         );
-        assert_eq!(feed.snapshot(1, 101 + MAX_SNAPSHOT_LAG), None, "too old");
-        assert_eq!(feed.snapshot(2, 100), None, "another epoch");
-        assert_eq!(feed.snapshot(1, 99), None, "ahead of the table");
-        feed.cache_snapshot(1, 50, frame(2));
         assert_eq!(
-            feed.snapshot(1, 100),
+            feed.snapshot(1, 101 + MAX_SNAPSHOT_LAG, named),
+            None,
+            "too old"
+        );
+        assert_eq!(feed.snapshot(2, 100, named), None, "another epoch");
+        assert_eq!(feed.snapshot(1, 99, named), None, "ahead of the table");
+        feed.cache_snapshot(1, 50, named, frame(2));
+        assert_eq!(
+            feed.snapshot(1, 100, named),
             Some((frame(1), 100)),
             "kept the newer"
         );
-        feed.cache_snapshot(1, 150, frame(3));
-        assert_eq!(feed.snapshot(1, 150), Some((frame(3), 150)));
+        feed.cache_snapshot(1, 150, named, frame(3));
+        assert_eq!(feed.snapshot(1, 150, named), Some((frame(3), 150)));
+        feed.cache_snapshot(1, 150, Encoding::Compact, frame(4));
+        assert_eq!(
+            feed.snapshot(1, 150, Encoding::Compact),
+            Some((frame(4), 150))
+        );
+        assert_eq!(feed.snapshot(1, 150, named), Some((frame(3), 150)));
     }
 }

@@ -19,7 +19,7 @@ use thiserror::Error;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::info;
-use usher_shared::codec::FrameError;
+use usher_shared::codec::{Encoding, FrameError};
 use usher_shared::names::{validate_instance_id, validate_label};
 use usher_shared::routes::{
     CatchUp, Change, Instance, InstanceKey, InstanceState, RouteLog, RouteTable, ServiceVersion,
@@ -28,7 +28,7 @@ use usher_shared::FastHash;
 
 use crate::autoscaler::AutoscaleStatus;
 use crate::batch::Batcher;
-use crate::feed::{encode_deltas, encode_snapshot, Feed, Frames, Position};
+use crate::feed::{encode_batch, encode_deltas, encode_snapshot, Feed, Frames, Position};
 use crate::load::LoadBoard;
 use crate::presence::Presence;
 
@@ -338,7 +338,7 @@ impl Registry {
             (epoch, from, to, inner.log.catch_up(Some(epoch), from))
         };
         let frames = match changes {
-            CatchUp::Deltas(changes) => encode_deltas(epoch, from, changes)
+            CatchUp::Deltas(changes) => encode_batch(epoch, from, changes)
                 .inspect_err(|e| tracing::error!(error = %e, "cannot encode a batch"))
                 .ok(),
             // More changes than the log keeps since the last batch: subscribers behind get
@@ -392,9 +392,16 @@ impl Registry {
     /// - at (or past) the last published revision: nothing, or one empty delta frame when
     ///   `first` so a new subscriber learns it is current.
     ///
+    /// The frames are in `encoding`, the one the sidecar reads.
+    ///
     /// Errors only if an entry exceeds the frame limit (a bug: every entry came through a
     /// 64 KiB node frame).
-    pub fn next_frames(&self, held: Held, first: bool) -> Result<(Frames, Held), FrameError> {
+    pub fn next_frames(
+        &self,
+        held: Held,
+        first: bool,
+        encoding: Encoding,
+    ) -> Result<(Frames, Held), FrameError> {
         let inner = self.lock();
         let table = inner.log.table();
         let (epoch, current, published) = (table.epoch, table.revision, inner.published);
@@ -402,12 +409,12 @@ impl Registry {
         if held.0 == Some(epoch) && revision <= current {
             if revision >= published {
                 let frames = match first {
-                    true => encode_deltas(epoch, revision, Vec::new())?,
+                    true => encode_deltas(epoch, revision, Vec::new(), encoding)?,
                     false => Vec::new(),
                 };
                 return Ok((frames, held));
             }
-            let boundary = match inner.feed.position(revision) {
+            let boundary = match inner.feed.position(revision, encoding) {
                 Position::Start { frames, to } => return Ok((frames, (Some(epoch), to))),
                 Position::Inside { boundary } => boundary,
                 Position::NotRetained => published,
@@ -415,20 +422,20 @@ impl Registry {
             if let CatchUp::Deltas(mut changes) = inner.log.catch_up(held.0, revision) {
                 drop(inner);
                 changes.truncate((boundary - revision) as usize);
-                let frames = encode_deltas(epoch, revision, changes)?;
+                let frames = encode_deltas(epoch, revision, changes, encoding)?;
                 return Ok((frames, (Some(epoch), boundary)));
             }
         }
-        if let Some((frames, revision)) = inner.feed.snapshot(epoch, current) {
+        if let Some((frames, revision)) = inner.feed.snapshot(epoch, current, encoding) {
             return Ok((frames, (Some(epoch), revision)));
         }
         let instances = table.instances().cloned().collect();
         let declared = table.declared().cloned().collect();
         drop(inner);
-        let frames = encode_snapshot(epoch, current, instances, declared)?;
+        let frames = encode_snapshot(epoch, current, instances, declared, encoding)?;
         self.lock()
             .feed
-            .cache_snapshot(epoch, current, frames.clone());
+            .cache_snapshot(epoch, current, encoding, frames.clone());
         Ok((frames, (Some(epoch), current)))
     }
 
@@ -665,18 +672,24 @@ mod tests {
 
     #[test]
     fn subscribers_share_published_batches_or_get_what_they_miss() {
+        for encoding in [Encoding::Named, Encoding::Compact] {
+            subscribers_share_published_batches_in(encoding);
+        }
+    }
+
+    fn subscribers_share_published_batches_in(encoding: Encoding) {
         let t0 = Instant::now();
         let r = registry(t0);
         let batch = Duration::from_millis(100);
         // A new subscriber of an empty directory learns it is current.
-        let (frames, held) = r.next_frames((Some(42), 0), true).unwrap();
+        let (frames, held) = r.next_frames((Some(42), 0), true, encoding).unwrap();
         assert_eq!((deltas(&frames), held), (vec![(0, 0, 0)], (Some(42), 0)));
-        assert!(r.next_frames(held, false).unwrap().0.is_empty());
+        assert!(r.next_frames(held, false, encoding).unwrap().0.is_empty());
 
         r.register(1, instance("a", InstanceState::Up), t0).unwrap();
         r.register(2, instance("b", InstanceState::Up), t0).unwrap();
         assert!(
-            r.next_frames(held, false).unwrap().0.is_empty(),
+            r.next_frames(held, false, encoding).unwrap().0.is_empty(),
             "nothing before the batch is published"
         );
         r.publish_due(t0 + batch);
@@ -686,29 +699,29 @@ mod tests {
         assert_eq!(r.published(), 3);
 
         // At a batch start: the shared frames of every batch from there.
-        let (first, held_a) = r.next_frames((Some(42), 0), false).unwrap();
-        let (second, held_b) = r.next_frames((Some(42), 0), false).unwrap();
+        let (first, held_a) = r.next_frames((Some(42), 0), false, encoding).unwrap();
+        let (second, held_b) = r.next_frames((Some(42), 0), false, encoding).unwrap();
         assert_eq!(deltas(&first), vec![(0, 2, 2), (2, 3, 1)]);
         assert_eq!((held_a, held_b), ((Some(42), 3), (Some(42), 3)));
         assert_eq!(first[0].as_ptr(), second[0].as_ptr(), "the same bytes");
 
         // Inside a batch: the rest of that batch, encoded for it; then the shared frames.
-        let (frames, held) = r.next_frames((Some(42), 1), false).unwrap();
+        let (frames, held) = r.next_frames((Some(42), 1), false, encoding).unwrap();
         assert_eq!((deltas(&frames), held), (vec![(1, 2, 1)], (Some(42), 2)));
-        let (frames, held) = r.next_frames(held, false).unwrap();
+        let (frames, held) = r.next_frames(held, false, encoding).unwrap();
         assert_eq!((deltas(&frames), held), (vec![(2, 3, 1)], (Some(42), 3)));
 
         // Another epoch, no table or a revision from the future: a snapshot, encoded once.
         for held in [(Some(7), 1), (None, 0), (Some(42), 9)] {
-            let (frames, reached) = r.next_frames(held, true).unwrap();
+            let (frames, reached) = r.next_frames(held, true, encoding).unwrap();
             assert_eq!(reached, (Some(42), 3));
             assert!(matches!(
                 &decode(&frames)[..],
                 [DirectoryMessage::SnapshotChunk { revision: 3, instances, last: true, .. }] if instances.len() == 3
             ));
         }
-        let (a, _) = r.next_frames((None, 0), true).unwrap();
-        let (b, _) = r.next_frames((None, 0), true).unwrap();
+        let (a, _) = r.next_frames((None, 0), true, encoding).unwrap();
+        let (b, _) = r.next_frames((None, 0), true, encoding).unwrap();
         assert_eq!(a[0].as_ptr(), b[0].as_ptr(), "the cached snapshot");
 
         // A snapshot taken between batches is caught up to the next batch, then shares it.
@@ -716,17 +729,41 @@ mod tests {
             .unwrap();
         r.register(5, instance("e", InstanceState::Up), t0 + batch * 2)
             .unwrap();
-        let (_, held) = r.next_frames((None, 0), true).unwrap();
+        let (_, held) = r.next_frames((None, 0), true, encoding).unwrap();
         assert_eq!(held, (Some(42), 3), "the cached snapshot is recent enough");
         r.publish_due(t0 + batch * 3);
         r.register(6, instance("f", InstanceState::Up), t0 + batch * 3)
             .unwrap();
         r.publish_due(t0 + batch * 4);
-        let (frames, held) = r.next_frames(held, false).unwrap();
+        let (frames, held) = r.next_frames(held, false, encoding).unwrap();
         assert_eq!(
             (deltas(&frames), held),
             (vec![(3, 5, 2), (5, 6, 1)], (Some(42), 6))
         );
+    }
+
+    #[test]
+    fn a_sidecar_gets_the_feed_in_the_encoding_it_reads() {
+        let t0 = Instant::now();
+        let r = registry(t0);
+        for id in ["a", "b", "c"] {
+            r.register(1, instance(id, InstanceState::Up), t0).unwrap();
+        }
+        r.publish_due(t0 + Duration::from_millis(100));
+        // The shared batch, the rest of a batch, a snapshot.
+        for held in [(Some(42), 0), (Some(42), 2), (None, 0)] {
+            let (named, reached) = r.next_frames(held, true, Encoding::Named).unwrap();
+            let (compact, same) = r.next_frames(held, true, Encoding::Compact).unwrap();
+            assert_eq!(reached, same);
+            assert_eq!(decode(&named), decode(&compact), "the same messages");
+            let size = |frames: &Frames| frames.iter().map(|f| f.len()).sum::<usize>();
+            assert!(
+                size(&compact) * 2 < size(&named),
+                "{held:?}: {} compact bytes against {} named",
+                size(&compact),
+                size(&named)
+            );
+        }
     }
 
     #[test]

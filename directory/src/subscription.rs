@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 use usher_shared::codec::{read_frame_owned, FrameError, MAX_NODE_FRAME};
-use usher_shared::protocol::{ErrorCode, NodeMessage};
+use usher_shared::protocol::{feed_encoding, ErrorCode, NodeMessage};
 
 use crate::registry::{Registry, SessionId};
 use crate::server::{read_first, NodeStream};
@@ -27,8 +27,12 @@ pub(crate) async fn run(
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) {
-    let (epoch, revision) = match read_first(&mut stream.recv).await {
-        Ok(Some(NodeMessage::Subscribe { epoch, revision })) => (epoch, revision),
+    let (epoch, revision, encoding) = match read_first(&mut stream.recv).await {
+        Ok(Some(NodeMessage::Subscribe {
+            epoch,
+            revision,
+            feed_format,
+        })) => (epoch, revision, feed_encoding(feed_format)),
         Ok(Some(other)) => {
             let message = format!("a sidecar must subscribe, not send {}", other.kind());
             return stream.refuse(ErrorCode::UnexpectedMessage, message).await;
@@ -68,7 +72,7 @@ pub(crate) async fn run(
     let mut first = true;
     loop {
         published.borrow_and_update();
-        let frames = match registry.next_frames(held, first) {
+        let frames = match registry.next_frames(held, first, encoding) {
             Ok((frames, reached)) => {
                 held = reached;
                 frames

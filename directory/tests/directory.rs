@@ -11,7 +11,9 @@ use usher_shared::codec::{
     read_frame, write_frame, FRAME_READ_TIMEOUT, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME,
 };
 use usher_shared::identity::NodeIdentity;
-use usher_shared::protocol::{DirectoryMessage, ErrorCode, Hello, NodeMessage, Registration, Role};
+use usher_shared::protocol::{
+    DirectoryMessage, ErrorCode, Hello, NodeMessage, Registration, Role, FEED_FORMAT,
+};
 use usher_shared::quic::{client_config, NodeCert};
 use usher_shared::routes::{Instance, InstanceState, RouteTable};
 use usher_shared::session::{client_endpoint, open, Session};
@@ -98,6 +100,7 @@ impl Running {
             .send(&NodeMessage::Subscribe {
                 epoch: None,
                 revision: 0,
+                feed_format: FEED_FORMAT,
             })
             .await
             .unwrap();
@@ -277,6 +280,7 @@ async fn deregister_withdraws_at_once_and_resume_gets_only_deltas() {
         .send(&NodeMessage::Subscribe {
             epoch: Some(table.epoch),
             revision: table.revision,
+            feed_format: 0,
         })
         .await
         .unwrap();
@@ -327,6 +331,7 @@ async fn a_restart_keeps_the_ca_and_holds_updates_for_the_grace_period() {
         .send(&NodeMessage::Subscribe {
             epoch: Some(table.epoch),
             revision: table.revision,
+            feed_format: 0,
         })
         .await
         .unwrap();
@@ -438,6 +443,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
         .send(&NodeMessage::Subscribe {
             epoch: None,
             revision: 0,
+            feed_format: FEED_FORMAT,
         })
         .await
         .unwrap();
@@ -654,6 +660,7 @@ async fn sidecar_load_reports_add_up_until_the_sidecar_leaves() {
         s.send(&NodeMessage::Subscribe {
             epoch: None,
             revision: 0,
+            feed_format: 0,
         })
         .await
         .unwrap();

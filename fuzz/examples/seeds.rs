@@ -9,7 +9,7 @@ use usher_shared::codec::{encode_frame, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
 use usher_shared::join::{JoinRequest, MAX_JOIN_FRAME};
 use usher_shared::protocol::{
     DirectoryMessage, Hello, InstanceLoad, NodeMessage, Registration, Role, VersionLoad,
-    PROTOCOL_VERSION,
+    FEED_FORMAT, PROTOCOL_VERSION,
 };
 use usher_shared::routes::{Instance, InstanceState};
 
@@ -63,6 +63,7 @@ fn main() -> std::io::Result<()> {
         NodeMessage::Subscribe {
             epoch: Some(7),
             revision: 3,
+            feed_format: FEED_FORMAT,
         },
         NodeMessage::LoadReport {
             versions: vec![VersionLoad {

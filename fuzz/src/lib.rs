@@ -10,11 +10,13 @@ use tokio::time::Instant;
 use bytes::BytesMut;
 use usher_directory::authz::{check_hello, check_register};
 use usher_directory::registry::{Registry, Settings};
-use usher_shared::codec::{decode_frame, encode_frame, FrameError};
+use usher_shared::codec::{decode_frame, encode_frame, Encoding, FrameError};
 use usher_shared::codec::{MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
 use usher_shared::identity::NodeIdentity;
 use usher_shared::join::{JoinRequest, MAX_JOIN_FRAME};
-use usher_shared::protocol::{check_load_report, fit_load_report, DirectoryMessage, NodeMessage};
+use usher_shared::protocol::{
+    check_load_report, feed_encoding, fit_load_report, DirectoryMessage, NodeMessage,
+};
 use usher_shared::routes::InstanceKey;
 
 /// `frame_decode`: `data` as a stream of frames of each message type the codec carries.
@@ -92,18 +94,22 @@ pub fn directory_message(data: &[u8]) {
         registry.publish_due(now);
     }
     let table = registry.table();
-    let (frames, _) = registry
-        .next_frames((None, 0), true)
-        .expect("every entry fits a frame");
-    let mut instances = 0;
-    for frame in frames {
-        let mut buf = BytesMut::from(&frame[..]);
-        match decode_frame::<DirectoryMessage>(&mut buf, MAX_DIRECTORY_FRAME) {
-            Ok(Some(DirectoryMessage::SnapshotChunk { instances: i, .. })) => instances += i.len(),
-            other => panic!("a snapshot decodes to chunks, got {other:?}"),
+    for encoding in [Encoding::Named, Encoding::Compact] {
+        let (frames, _) = registry
+            .next_frames((None, 0), true, encoding)
+            .expect("every entry fits a frame");
+        let mut instances = 0;
+        for frame in frames {
+            let mut buf = BytesMut::from(&frame[..]);
+            match decode_frame::<DirectoryMessage>(&mut buf, MAX_DIRECTORY_FRAME) {
+                Ok(Some(DirectoryMessage::SnapshotChunk { instances: i, .. })) => {
+                    instances += i.len()
+                }
+                other => panic!("a snapshot decodes to chunks, got {other:?}"),
+            }
         }
+        assert_eq!(instances, table.instances().count(), "{encoding:?}");
     }
-    assert_eq!(instances, table.instances().count());
     let _ = registry.report(now, 0);
 }
 
@@ -141,8 +147,12 @@ fn apply(
                 let _ = registry.deregister(session, &key, now);
             }
         }
-        NodeMessage::Subscribe { epoch, revision } => {
-            let _ = registry.next_frames((epoch, revision), true);
+        NodeMessage::Subscribe {
+            epoch,
+            revision,
+            feed_format,
+        } => {
+            let _ = registry.next_frames((epoch, revision), true, feed_encoding(feed_format));
         }
         NodeMessage::LoadReport { mut versions } => {
             let _ = registry.load().report(session, now, versions.clone());

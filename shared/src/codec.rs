@@ -1,7 +1,10 @@
 //! Length-prefixed MessagePack frames.
 //!
 //! A frame is a 4-byte big-endian payload length followed by that many bytes of MessagePack
-//! (rmp-serde, named fields). The length is checked against a maximum *before* anything is
+//! (rmp-serde, enum variants by name). Structs are written with named fields, so a peer of
+//! another build skips fields it does not know and defaults those it misses; the route-table
+//! feed to a sidecar that asks for it is written compact (see [`Encoding`]). Decoding reads
+//! both. The length is checked against a maximum *before* anything is
 //! allocated, so a hostile peer cannot make a reader reserve memory it never sends.
 //!
 //! [`decode_frame`] is the pure parser (tested on hostile byte strings); [`read_frame`] and
@@ -54,12 +57,37 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
-/// Encodes `msg` as one frame (header and payload).
+/// How a frame's structs are written; [`decode_frame`] reads either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// Structs as maps of field names to values: a reader of another build skips unknown
+    /// fields and defaults missing ones (`#[serde(default)]`).
+    Named,
+    /// Structs as arrays of values in declaration order: about 40% of the named size for
+    /// route entries, but a reader must know exactly the writer's fields (an extra one is an
+    /// error). Only for a reader that asked for this layout by number
+    /// ([`crate::protocol::FEED_FORMAT`]).
+    Compact,
+}
+
+/// Encodes `msg` as one frame (header and payload) with named fields.
 ///
 /// Errors: [`FrameError::TooLarge`] if the payload exceeds `max`, [`FrameError::Encode`].
 pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> {
+    encode_frame_as(msg, max, Encoding::Named)
+}
+
+/// Encodes `msg` as one frame written as `encoding` says. Errors as [`encode_frame`].
+pub fn encode_frame_as<T: Serialize>(
+    msg: &T,
+    max: usize,
+    encoding: Encoding,
+) -> Result<Vec<u8>, FrameError> {
     let mut buf = vec![0u8; HEADER_LEN];
-    rmp_serde::encode::write_named(&mut buf, msg)?;
+    match encoding {
+        Encoding::Named => rmp_serde::encode::write_named(&mut buf, msg)?,
+        Encoding::Compact => rmp_serde::encode::write(&mut buf, msg)?,
+    }
     let len = buf.len() - HEADER_LEN;
     if len > max || len > u32::MAX as usize {
         return Err(FrameError::TooLarge { len, max });

@@ -20,6 +20,27 @@ use crate::routes::{Change, Instance, InstanceState, ServiceVersion};
 /// The protocol version this build speaks; a peer with another version is refused.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// The compact layout of the route-table feed this build reads and writes: a sidecar sends it
+/// in [`NodeMessage::Subscribe`], and a directory of the same layout then writes that
+/// subscription's `SnapshotChunk`s and `Deltas` with [`crate::codec::Encoding::Compact`].
+/// Named fields cost bytes on every delivery: a batch of 10 changes took 1,293 bytes named
+/// and 549 compact, so it needed two 1,200-byte QUIC datagrams (and the sidecar's immediate
+/// ACK of the pair) where one does (docs/BENCHMARKS.md). Bump it whenever `Instance`,
+/// `Change`, `ServiceVersion` or those two messages gain, lose or reorder a field: a
+/// directory and a sidecar that disagree fall back to named fields, which both read.
+pub const FEED_FORMAT: u16 = 1;
+
+/// The encoding a directory writes a subscription's feed in, from the `feed_format` the
+/// sidecar sent: compact for this build's [`FEED_FORMAT`], named fields for any other (0 from
+/// sidecars that predate it).
+pub fn feed_encoding(feed_format: u16) -> crate::codec::Encoding {
+    if feed_format == FEED_FORMAT {
+        crate::codec::Encoding::Compact
+    } else {
+        crate::codec::Encoding::Named
+    }
+}
+
 /// An agent asks for a [`DirectoryMessage::HeartbeatAck`] with every fifth heartbeat
 /// ([`NodeMessage::Heartbeat`]`{ ack: true }`), and keeps the interval of the last one in
 /// between. Over QUIC an acknowledgement costs the directory two datagrams beyond the
@@ -168,9 +189,13 @@ pub enum NodeMessage {
     /// Agent: remove the instance now (clean shutdown).
     Deregister,
     /// Sidecar: stream me the route table; I hold `epoch`/`revision` (`None` when empty).
+    /// `feed_format`: the compact feed layout the sidecar reads ([`FEED_FORMAT`]), 0 (absent,
+    /// as from older sidecars) for named fields only.
     Subscribe {
         epoch: Option<u64>,
         revision: u64,
+        #[serde(default)]
+        feed_format: u16,
     },
     /// Sidecar, on its subscription stream: its load per service version, every second and at
     /// once when a request waits for a version with no instance (cold start). Each report

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use usher_shared::backoff::Backoff;
 use usher_shared::codec::{read_frame_owned, write_frame, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
-use usher_shared::protocol::{DirectoryMessage, NodeMessage, Role};
+use usher_shared::protocol::{DirectoryMessage, NodeMessage, Role, FEED_FORMAT};
 use usher_shared::routes::{DeltaError, Instance, RouteTable, ServiceVersion};
 use usher_shared::session::{open, Session, SessionError};
 
@@ -110,7 +110,11 @@ async fn follow(session: Session, replica: &Replica) -> LinkError {
     let (epoch, revision) = replica.held();
     if let Err(e) = write_frame(
         &mut send,
-        &NodeMessage::Subscribe { epoch, revision },
+        &NodeMessage::Subscribe {
+            epoch,
+            revision,
+            feed_format: FEED_FORMAT,
+        },
         MAX_NODE_FRAME,
     )
     .await
