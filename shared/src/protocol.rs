@@ -309,6 +309,52 @@ mod tests {
         );
     }
 
+    #[test]
+    fn feed_formats_are_understood_across_builds() {
+        use crate::codec::Encoding;
+        /// The subscription as sidecars before `feed_format` existed encode it, and as
+        /// directories before it decode it.
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum OlderNodeMessage {
+            Subscribe { epoch: Option<u64>, revision: u64 },
+        }
+        let roundtrip = |frame: Vec<u8>| bytes::BytesMut::from(&frame[..]);
+
+        // An older sidecar: named fields for it.
+        let older = OlderNodeMessage::Subscribe {
+            epoch: Some(7),
+            revision: 3,
+        };
+        let frame = encode_frame(&older, MAX_NODE_FRAME).unwrap();
+        let decoded: NodeMessage = decode_frame(&mut roundtrip(frame), MAX_NODE_FRAME)
+            .unwrap()
+            .unwrap();
+        let NodeMessage::Subscribe { feed_format, .. } = decoded else {
+            panic!("{decoded:?}")
+        };
+        assert_eq!(feed_encoding(feed_format), Encoding::Named);
+
+        // An older directory skips the field it does not know (and so writes named fields).
+        let newer = NodeMessage::Subscribe {
+            epoch: Some(7),
+            revision: 3,
+            feed_format: FEED_FORMAT,
+        };
+        let frame = encode_frame(&newer, MAX_NODE_FRAME).unwrap();
+        let decoded: OlderNodeMessage = decode_frame(&mut roundtrip(frame), MAX_NODE_FRAME)
+            .unwrap()
+            .unwrap();
+        assert_eq!(decoded, older);
+
+        assert_eq!(feed_encoding(FEED_FORMAT), Encoding::Compact);
+        assert_eq!(
+            feed_encoding(FEED_FORMAT + 1),
+            Encoding::Named,
+            "a layout this build does not write"
+        );
+    }
+
     fn version(name: &str, instances: usize) -> VersionLoad {
         VersionLoad {
             service: name.to_string(),
