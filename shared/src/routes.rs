@@ -208,15 +208,11 @@ impl RouteTable {
     /// Whether the table names the service version: declared, or with at least one instance
     /// (O(log n)).
     pub fn names_version(&self, service: &str, version: &str) -> bool {
-        let version = ServiceVersion {
-            service: service.to_string(),
-            version: version.to_string(),
-        };
-        self.declared.contains(&version)
-            || self
-                .instances_of(&version.service, &version.version)
-                .next()
-                .is_some()
+        self.instances_of(service, version).next().is_some()
+            || self.declared.contains(&ServiceVersion {
+                service: service.to_string(),
+                version: version.to_string(),
+            })
     }
 
     /// The instances of one service version, ordered by id: O(log n) to the first, then one
