@@ -7,7 +7,7 @@
 //! send: a change waits at most 100 ms, and changes made while the previous batch was being
 //! delivered wait only for the rest of its period. (Timing it from the first pending change
 //! instead added the time the directory spent delivering a batch to the next one's wait:
-//! batches came every ~133 ms, not 100, at 1,000 sidecars; docs/BENCHMARKS.md.) A change
+//! batches came every ~134 ms, not 100, at 1,000 sidecars; docs/BENCHMARKS.md.) A change
 //! after a quiet period of at least 100 ms is due at once, since the period has already run.
 
 use std::time::Duration;

@@ -40,21 +40,31 @@ pub const MAX_SNAPSHOT_LAG: u64 = 1_000;
 /// Encoded frames, ready to write; cloning one shares its bytes.
 pub type Frames = Vec<Bytes>;
 
-/// The same frames in each [`Encoding`]: the same messages, the same revision boundaries.
+/// One value per [`Encoding`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Encoded {
-    pub named: Frames,
-    pub compact: Frames,
+pub struct ByEncoding<T> {
+    pub named: T,
+    pub compact: T,
 }
 
-impl Encoded {
-    pub fn get(&self, encoding: Encoding) -> &Frames {
+impl<T> ByEncoding<T> {
+    pub fn get(&self, encoding: Encoding) -> &T {
         match encoding {
             Encoding::Named => &self.named,
             Encoding::Compact => &self.compact,
         }
     }
+
+    pub fn get_mut(&mut self, encoding: Encoding) -> &mut T {
+        match encoding {
+            Encoding::Named => &mut self.named,
+            Encoding::Compact => &mut self.compact,
+        }
+    }
 }
+
+/// The same frames in each encoding: the same messages, the same revision boundaries.
+pub type Encoded = ByEncoding<Frames>;
 
 /// One published batch: the frames that take a sidecar from revision `from` to `to`.
 #[derive(Debug)]
@@ -91,15 +101,7 @@ pub enum Position {
 pub struct Feed {
     batches: VecDeque<Batch>,
     retained: usize,
-    snapshots: [Option<Snapshot>; 2],
-}
-
-/// Where an encoding's snapshot is cached in [`Feed`].
-fn slot(encoding: Encoding) -> usize {
-    match encoding {
-        Encoding::Named => 0,
-        Encoding::Compact => 1,
-    }
+    snapshots: ByEncoding<Option<Snapshot>>,
 }
 
 impl Feed {
@@ -150,7 +152,8 @@ impl Feed {
     /// The cached snapshot's frames in `encoding` and its revision, if it is of `epoch` and at
     /// most [`MAX_SNAPSHOT_LAG`] changes behind `current`.
     pub fn snapshot(&self, epoch: u64, current: u64, encoding: Encoding) -> Option<(Frames, u64)> {
-        self.snapshots[slot(encoding)]
+        self.snapshots
+            .get(encoding)
             .as_ref()
             .filter(|s| s.epoch == epoch && s.revision <= current)
             .filter(|s| current - s.revision <= MAX_SNAPSHOT_LAG)
@@ -166,7 +169,7 @@ impl Feed {
         encoding: Encoding,
         frames: Frames,
     ) {
-        let cached = &mut self.snapshots[slot(encoding)];
+        let cached = self.snapshots.get_mut(encoding);
         if cached
             .as_ref()
             .is_some_and(|s| s.epoch == epoch && s.revision > revision)

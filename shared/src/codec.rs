@@ -58,7 +58,7 @@ pub enum FrameError {
 }
 
 /// How a frame's structs are written; [`decode_frame`] reads either.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
     /// Structs as maps of field names to values: a reader of another build skips unknown
     /// fields and defaults missing ones (`#[serde(default)]`).
