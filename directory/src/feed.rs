@@ -40,8 +40,8 @@ pub const MAX_SNAPSHOT_LAG: u64 = 1_000;
 /// Encoded frames, ready to write; cloning one shares its bytes.
 pub type Frames = Vec<Bytes>;
 
-/// One value per [`Encoding`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// One value per [`Encoding`] (as JSON: `{"named": .., "compact": ..}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ByEncoding<T> {
     pub named: T,
     pub compact: T,

@@ -28,7 +28,9 @@ use usher_shared::FastHash;
 
 use crate::autoscaler::AutoscaleStatus;
 use crate::batch::Batcher;
-use crate::feed::{encode_batch, encode_deltas, encode_snapshot, Feed, Frames, Position};
+use crate::feed::{
+    encode_batch, encode_deltas, encode_snapshot, ByEncoding, Feed, Frames, Position,
+};
 use crate::load::LoadBoard;
 use crate::presence::Presence;
 
@@ -98,6 +100,8 @@ struct Inner {
     published: u64,
     /// The published batches, encoded.
     feed: Feed,
+    /// Sidecar subscriptions open now, by the encoding of their feed.
+    subscribers: ByEncoding<u64>,
 }
 
 /// The directory's shared state.
@@ -140,6 +144,9 @@ pub struct RoutesReport {
     pub in_grace_period: bool,
     pub heartbeat_interval_ms: u64,
     pub ttl_ms: u64,
+    /// Sidecar subscriptions open now, by feed encoding: `named` ones come from sidecars of a
+    /// build before the compact feed (or of another feed layout), which still read every change.
+    pub subscribers: ByEncoding<u64>,
     pub instances: Vec<InstanceReport>,
 }
 
@@ -154,6 +161,7 @@ impl Registry {
                 batch: Batcher::default(),
                 published: 0,
                 feed: Feed::default(),
+                subscribers: ByEncoding::default(),
             }),
             published: watch::channel(0).0,
             changed: Notify::new(),
@@ -362,6 +370,19 @@ impl Registry {
         self.changed.notified().await
     }
 
+    /// Counts a sidecar subscription whose feed is written in `encoding`, until
+    /// [`Registry::unsubscribed`].
+    pub fn subscribed(&self, encoding: Encoding) {
+        *self.lock().subscribers.get_mut(encoding) += 1;
+    }
+
+    /// Stops counting a subscription counted by [`Registry::subscribed`].
+    pub fn unsubscribed(&self, encoding: Encoding) {
+        let mut inner = self.lock();
+        let count = inner.subscribers.get_mut(encoding);
+        *count = count.saturating_sub(1);
+    }
+
     /// A receiver that changes whenever a batch is published.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.published.subscribe()
@@ -466,6 +487,7 @@ impl Registry {
             in_grace_period: self.in_grace_period(now),
             heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u64,
             ttl_ms: self.settings.ttl.as_millis() as u64,
+            subscribers: inner.subscribers.clone(),
             instances: table
                 .instances()
                 .map(|i| InstanceReport {

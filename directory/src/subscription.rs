@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
-use usher_shared::codec::{read_frame_owned, FrameError, MAX_NODE_FRAME};
+use usher_shared::codec::{read_frame_owned, Encoding, FrameError, MAX_NODE_FRAME};
 use usher_shared::protocol::{feed_encoding, ErrorCode, NodeMessage};
 
 use crate::registry::{Registry, SessionId};
@@ -43,11 +43,8 @@ pub(crate) async fn run(
     let NodeStream { mut send, recv } = stream;
     let mut reader = pin!(read_frame_owned(recv, MAX_NODE_FRAME));
     let current = registry.settings().epoch;
-    // The sidecar's load counts while its stream lives.
-    let _reporting = Reporting {
-        registry: &registry,
-        session,
-    };
+    // The subscription and the sidecar's load count while its stream lives.
+    let _subscribed = Subscribed::new(&registry, session, encoding);
 
     if epoch.is_some_and(|e| e != current) && registry.in_grace_period(Instant::now()) {
         info!(held_epoch = ?epoch, "sidecar holds an earlier table; it keeps it until the grace period ends");
@@ -112,15 +109,29 @@ pub(crate) async fn run(
     }
 }
 
-/// Forgets the sidecar's load when its subscription ends, however it ends.
-struct Reporting<'a> {
+/// Counts the subscription (`GET /v1/routes` `subscribers`) while it lives; uncounts it and
+/// forgets the sidecar's load when it ends, however it ends.
+struct Subscribed<'a> {
     registry: &'a Registry,
     session: SessionId,
+    encoding: Encoding,
 }
 
-impl Drop for Reporting<'_> {
+impl<'a> Subscribed<'a> {
+    fn new(registry: &'a Registry, session: SessionId, encoding: Encoding) -> Self {
+        registry.subscribed(encoding);
+        Self {
+            registry,
+            session,
+            encoding,
+        }
+    }
+}
+
+impl Drop for Subscribed<'_> {
     fn drop(&mut self) {
         self.registry.load().forget(self.session);
+        self.registry.unsubscribed(self.encoding);
     }
 }
 

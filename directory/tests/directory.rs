@@ -640,7 +640,7 @@ async fn admin_get(addr: &str, path: &str) -> String {
 }
 
 #[tokio::test]
-async fn sidecar_load_reports_add_up_until_the_sidecar_leaves() {
+async fn sidecar_load_reports_and_subscriptions_count_until_the_sidecar_leaves() {
     use usher_shared::protocol::VersionLoad;
     let dir = tempfile::tempdir().unwrap();
     let d = start(dir.path()).await;
@@ -655,12 +655,13 @@ async fn sidecar_load_reports_add_up_until_the_sidecar_leaves() {
         }],
     };
     let mut sidecars = Vec::new();
-    for (in_flight, queued) in [(3, 1), (2, 0)] {
+    // A sidecar of a build before the compact feed, and one of this build.
+    for (in_flight, queued, feed_format) in [(3, 1, 0), (2, 0, FEED_FORMAT)] {
         let mut s = d.session(Role::Sidecar).await;
         s.send(&NodeMessage::Subscribe {
             epoch: None,
             revision: 0,
-            feed_format: 0,
+            feed_format,
         })
         .await
         .unwrap();
@@ -683,6 +684,15 @@ async fn sidecar_load_reports_add_up_until_the_sidecar_leaves() {
         "{seen}"
     );
     assert_eq!(seen["sidecars"], 2);
+    let subscribers = || async {
+        let routes: serde_json::Value =
+            serde_json::from_str(&admin_get(&d.admin, "/v1/routes").await).unwrap();
+        routes["subscribers"].clone()
+    };
+    assert_eq!(
+        subscribers().await,
+        serde_json::json!({"named": 1, "compact": 1})
+    );
     assert_eq!(
         (seen["instances"].clone(), seen["up"].clone()),
         (1.into(), 1.into())
@@ -703,6 +713,10 @@ async fn sidecar_load_reports_add_up_until_the_sidecar_leaves() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(outstanding, 2);
+    assert_eq!(
+        subscribers().await,
+        serde_json::json!({"named": 0, "compact": 1})
+    );
 
     // An oversized report is refused.
     let huge = NodeMessage::LoadReport {

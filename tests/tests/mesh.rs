@@ -114,6 +114,11 @@ async fn killed_instance_fails_no_request_and_leaves_the_table() {
         .await
         .unwrap();
     assert_eq!(instances_in(&directory, "web", "up").len(), 2);
+    // The sidecar of this build asks for the compact feed (a named one would route as well).
+    assert_eq!(
+        directory["subscribers"],
+        serde_json::json!({"named": 0, "compact": 1})
+    );
 }
 
 /// 3. SIGKILL of an agent and its instance removes it from the sidecar's table within 4 s.
