@@ -226,8 +226,8 @@ fn quic_client(
 }
 
 /// A node's QUIC client configuration: trusts only the CA in `ca_pem`, presents `cert`
-/// (mutual TLS), speaks ALPN `usher/1`, TLS 1.3 with the `ring` provider, keep-alive every
-/// second.
+/// (mutual TLS), speaks ALPN `usher/1`, TLS 1.3 with the `ring` provider, a keep-alive after
+/// [`KEEP_ALIVE`] without a packet from the directory.
 pub fn client_config(ca_pem: &[u8], cert: Arc<NodeCert>) -> Result<quinn::ClientConfig, TlsError> {
     node_client(ca_pem, cert, ALPN, true)
 }
