@@ -89,6 +89,10 @@ struct Figures {
     /// UDP datagrams received per second on this host in the window (loopback: every
     /// datagram between the directory and the generator, counted once).
     datagrams_per_s: f64,
+    /// Datagrams the kernel dropped for a full socket receive buffer in the setup and in
+    /// the window: QUIC sends them again, and many mean a side fell behind.
+    dropped_setup: Dropped,
+    dropped_window: Dropped,
     rss_mb: f64,
     hwm_mb: f64,
     changes: usize,
@@ -105,6 +109,43 @@ struct Figures {
     resubscribed: usize,
     /// The real `usher-sidecar` that followed the fleet during the window.
     sidecar: RealSidecar,
+}
+
+/// Datagrams dropped by the kernel over a span of the run, by whose socket's receive buffer
+/// was full.
+#[derive(Debug, Clone, Copy, Default)]
+struct Dropped {
+    /// At the directory's QUIC socket (the `drops` column of `/proc/net/udp`).
+    directory: u64,
+    /// Anywhere else on the host: the generator's sockets and the real sidecar's (the host's
+    /// `Udp RcvbufErrors` less the directory's).
+    generator: u64,
+}
+
+/// The drop counters at one moment: (the directory socket's, the host's).
+#[derive(Debug, Clone, Copy)]
+struct DropCounters {
+    directory: u64,
+    host: u64,
+}
+
+impl DropCounters {
+    fn read(directory_port: u16) -> Result<Self> {
+        Ok(Self {
+            directory: socket_drops(directory_port)?,
+            host: udp_counter("RcvbufErrors")?,
+        })
+    }
+
+    /// What was dropped from `self` until `later`.
+    fn until(self, later: DropCounters) -> Dropped {
+        let directory = later.directory.saturating_sub(self.directory);
+        let host = later.host.saturating_sub(self.host);
+        Dropped {
+            directory,
+            generator: host.saturating_sub(directory),
+        }
+    }
 }
 
 /// What following the fleet cost one real `usher-sidecar` over the window.
@@ -224,6 +265,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
     let (k, seconds) = (args.changes, args.seconds);
     let setup_started = Instant::now();
     let mesh = Mesh::new()?;
+    let drops_at_start = DropCounters::read(mesh.directory.quic_port)?;
     let mut directory = mesh.start_directory("directory").await?;
     let agent = credentials(&mesh, "agent", Some(SERVICE)).await?;
     let sidecar = credentials(&mesh, "sidecar", None).await?;
@@ -338,10 +380,11 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
     // The steady window: K changes per second, round robin over the churned instances.
     let window_subscribed = observed.subscribed.load(Ordering::Acquire);
     let pid = directory.pid();
+    let drops_at_window = DropCounters::read(mesh.directory.quic_port)?;
     let (dir_before, own_before, udp_before, window_started) = (
         cpu_ticks(pid)?,
         cpu_ticks_self()?,
-        udp_datagrams_received()?,
+        udp_counter("InDatagrams")?,
         Instant::now(),
     );
     let (real_cpu_before, real_writes_before) =
@@ -368,7 +411,8 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
     let clk_tck = clock_ticks_per_second();
     let directory_cpu = (cpu_ticks(pid)? - dir_before) as f64 / clk_tck / window;
     let generator_cpu = (cpu_ticks_self()? - own_before) as f64 / clk_tck / window;
-    let datagrams_per_s = udp_datagrams_received()?.saturating_sub(udp_before) as f64 / window;
+    let datagrams_per_s = udp_counter("InDatagrams")?.saturating_sub(udp_before) as f64 / window;
+    let drops_at_end = DropCounters::read(mesh.directory.quic_port)?;
     let (rss_mb, hwm_mb) = memory_mb(pid)?;
     let sidecar = RealSidecar {
         cpu: (cpu_ticks(real.pid())? - real_cpu_before) as f64 / clk_tck / window,
@@ -421,6 +465,8 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
         directory_cpu,
         generator_cpu,
         datagrams_per_s,
+        dropped_setup: drops_at_start.until(drops_at_window),
+        dropped_window: drops_at_window.until(drops_at_end),
         rss_mb,
         hwm_mb,
         changes: made,
@@ -714,8 +760,25 @@ async fn silent_agent(endpoint: &quinn::Endpoint, addr: &str) -> Result<oneshot:
     Ok(silence)
 }
 
-/// UDP datagrams this host has received (`Udp InDatagrams` in `/proc/net/snmp`).
-fn udp_datagrams_received() -> Result<u64> {
+/// Datagrams dropped so far at the UDP socket bound to 127.0.0.1:`port` (the `drops` column
+/// of `/proc/net/udp`; 0 while no socket is bound there).
+fn socket_drops(port: u16) -> Result<u64> {
+    let table = std::fs::read_to_string("/proc/net/udp").context("read /proc/net/udp")?;
+    let local = format!("0100007F:{port:04X}");
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let drops = fields.last()?.parse::<u64>().ok()?;
+            (fields.get(1) == Some(&local.as_str())).then_some(drops)
+        })
+        .sum())
+}
+
+/// One of this host's UDP counters in `/proc/net/snmp` (`InDatagrams`: datagrams received;
+/// `RcvbufErrors`: datagrams dropped because the socket's receive buffer was full).
+fn udp_counter(counter: &str) -> Result<u64> {
     let snmp = std::fs::read_to_string("/proc/net/snmp").context("read /proc/net/snmp")?;
     let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
     let (names, values) = udp
@@ -725,11 +788,11 @@ fn udp_datagrams_received() -> Result<u64> {
     names
         .split_whitespace()
         .zip(values.split_whitespace())
-        .find(|(name, _)| *name == "InDatagrams")
-        .context("no Udp InDatagrams in /proc/net/snmp")?
+        .find(|(name, _)| *name == counter)
+        .with_context(|| format!("no Udp {counter} in /proc/net/snmp"))?
         .1
         .parse()
-        .context("Udp InDatagrams")
+        .with_context(|| format!("Udp {counter}"))
 }
 
 /// utime + stime of process `pid`, in clock ticks.
@@ -789,7 +852,7 @@ fn row(f: &Figures) -> String {
         format!("{:.2}", d.as_secs_f64())
     });
     format!(
-        "| {} ({} registered) | {} ({} subscribed, {} again) | {} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
+        "| {} ({} registered) | {} ({} subscribed, {} again) | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
         fmt_int(f.instances),
         fmt_int(f.registered),
         fmt_int(f.sidecars),
@@ -799,6 +862,10 @@ fn row(f: &Figures) -> String {
         f.directory_cpu,
         f.generator_cpu,
         fmt_int(f.datagrams_per_s.round() as usize),
+        fmt_int(f.dropped_window.directory as usize),
+        fmt_int(f.dropped_window.generator as usize),
+        fmt_int(f.dropped_setup.directory as usize),
+        fmt_int(f.dropped_setup.generator as usize),
         f.rss_mb,
         f.hwm_mb,
         f.p50_ms,
@@ -885,7 +952,11 @@ fn report(all: &[Figures], args: &Args) -> String {
          default), so the silent agent is due to be withdrawn after its TTL. UDP datagrams/s: \
          the host's `Udp InDatagrams` (`/proc/net/snmp`) over the window, so every datagram \
          between the directory and the generator once, in either direction; unlike CPU it does \
-         not depend on the machine's speed. Real sidecar: one `usher-sidecar` process \
+         not depend on the machine's speed. `dropped D + G (setup D + G)`: datagrams the kernel \
+         dropped because a socket's receive buffer was full, at the directory's socket \
+         (`/proc/net/udp`) + at the generator's (the rest of the host's `Udp RcvbufErrors`), \
+         in the window and in the setup before it; QUIC sends them again, and many mean that \
+         side fell behind. Real sidecar: one `usher-sidecar` process \
          subscribed beside the simulated ones, following every change; its CPU and the bytes \
          it wrote to storage (`/proc/PID/io`, its persisted `routes.json`) over the window, \
          its RSS at the end.\n",
@@ -962,4 +1033,29 @@ fn restart_report(all: &[Measured], args: &Args) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that is never read drops what its receive buffer cannot hold, and
+    /// `socket_drops` finds those drops by the socket's port.
+    #[test]
+    fn socket_drops_counts_a_full_receive_buffer() {
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = receiver.local_addr().unwrap().port();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(socket_drops(port).unwrap(), 0);
+        // Far more than any default receive buffer holds (at most a few MiB).
+        let datagram = [0u8; 1200];
+        for _ in 0..20_000 {
+            sender.send_to(&datagram, ("127.0.0.1", port)).unwrap();
+        }
+        assert!(socket_drops(port).unwrap() > 0);
+        let before = DropCounters::read(port).unwrap();
+        sender.send_to(&datagram, ("127.0.0.1", port)).unwrap();
+        let dropped = before.until(DropCounters::read(port).unwrap());
+        assert_eq!(dropped.directory, 1, "{dropped:?}");
+    }
 }
