@@ -222,6 +222,9 @@ fn main() -> Result<()> {
         std::env::set_var("USHER_LOG", "warn");
     }
     usher_shared::telemetry::init();
+    if receive_buffer_cap().is_some_and(|cap| cap < usher_shared::quic::UDP_BUFFER) {
+        eprintln!("usher-bench-directory: warning: {}", buffer_note());
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     runtime.block_on(async {
         let mut all = Vec::new();
@@ -915,6 +918,35 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
+/// The kernel's cap on a socket's receive buffer (`net.core.rmem_max`, bytes), if readable.
+fn receive_buffer_cap() -> Option<usize> {
+    std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// What the report says of the UDP buffers: the kernel's cap against what usher asks for.
+fn buffer_note() -> String {
+    let asked = usher_shared::quic::UDP_BUFFER;
+    match receive_buffer_cap() {
+        Some(cap) if cap >= asked => format!(
+            "UDP receive buffers of {} bytes, as usher asks (`net.core.rmem_max` {}).",
+            fmt_int(asked),
+            fmt_int(cap)
+        ),
+        Some(cap) => format!(
+            "UDP receive buffers capped at {} bytes by `net.core.rmem_max`, below the {} usher \
+             asks for (`deploy/sysctl/90-usher.conf` raises it): expect drops at thousands of \
+             agents.",
+            fmt_int(cap),
+            fmt_int(asked)
+        ),
+        None => "`net.core.rmem_max` unreadable.".into(),
+    }
+}
+
 fn report(all: &[Figures], args: &Args) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let date = docs::today();
@@ -923,9 +955,10 @@ fn report(all: &[Figures], args: &Args) -> String {
     let mut out = format!(
         "Measured {} on {cpus} CPUs shared by the directory and this generator (and whatever \
          else runs), so CPU shares compete: the generator's own share is shown beside the \
-         directory's.\n\n```sh\nSIZES={} SIDECARS={} CHANGES={} SECONDS_={} ARRIVALS={} \
+         directory's. {}\n\n```sh\nSIZES={} SIDECARS={} CHANGES={} SECONDS_={} ARRIVALS={} \
          bench/directory\n```\n\n",
         date.trim(),
+        buffer_note(),
         sizes.join(","),
         sidecars.join(","),
         args.changes,
@@ -1001,7 +1034,7 @@ fn restart_report(all: &[Measured], args: &Args) -> String {
     let sizes: Vec<String> = args.sizes.iter().map(usize::to_string).collect();
     let sidecars: Vec<String> = args.sidecars.iter().map(usize::to_string).collect();
     let mut out = format!(
-        "Measured {} on {cpus} CPUs shared by the directory and this generator.\n\n```sh\n\
+        "Measured {} on {cpus} CPUs shared by the directory and this generator. {}\n\n```sh\n\
          RESTARTS=1 SIZES={} SIDECARS={} ARRIVALS={} bench/directory\n```\n\n\
          Once the fleet is up, the directory is killed (SIGKILL) and started again on the same \
          addresses and state, {RESTARTS} times in a row; every agent and sidecar reconnects \
@@ -1011,6 +1044,7 @@ fn restart_report(all: &[Measured], args: &Args) -> String {
          table again, s | instances at the end | directory CPU (cores) |\n\
          |---|---|---|---|---|---|---|\n",
         docs::today(),
+        buffer_note(),
         sizes.join(","),
         sidecars.join(","),
         args.arrivals,
