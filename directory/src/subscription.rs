@@ -130,8 +130,8 @@ impl<'a> Subscribed<'a> {
 
 impl Drop for Subscribed<'_> {
     fn drop(&mut self) {
-        self.registry.load().forget(self.session);
         self.registry.unsubscribed(self.encoding);
+        self.registry.load().forget(self.session);
     }
 }
 
