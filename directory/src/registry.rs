@@ -371,13 +371,13 @@ impl Registry {
     }
 
     /// Counts a sidecar subscription whose feed is written in `encoding`, until
-    /// [`Registry::unsubscribed`].
-    pub fn subscribed(&self, encoding: Encoding) {
+    /// [`Registry::subscription_closed`].
+    pub fn subscription_opened(&self, encoding: Encoding) {
         *self.lock().subscribers.get_mut(encoding) += 1;
     }
 
-    /// Stops counting a subscription counted by [`Registry::subscribed`].
-    pub fn unsubscribed(&self, encoding: Encoding) {
+    /// Stops counting a subscription counted by [`Registry::subscription_opened`].
+    pub fn subscription_closed(&self, encoding: Encoding) {
         let mut inner = self.lock();
         let count = inner.subscribers.get_mut(encoding);
         *count = count.saturating_sub(1);

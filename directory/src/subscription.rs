@@ -119,7 +119,7 @@ struct Subscribed<'a> {
 
 impl<'a> Subscribed<'a> {
     fn new(registry: &'a Registry, session: SessionId, encoding: Encoding) -> Self {
-        registry.subscribed(encoding);
+        registry.subscription_opened(encoding);
         Self {
             registry,
             session,
@@ -130,7 +130,7 @@ impl<'a> Subscribed<'a> {
 
 impl Drop for Subscribed<'_> {
     fn drop(&mut self) {
-        self.registry.unsubscribed(self.encoding);
+        self.registry.subscription_closed(self.encoding);
         self.registry.load().forget(self.session);
     }
 }
