@@ -1,4 +1,4 @@
-//! The agent's admin endpoints: `GET /healthz` and `GET /v1/instance`.
+//! The agent's admin endpoints: `GET /healthz`, `GET /v1/instance` and `GET /metrics`.
 //!
 //! `/v1/instance` answers
 //! `{"service","version","id","address","state","connected","child_pid"}` where `state` is
@@ -13,6 +13,7 @@ use http::{Method, StatusCode};
 use serde::Serialize;
 use tokio::sync::watch;
 use usher_shared::admin::{refuse, AdminHandler, AdminResponse};
+use usher_shared::metrics::{flag, one, Scrape};
 use usher_shared::routes::InstanceState;
 
 /// What the admin endpoints report, shared with the running agent.
@@ -54,14 +55,39 @@ impl InstanceStatus {
     }
 }
 
-/// Answers one admin request: `/healthz` 200 `ok`, `/v1/instance` JSON, other methods on
-/// those paths 405, anything else 404.
+/// `GET /metrics`: the instance's state and whether it is registered.
+fn metrics(report: &InstanceReport) -> AdminResponse {
+    let mut scrape = Scrape::new("usher_agent");
+    scrape.gauge(
+        "instance_state",
+        "1 for the instance's current state (starting, up, draining, unknown), 0 for the others",
+        InstanceState::ALL.iter().map(|state| {
+            let labels = vec![
+                ("service", report.service.clone()),
+                ("version", report.version.clone()),
+                ("instance", report.id.clone()),
+                ("state", state.as_str().to_string()),
+            ];
+            (labels, flag(state.as_str() == report.state))
+        }),
+    );
+    scrape.gauge(
+        "directory_connected",
+        "1 while the instance is registered with the directory",
+        one(flag(report.connected)),
+    );
+    scrape.into_response()
+}
+
+/// Answers one admin request: `/healthz` 200 `ok`, `/v1/instance` JSON, `/metrics`
+/// Prometheus text, other methods on those paths 405, anything else 404.
 pub fn respond(status: &InstanceStatus, method: &Method, path: &str) -> AdminResponse {
-    if let Some(refusal) = refuse(method, path, &["/healthz", "/v1/instance"]) {
+    if let Some(refusal) = refuse(method, path, &["/healthz", "/v1/instance", "/metrics"]) {
         return refusal;
     }
     match path {
         "/healthz" => AdminResponse::text(StatusCode::OK, "ok\n"),
+        "/metrics" => metrics(&status.report()),
         _ => AdminResponse::json(&status.report()),
     }
 }
@@ -99,6 +125,26 @@ mod tests {
                 "service": "web", "version": "v1", "id": "h-web-v1-00000001",
                 "address": "127.0.0.1:8080", "state": "up", "connected": true, "child_pid": null
             })
+        );
+        let m = respond(&status, &Method::GET, "/metrics");
+        assert_eq!(m.status, StatusCode::OK);
+        let text = std::str::from_utf8(&m.body).unwrap();
+        let labels = r#"service="web",version="v1",instance="h-web-v1-00000001""#;
+        assert!(
+            text.contains(&format!(
+                "usher_agent_instance_state{{{labels},state=\"up\"}} 1\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "usher_agent_instance_state{{{labels},state=\"starting\"}} 0\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("usher_agent_directory_connected 1\n"),
+            "{text}"
         );
         assert_eq!(
             respond(&status, &Method::GET, "/nope").status,

@@ -1,5 +1,6 @@
 //! The directory's admin endpoints: `GET /healthz`, `GET /v1/routes`, `GET /v1/services`,
-//! `GET /v1/security`, the pins and the join tokens.
+//! `GET /v1/security`, `GET /metrics` (Prometheus text, [`crate::metrics`]), the pins and the
+//! join tokens.
 //!
 //! Authorisation: every request that changes something (`PUT`/`DELETE /v1/pins/...`) and every
 //! `/v1/tokens` request needs `Authorization: Bearer <admin token>` (the content of the admin
@@ -81,11 +82,14 @@ pub fn respond_secured(ctx: &AdminContext, req: &AdminRequest<'_>) -> AdminRespo
     if tokens {
         return token_request(ctx, req);
     }
-    if req.path == "/v1/security" {
-        if let Some(refusal) = refuse(req.method, req.path, &["/v1/security"]) {
+    if req.path == "/v1/security" || req.path == "/metrics" {
+        if let Some(refusal) = refuse(req.method, req.path, &[req.path]) {
             return refusal;
         }
-        return AdminResponse::json(&ctx.security.report());
+        return match req.path {
+            "/metrics" => crate::metrics::scrape(ctx, Instant::now()),
+            _ => AdminResponse::json(&ctx.security.report()),
+        };
     }
     respond(&ctx.registry, req.method, req.path)
 }

@@ -18,7 +18,7 @@
 //! - [`server`]: QUIC accept loops and the hello; `registration` (agents) and
 //!   `subscription` (sidecars) are the two conversations.
 //! - [`admin`]: `GET /healthz`, `GET /v1/routes`, `GET /v1/services`, `GET /v1/security`,
-//!   pins and tokens (mutations need the admin bearer token).
+//!   pins and tokens (mutations need the admin bearer token); [`metrics`]: `GET /metrics`.
 //! - [`autoscale`]: the autoscaler's pure decision per service version; [`autoscaler`]
 //!   runs it every cycle; [`scheduler`] starts and stops instances; [`services`] and [`load`]
 //!   are the managed services and the sidecars' load reports.
@@ -36,6 +36,7 @@ pub mod config;
 pub mod enrol;
 pub mod feed;
 pub mod load;
+pub mod metrics;
 pub mod pki;
 pub mod presence;
 mod registration;

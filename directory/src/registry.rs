@@ -102,6 +102,8 @@ struct Inner {
     feed: Feed,
     /// Sidecar subscriptions open now, by the encoding of their feed.
     subscribers: ByEncoding<u64>,
+    /// Instances withdrawn because their TTL lapsed, since the directory started.
+    expired: u64,
 }
 
 /// The directory's shared state.
@@ -136,6 +138,20 @@ pub struct InstanceReport {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
+/// What `GET /metrics` reads of the registry besides the table and the load reports.
+#[derive(Debug, Clone)]
+pub struct RegistryCounts {
+    pub epoch: u64,
+    /// The route table's revision (changes recorded), and the revision of the last batch
+    /// published to sidecars.
+    pub revision: u64,
+    pub published: u64,
+    /// Sidecar subscriptions open now, by feed encoding.
+    pub subscribers: ByEncoding<u64>,
+    /// Instances withdrawn because their TTL lapsed, since the directory started.
+    pub expired: u64,
+}
+
 /// The body of `GET /v1/routes`.
 #[derive(Debug, Clone, Serialize)]
 pub struct RoutesReport {
@@ -162,6 +178,7 @@ impl Registry {
                 published: 0,
                 feed: Feed::default(),
                 subscribers: ByEncoding::default(),
+                expired: 0,
             }),
             published: watch::channel(0).0,
             changed: Notify::new(),
@@ -296,6 +313,7 @@ impl Registry {
     pub fn expire(&self, now: Instant) -> Vec<InstanceKey> {
         let mut inner = self.lock();
         let expired = inner.presence.expire(now);
+        inner.expired += expired.len() as u64;
         for key in &expired {
             info!(service = %key.service, version = %key.version, id = %key.id,
                   ttl = ?self.settings.ttl, "instance TTL lapsed; withdrawn");
@@ -396,6 +414,19 @@ impl Registry {
     /// When the grace period ends.
     pub fn grace_period_end(&self) -> Instant {
         self.settings.started + self.settings.grace_period
+    }
+
+    /// The table's position and the counters of [`RegistryCounts`], in one lock.
+    pub fn counts(&self) -> RegistryCounts {
+        let inner = self.lock();
+        let table = inner.log.table();
+        RegistryCounts {
+            epoch: table.epoch,
+            revision: table.revision,
+            published: inner.published,
+            subscribers: inner.subscribers.clone(),
+            expired: inner.expired,
+        }
     }
 
     /// The revision of the last published batch.
@@ -566,15 +597,16 @@ fn validate_instance(i: &Instance) -> Result<(), RegistryError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use usher_shared::codec::{decode_frame, MAX_DIRECTORY_FRAME};
     use usher_shared::protocol::DirectoryMessage;
 
-    const HB: Duration = Duration::from_secs(1);
+    pub(crate) const HB: Duration = Duration::from_secs(1);
 
-    fn registry(t0: Instant) -> Registry {
+    /// A registry started at `t0`: epoch 42, heartbeat [`HB`], TTL 3 HB, grace period 6 HB.
+    pub(crate) fn registry(t0: Instant) -> Registry {
         Registry::new(Settings {
             epoch: 42,
             heartbeat_interval: HB,
@@ -584,7 +616,8 @@ mod tests {
         })
     }
 
-    fn instance(id: &str, state: InstanceState) -> Instance {
+    /// Instance `id` of web/v1 at 127.0.0.1:8080, capacity 4.
+    pub(crate) fn instance(id: &str, state: InstanceState) -> Instance {
         Instance {
             service: "web".into(),
             version: "v1".into(),

@@ -20,8 +20,9 @@
 //! - [`join`]: the join endpoint's messages (enrol with a token and a CSR, renew).
 //! - [`enrolment`]: the node side of getting, storing and renewing its certificate.
 //! - [`files`]: atomic state-file writes (temp, fsync, rename) with a given mode.
-//! - [`admin`], [`telemetry`], [`signals`], [`runtime`]: the admin HTTP server, logging setup,
-//!   shutdown signals and the `--threads`-sized tokio runtime every binary uses.
+//! - [`admin`], [`metrics`], [`telemetry`], [`signals`], [`runtime`]: the admin HTTP server,
+//!   its Prometheus `/metrics`, logging setup, shutdown signals and the `--threads`-sized tokio
+//!   runtime every binary uses.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -31,6 +32,7 @@ pub mod enrolment;
 pub mod files;
 pub mod identity;
 pub mod join;
+pub mod metrics;
 pub mod names;
 pub mod protocol;
 pub mod quic;

@@ -31,6 +31,14 @@ pub enum InstanceState {
 }
 
 impl InstanceState {
+    /// Every state, in the order of their life.
+    pub const ALL: [InstanceState; 4] = [
+        InstanceState::Starting,
+        InstanceState::Up,
+        InstanceState::Draining,
+        InstanceState::Unknown,
+    ];
+
     /// Only `up` instances are routed to.
     pub fn routable(self) -> bool {
         self == InstanceState::Up

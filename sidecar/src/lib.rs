@@ -16,13 +16,15 @@
 //!   [`slots`]: one version's instances, laid out so picking and deltas are O(1).
 //! - [`http1`]: HTTP/1.1 heads (parsed by httparse, rewritten per hop) and bodies.
 //! - [`pool`] and [`proxy`]: keep-alive connections to instances and the HTTP proxy.
-//! - [`admin`]: `GET /healthz`, `GET /v1/routes`.
+//! - [`admin`]: `GET /healthz`, `GET /v1/routes`, `GET /metrics`; [`metrics`]: what the proxy
+//!   counts per service version and for itself.
 //! - [`run`]: wires them together; `main.rs` only parses, binds and maps the exit code.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
 pub mod http1;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod replica;
@@ -117,7 +119,7 @@ async fn serve(
     tracker.spawn(
         proxy::serve(
             listeners.proxy,
-            proxy,
+            proxy.clone(),
             ClientLimits {
                 header_read_timeout: config.header_read_timeout,
                 max_header_size: config.max_header_size,
@@ -131,7 +133,7 @@ async fn serve(
     tracker.spawn(
         usher_shared::admin::serve(
             listeners.admin,
-            admin::handler(replica.clone()),
+            admin::handler(replica.clone(), proxy.clone()),
             background.clone(),
             tracker.clone(),
         )

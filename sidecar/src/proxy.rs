@@ -37,6 +37,7 @@ use crate::http1::head::{
     parse_request, parse_response, write_error, ClientSide, Framing, HeadError, RequestHead,
     ResponseHead,
 };
+use crate::metrics::{Outcome, ProxyCounters};
 use crate::pool::{Pool, Upstream};
 use crate::replica::Replica;
 use crate::reserver::{Reservation, ReserveError, Reserver};
@@ -94,6 +95,7 @@ pub struct Proxy {
     replica: Arc<Replica>,
     pool: Pool,
     limits: Limits,
+    counters: ProxyCounters,
 }
 
 /// One client connection: its halves, the bytes read from it and not yet used, and buffers
@@ -153,7 +155,13 @@ impl Proxy {
             replica,
             pool: Pool::default(),
             limits,
+            counters: ProxyCounters::default(),
         }
+    }
+
+    /// What the proxy counts outside any service version (`GET /metrics`).
+    pub fn counters(&self) -> &ProxyCounters {
+        &self.counters
     }
 
     /// Serves one client connection until it closes, fails, times out or `shutdown` fires
@@ -189,9 +197,13 @@ impl Proxy {
                         Ok(None) if c.buf.len() < limits.max_header_size => {}
                         Ok(_) => {
                             let e = HeadError::TooLarge(limits.max_header_size);
+                            self.counters.unrouted(e.status());
                             return refuse(&mut c, e.status(), &e.to_string()).await;
                         }
-                        Err(e) => return refuse(&mut c, e.status(), &e.to_string()).await,
+                        Err(e) => {
+                            self.counters.unrouted(e.status());
+                            return refuse(&mut c, e.status(), &e.to_string()).await;
+                        }
                     }
                 }
                 c.buf.reserve(READ_SIZE);
@@ -218,7 +230,9 @@ impl Proxy {
             let keep = match route {
                 Ok(reserver) => self.exchange(&mut c, head, &reserver, &shutdown).await,
                 Err(e) => {
-                    answer_error(&mut c, head, e.status().as_u16(), &e.to_string(), None).await
+                    let status = e.status().as_u16();
+                    self.counters.unrouted(status);
+                    answer_error(&mut c, head, status, &e.to_string(), None).await
                 }
             };
             if !keep || shutdown.is_cancelled() {
@@ -245,6 +259,7 @@ impl Proxy {
         let replayable = head.idempotent && head.framing == Framing::Empty;
         let mut tried: SmallVec<[InstanceId; MAX_ATTEMPTS]> = SmallVec::new();
         let mut last_failure: Option<String> = None;
+        let counters = reserver.counters();
         for _ in 0..MAX_ATTEMPTS {
             let mut reservation = match reserver
                 .reserve(&tried, self.limits.queue_timeout, self.limits.max_queued)
@@ -253,6 +268,7 @@ impl Proxy {
                 Ok(reservation) => reservation,
                 Err(ReserveError::NoOtherInstance { .. }) => break,
                 Err(e) => {
+                    counters.ended(Outcome::Unavailable);
                     let retry = Some(RETRY_AFTER_SECS);
                     return answer_error(c, head, 503, &e.to_string(), retry).await;
                 }
@@ -264,18 +280,21 @@ impl Proxy {
                 .await
             {
                 Attempt::Done(keep) => {
+                    counters.ended(Outcome::Answered);
                     if let Some(n) = buffered {
                         c.buf.advance(n);
                     }
                     return keep;
                 }
                 Attempt::NotSent(reason) => {
+                    counters.instance_failed();
                     let period = reservation.failed();
                     warn!(instance = &**reservation.id(), address = %reservation.address(), reason = %reason,
                           ejected_for = ?period, "instance unreachable; retrying elsewhere");
                     last_failure = Some(reason);
                 }
                 Attempt::Failed(reason) => {
+                    counters.instance_failed();
                     let period = reservation.failed();
                     warn!(instance = &**reservation.id(), address = %reservation.address(), reason = %reason,
                           ejected_for = ?period, replayable, "instance failed mid-request");
@@ -285,6 +304,7 @@ impl Proxy {
                     }
                 }
                 Attempt::Timeout => {
+                    counters.ended(Outcome::InstanceTimeout);
                     let message = format!(
                         "instance {} of {}/{} did not answer within {:?}",
                         reservation.id(),
@@ -296,6 +316,7 @@ impl Proxy {
                     return answer_error(c, head, 504, &message, None).await;
                 }
                 Attempt::ClientFailed(e) => {
+                    counters.ended(Outcome::ClientFailed);
                     debug!(error = %e, "client failed while sending its body");
                     if matches!(e, RelayError::Chunk(_)) {
                         refuse(c, 400, &e.to_string()).await;
@@ -304,6 +325,7 @@ impl Proxy {
                 }
             }
         }
+        counters.ended(Outcome::InstanceFailure);
         let message = format!(
             "instance failure for {}/{}: {}",
             reserver.service(),
@@ -653,6 +675,7 @@ pub async fn serve(
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            proxy.counters.refused();
             debug!(%client, limit = limits.max_connections, "too many client connections; closing");
             drop(stream);
             continue;
@@ -663,6 +686,7 @@ pub async fn serve(
         tracker.spawn(
             async move {
                 let _slot = slot;
+                let _open = proxy.counters.accepted();
                 proxy.connection(stream, client, limits, shutdown).await;
             }
             .instrument(debug_span!("client", %client)),

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use usher_shared::protocol::{fit_load_report, InstanceLoad, VersionLoad};
 use usher_shared::routes::{Change, Instance, InstanceKey, RouteTable, ServiceVersion};
 
+use crate::metrics::VersionCounters;
 use crate::slots::{InstanceId, Slots};
 
 /// Why no instance was reserved.
@@ -51,6 +52,8 @@ pub struct Reserver {
     /// Told when a request starts waiting for a version with no routable instance (cold
     /// start), so the load report goes out at once.
     demand: Arc<Notify>,
+    /// How this version's requests ended (`GET /metrics`).
+    counters: VersionCounters,
 }
 
 /// What a reserver holds under its lock: its instances' slots and the requests waiting, oldest
@@ -133,7 +136,13 @@ impl Reserver {
             version: version.into(),
             inner: Mutex::default(),
             demand,
+            counters: VersionCounters::default(),
         }
+    }
+
+    /// This version's request counters.
+    pub fn counters(&self) -> &VersionCounters {
+        &self.counters
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -470,8 +479,8 @@ impl Reservers {
     /// The load of every version with requests in flight or queued, busiest first, cut to what
     /// one report carries ([`fit_load_report`]) (Waiter/WSO2: the autoscaler's signal).
     pub fn loads(&self) -> Vec<VersionLoad> {
-        let reservers: Vec<_> = self.lock().values().map(|e| e.reserver.clone()).collect();
-        let mut loads: Vec<VersionLoad> = reservers
+        let mut loads: Vec<VersionLoad> = self
+            .all()
             .iter()
             .map(|r| r.load())
             .filter(|l| l.in_flight > 0 || l.queued > 0)
@@ -479,6 +488,12 @@ impl Reservers {
         loads.sort_by_key(|l| std::cmp::Reverse(u64::from(l.in_flight) + u64::from(l.queued)));
         fit_load_report(&mut loads);
         loads
+    }
+
+    /// Every reserver: the table's versions, and versions gone from it that requests still
+    /// use or wait on.
+    pub fn all(&self) -> Vec<Arc<Reserver>> {
+        self.lock().values().map(|e| e.reserver.clone()).collect()
     }
 
     /// Brings the reservers in step with a full `table` in one pass over its instances: a

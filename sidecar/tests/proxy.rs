@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use usher_shared::metrics::sample;
 
 #[tokio::test]
 async fn spreads_requests_retries_unreachable_instances_and_ejects_them() {
@@ -50,6 +51,59 @@ async fn spreads_requests_retries_unreachable_instances_and_ejects_them() {
     assert!(body.contains("nope"), "{body}");
     let (status, _) = get(s.proxy, "bad_host", "/").await;
     assert_eq!(status, 400);
+
+    // GET /metrics counts the same requests.
+    let text = metrics(s.admin).await;
+    let web = r#"service="web",version="v1""#;
+    let value = |series: String| {
+        sample(&text, &series).unwrap_or_else(|| panic!("{series} not in\n{text}"))
+    };
+    assert_eq!(
+        value(format!(
+            r#"usher_sidecar_requests_total{{{web},outcome="answered"}}"#
+        )),
+        30.0
+    );
+    assert_eq!(
+        value(format!(
+            r#"usher_sidecar_requests_total{{{web},outcome="instance_failure"}}"#
+        )),
+        0.0
+    );
+    assert_eq!(
+        value(format!("usher_sidecar_instance_failures_total{{{web}}}")),
+        1.0,
+        "the dead instance, once: then ejected"
+    );
+    assert_eq!(
+        value(format!(
+            r#"usher_sidecar_instance_ejected{{{web},instance="dead"}}"#
+        )),
+        1.0
+    );
+    assert_eq!(
+        value(format!(
+            r#"usher_sidecar_instance_ejected{{{web},instance="a"}}"#
+        )),
+        0.0
+    );
+    assert_eq!(
+        value(r#"usher_sidecar_unrouted_requests_total{code="404"}"#.into()),
+        1.0
+    );
+    assert_eq!(
+        value(r#"usher_sidecar_unrouted_requests_total{code="400"}"#.into()),
+        1.0
+    );
+    assert_eq!(
+        value("usher_sidecar_client_connections_accepted_total".into()),
+        32.0
+    );
+    assert_eq!(
+        value(r#"usher_sidecar_route_table_source{source="disk"}"#.into()),
+        1.0
+    );
+    assert_eq!(value("usher_sidecar_directory_connected".into()), 0.0);
     s.shutdown.cancel();
     s.task.await.unwrap();
 }
@@ -72,6 +126,24 @@ async fn an_abandoned_streaming_response_releases_its_slot() {
     // The only slot is taken: another request waits, then gets 503.
     let (status, body) = get(s.proxy, "web", "/").await;
     assert_eq!(status, 503, "{body}");
+    let text = metrics(s.admin).await;
+    let web = r#"service="web",version="v1""#;
+    for (series, expected) in [
+        (
+            format!(r#"usher_sidecar_requests_total{{{web},outcome="unavailable"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"usher_sidecar_instance_in_flight_requests{{{web},instance="a"}}"#),
+            1.0,
+        ),
+    ] {
+        assert_eq!(
+            sample(&text, &series),
+            Some(expected),
+            "{series} in\n{text}"
+        );
+    }
 
     drop(client);
     let mut released = false;

@@ -525,6 +525,16 @@ pub async fn admin_json(admin: &str, path: &str) -> Result<Value> {
     Ok(serde_json::from_slice(&resp.body)?)
 }
 
+/// GETs `/metrics` from an admin port: the Prometheus text (read it with
+/// [`usher_shared::metrics::sample`]).
+pub async fn admin_metrics(admin: &str) -> Result<String> {
+    let resp = http::get(admin, "localhost", "/metrics").await?;
+    if resp.status != 200 {
+        bail!("GET /metrics on {admin}: status {}", resp.status);
+    }
+    Ok(String::from_utf8(resp.body.to_vec())?)
+}
+
 /// The instances in a `/v1/routes` document for `service` whose state is `state`, by id.
 pub fn instances_in(routes: &Value, service: &str, state: &str) -> Vec<String> {
     let mut ids: Vec<String> = routes["instances"]

@@ -5,7 +5,10 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use usher_tests::{admin_json, http, instances_in, wait_for_up, wait_until, Load, Mesh, Process};
+use usher_shared::metrics::sample;
+use usher_tests::{
+    admin_json, admin_metrics, http, instances_in, wait_for_up, wait_until, Load, Mesh, Process,
+};
 
 /// A mesh with a directory, `n` agents of `web` (instances `web-1`..`web-n`) and one sidecar.
 struct Running {
@@ -77,6 +80,40 @@ async fn requests_reach_every_instance_by_host_and_by_proxy_form() {
     assert_eq!(r.status, 200);
     let r = http::get(&proxy, "v9.web", "/").await.unwrap();
     assert_eq!(r.status, 404, "unknown version: {}", r.text());
+
+    // Each process's GET /metrics says the same.
+    let web = r#"service="web",version="v1""#;
+    let expect = |text: &str, series: String, value: f64| {
+        assert_eq!(sample(text, &series), Some(value), "{series} in\n{text}");
+    };
+    let sidecar = admin_metrics(&m.sidecar_addrs.admin()).await.unwrap();
+    expect(
+        &sidecar,
+        format!(r#"usher_sidecar_requests_total{{{web},outcome="answered"}}"#),
+        62.0,
+    );
+    expect(
+        &sidecar,
+        r#"usher_sidecar_unrouted_requests_total{code="404"}"#.into(),
+        1.0,
+    );
+    expect(&sidecar, "usher_sidecar_directory_connected".into(), 1.0);
+    let directory = admin_metrics(&m.mesh.directory.admin()).await.unwrap();
+    expect(
+        &directory,
+        format!("usher_directory_routable_instances{{{web}}}"),
+        3.0,
+    );
+    expect(
+        &directory,
+        r#"usher_directory_subscriptions{encoding="compact"}"#.into(),
+        1.0,
+    );
+    let agent = admin_metrics(&Mesh::agent_admin(&m.agents[0]).unwrap())
+        .await
+        .unwrap();
+    expect(&agent, "usher_agent_directory_connected".into(), 1.0);
+    assert!(agent.contains(r#"state="up"} 1"#), "{agent}");
 }
 
 /// 2. SIGKILL of an instance's process fails no client request, and it leaves the table.

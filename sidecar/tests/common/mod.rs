@@ -226,6 +226,13 @@ pub async fn routes(admin: SocketAddr) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// The sidecar's `GET /metrics` text.
+pub async fn metrics(admin: SocketAddr) -> String {
+    let (status, body) = get(admin, "localhost", "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 /// One request as [`echo_instance`] received it: the head as sent (header names lowercased,
 /// in order, repeats kept) and the body after chunked decoding.
 #[derive(Debug, Clone)]

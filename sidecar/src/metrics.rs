@@ -1,0 +1,309 @@
+//! What the sidecar counts, and `GET /metrics` on its admin port (Prometheus text, prefix
+//! `usher_sidecar_`).
+//!
+//! The request path counts with one relaxed atomic add per request into counters it already
+//! holds: a version's [`VersionCounters`] live in its [`Reserver`], the proxy's
+//! [`ProxyCounters`] in the proxy. Everything else is read at scrape time from the replica,
+//! as `GET /v1/routes` shows it:
+//!
+//! - `route_table_revision`, `route_table_epoch`, `route_table_source{source}` (1 for
+//!   `directory`|`disk`|`none`), `directory_connected` (0/1);
+//! - per `{service,version}`: `requests_total{outcome}` with outcome `answered` (the instance
+//!   answered, whatever its status), `unavailable` (`503`: no instance in time, or the queue
+//!   was full), `instance_failure` (`502`), `instance_timeout` (`504`), `client_failed` (the
+//!   client went away or broke its body's framing); `instance_failures_total` (attempts that
+//!   failed and ejected their instance, whether or not a retry then answered);
+//!   `queued_requests`;
+//! - per `{service,version,instance}`: `instance_in_flight_requests`, `instance_ejected` (0/1);
+//! - for the whole proxy: `unrouted_requests_total{code}` (answered by the sidecar before a
+//!   version was chosen: `400` bad head or host, `404` unknown service or version, `431`,
+//!   `501`), `client_connections` open now, `client_connections_accepted_total` and
+//!   `client_connections_refused_total` (over `--max-connections`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use usher_shared::admin::AdminResponse;
+use usher_shared::metrics::{flag, gauge_value, one, Labels, Scrape};
+
+use crate::admin::routes;
+use crate::replica::{Replica, Source};
+use crate::reserver::Reserver;
+
+/// How a request routed to a service version ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The instance's response was relayed (whatever its status).
+    Answered,
+    /// `503`: no instance free within the queue timeout, or the queue was full.
+    Unavailable,
+    /// `502`: every attempt failed.
+    InstanceFailure,
+    /// `504`: no response head within the instance timeout.
+    InstanceTimeout,
+    /// The client closed, or broke its body's chunked framing, before the response.
+    ClientFailed,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Answered,
+        Outcome::Unavailable,
+        Outcome::InstanceFailure,
+        Outcome::InstanceTimeout,
+        Outcome::ClientFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::Unavailable => "unavailable",
+            Outcome::InstanceFailure => "instance_failure",
+            Outcome::InstanceTimeout => "instance_timeout",
+            Outcome::ClientFailed => "client_failed",
+        }
+    }
+}
+
+/// One service version's request counters, since its reserver was created.
+#[derive(Debug, Default)]
+pub struct VersionCounters {
+    outcomes: [AtomicU64; Outcome::ALL.len()],
+    instance_failures: AtomicU64,
+}
+
+impl VersionCounters {
+    /// Counts a request that ended with `outcome`.
+    pub fn ended(&self, outcome: Outcome) {
+        self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an attempt that failed and ejected its instance.
+    pub fn instance_failed(&self) {
+        self.instance_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests that ended with `outcome`.
+    pub fn outcome(&self, outcome: Outcome) -> u64 {
+        self.outcomes[outcome as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn instance_failures(&self) -> u64 {
+        self.instance_failures.load(Ordering::Relaxed)
+    }
+}
+
+/// What the proxy counts outside any service version.
+#[derive(Debug, Default)]
+pub struct ProxyCounters {
+    /// Requests answered by the sidecar before a version was chosen, by status code.
+    unrouted: Mutex<BTreeMap<u16, u64>>,
+    accepted: AtomicU64,
+    closed: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl ProxyCounters {
+    /// Counts a request answered `status` by the sidecar itself (a bad head or host, an
+    /// unknown service): never on a request that reaches an instance.
+    pub fn unrouted(&self, status: u16) {
+        let mut unrouted = self.unrouted.lock().unwrap_or_else(|p| p.into_inner());
+        *unrouted.entry(status).or_default() += 1;
+    }
+
+    /// Counts an accepted client connection; it counts as open until the guard drops.
+    pub fn accepted(&self) -> OpenConnection<'_> {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self)
+    }
+
+    /// Counts a client connection closed at once for `--max-connections`.
+    pub fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// An accepted client connection, counted closed when dropped.
+pub struct OpenConnection<'a>(&'a ProxyCounters);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.closed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn version_labels(r: &Reserver) -> Labels {
+    vec![
+        ("service", r.service().to_string()),
+        ("version", r.version().to_string()),
+    ]
+}
+
+/// The body of `GET /metrics`.
+pub fn scrape(replica: &Replica, proxy: &ProxyCounters) -> AdminResponse {
+    let table = routes(replica);
+    let mut m = Scrape::new("usher_sidecar");
+    m.gauge(
+        "route_table_revision",
+        "The revision of the route table this sidecar routes with",
+        one(gauge_value(table.revision)),
+    );
+    m.gauge(
+        "route_table_epoch",
+        "The epoch of that table (0 before the first table)",
+        one(gauge_value(table.epoch.unwrap_or(0))),
+    );
+    m.gauge(
+        "route_table_source",
+        "1 for where the table came from: directory, disk (persisted, directory not reached yet) or none",
+        [Source::Directory, Source::Disk, Source::None].map(|s| {
+            (
+                vec![("source", s.as_str().to_string())],
+                flag(s.as_str() == table.source),
+            )
+        }),
+    );
+    m.gauge(
+        "directory_connected",
+        "1 while the sidecar follows the directory's feed",
+        one(flag(table.connected)),
+    );
+
+    let reservers = replica.reservers().all();
+    m.counter(
+        "requests",
+        "Requests routed to a service version, by how they ended",
+        reservers.iter().flat_map(|r| {
+            Outcome::ALL.map(|o| {
+                let mut labels = version_labels(r);
+                labels.push(("outcome", o.as_str().to_string()));
+                (labels, r.counters().outcome(o))
+            })
+        }),
+    );
+    m.counter(
+        "instance_failures",
+        "Attempts that failed and ejected their instance (a retry may still have answered)",
+        reservers
+            .iter()
+            .map(|r| (version_labels(r), r.counters().instance_failures())),
+    );
+    m.gauge(
+        "queued_requests",
+        "Requests waiting for a free instance",
+        reservers
+            .iter()
+            .map(|r| (version_labels(r), gauge_value(r.queued()))),
+    );
+
+    let instance_labels = |i: &crate::admin::InstanceReport| -> Labels {
+        vec![
+            ("service", i.service.clone()),
+            ("version", i.version.clone()),
+            ("instance", i.id.clone()),
+        ]
+    };
+    m.gauge(
+        "instance_in_flight_requests",
+        "Requests in flight at the instance (its reserved slots)",
+        table
+            .instances
+            .iter()
+            .map(|i| (instance_labels(i), i.in_flight.into())),
+    );
+    m.gauge(
+        "instance_ejected",
+        "1 while the instance is ejected after a failure (Waiter: 10 s doubling to 300 s)",
+        table
+            .instances
+            .iter()
+            .map(|i| (instance_labels(i), flag(i.ejected))),
+    );
+
+    let unrouted = proxy
+        .unrouted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    m.counter(
+        "unrouted_requests",
+        "Requests the sidecar answered itself before choosing a version (bad head or host, unknown service), by status code",
+        unrouted
+            .into_iter()
+            .map(|(code, n)| (vec![("code", code.to_string())], n)),
+    );
+    let accepted = proxy.accepted.load(Ordering::Relaxed);
+    let closed = proxy.closed.load(Ordering::Relaxed);
+    m.gauge(
+        "client_connections",
+        "Client connections open now",
+        one(gauge_value(accepted.saturating_sub(closed))),
+    );
+    m.counter(
+        "client_connections_accepted",
+        "Client connections accepted",
+        one(accepted),
+    );
+    m.counter(
+        "client_connections_refused",
+        "Client connections closed at once because --max-connections were open",
+        one(proxy.refused.load(Ordering::Relaxed)),
+    );
+    m.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn connections_and_unrouted_requests() {
+        let replica = Replica::new(Arc::default());
+        let counters = ProxyCounters::default();
+        let first = counters.accepted();
+        {
+            let _second = counters.accepted();
+        }
+        counters.refused();
+        counters.unrouted(404);
+        counters.unrouted(404);
+        counters.unrouted(431);
+        let body = scrape(&replica, &counters).body;
+        let text = std::str::from_utf8(&body).unwrap();
+        for line in [
+            "usher_sidecar_client_connections 1",
+            "usher_sidecar_client_connections_accepted_total 2",
+            "usher_sidecar_client_connections_refused_total 1",
+            r#"usher_sidecar_unrouted_requests_total{code="404"} 2"#,
+            r#"usher_sidecar_unrouted_requests_total{code="431"} 1"#,
+            r#"usher_sidecar_route_table_source{source="none"} 1"#,
+            "usher_sidecar_route_table_epoch 0",
+        ] {
+            assert!(
+                text.contains(&format!("\n{line}\n")),
+                "{line} not in\n{text}"
+            );
+        }
+        drop(first);
+        let body = scrape(&replica, &counters).body;
+        let text = std::str::from_utf8(&body).unwrap();
+        assert!(
+            text.contains("\nusher_sidecar_client_connections 0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn version_outcomes() {
+        let counters = VersionCounters::default();
+        counters.ended(Outcome::Answered);
+        counters.ended(Outcome::Answered);
+        counters.ended(Outcome::InstanceTimeout);
+        counters.instance_failed();
+        let got: Vec<u64> = Outcome::ALL.iter().map(|&o| counters.outcome(o)).collect();
+        assert_eq!(got, [2, 0, 0, 1, 0]);
+        assert_eq!(counters.instance_failures(), 1);
+    }
+}
