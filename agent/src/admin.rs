@@ -56,25 +56,26 @@ impl InstanceStatus {
 }
 
 /// `GET /metrics`: the instance's state and whether it is registered.
-fn metrics(report: &InstanceReport) -> AdminResponse {
+fn metrics(status: &InstanceStatus) -> AdminResponse {
+    let current = *status.state.borrow();
     let mut scrape = Scrape::new("usher_agent");
     scrape.gauge(
         "instance_state",
         "1 for the instance's current state (starting, up, draining, unknown), 0 for the others",
-        InstanceState::ALL.iter().map(|state| {
+        InstanceState::ALL.map(|state| {
             let labels = vec![
-                ("service", report.service.clone()),
-                ("version", report.version.clone()),
-                ("instance", report.id.clone()),
+                ("service", status.service.clone()),
+                ("version", status.version.clone()),
+                ("instance", status.id.clone()),
                 ("state", state.as_str().to_string()),
             ];
-            (labels, flag(state.as_str() == report.state))
+            (labels, flag(state == current))
         }),
     );
     scrape.gauge(
         "directory_connected",
         "1 while the instance is registered with the directory",
-        one(flag(report.connected)),
+        one(flag(status.connected.load(Ordering::Relaxed))),
     );
     scrape.into_response()
 }
@@ -87,7 +88,7 @@ pub fn respond(status: &InstanceStatus, method: &Method, path: &str) -> AdminRes
     }
     match path {
         "/healthz" => AdminResponse::text(StatusCode::OK, "ok\n"),
-        "/metrics" => metrics(&status.report()),
+        "/metrics" => metrics(status),
         _ => AdminResponse::json(&status.report()),
     }
 }

@@ -56,6 +56,11 @@ pub struct VersionStatus {
     pub pinned: Option<u32>,
     /// The latest target changes, newest last.
     pub decisions: VecDeque<DecisionRecord>,
+    /// Target changes up and down since the directory started.
+    pub scaled_up: u64,
+    pub scaled_down: u64,
+    /// Cycles whose call to the scheduler failed since the directory started.
+    pub scheduler_errors: u64,
 }
 
 /// Every managed version's status, shared with the admin API.
@@ -308,7 +313,8 @@ async fn cycle(
             info!(service = %m.spec.name, version = %m.spec.version, from, to = decision.state.target,
                   ideal = decision.ideal, outstanding, reasons = ?decision.reasons, "scaling");
         }
-        if let Err(e) = m.backend.scale(decision.state.target, &observed).await {
+        let scaled = m.backend.scale(decision.state.target, &observed).await;
+        if let Err(e) = &scaled {
             warn!(service = %m.spec.name, version = %m.spec.version, error = %e, "cannot scale");
         }
         let mut versions = status.lock();
@@ -316,6 +322,12 @@ async fn cycle(
         entry.target = decision.state.target;
         entry.ideal = decision.ideal;
         entry.started = m.backend.started();
+        entry.scheduler_errors += u64::from(scaled.is_err());
+        if decision.state.target > from {
+            entry.scaled_up += 1;
+        } else if decision.state.target < from {
+            entry.scaled_down += 1;
+        }
         if decision.state.target != from {
             entry.decisions.push_back(DecisionRecord {
                 at_ms: usher_shared::unix_millis(),

@@ -9,7 +9,8 @@
 //!   (`up`), the sidecars' load reports `in_flight_requests`, `queued_requests`,
 //!   `outstanding_requests` (in flight + queued, the autoscaler's signal; WSO2) and
 //!   `reporting_sidecars`, and for versions the directory scales `target_instances`,
-//!   `ideal_instances`, `started_instances`;
+//!   `ideal_instances`, `started_instances`, `scale_ups_total`, `scale_downs_total` (target
+//!   changes) and `scheduler_errors_total` (cycles whose scheduler call failed);
 //! - the refusals and issuances of `GET /v1/security`: `handshakes_refused_total`,
 //!   `identities_refused_total`, `messages_refused_total`, `certificates_issued_total`,
 //!   `joins_refused_total`, `admin_refused_total`.
@@ -20,6 +21,7 @@ use usher_shared::codec::Encoding;
 use usher_shared::metrics::{flag, gauge_value, one, Labels, Scrape};
 
 use crate::admin::{services, AdminContext, ServiceReport};
+use crate::autoscaler::VersionStatus;
 
 fn version_labels(r: &ServiceReport) -> Labels {
     vec![
@@ -125,6 +127,27 @@ pub fn scrape(ctx: &AdminContext, now: Instant) -> AdminResponse {
         "started_instances",
         "Instances the scheduler has started and not stopped",
         per_version(&versions, |r| r.scaling.as_ref().map(|s| s.started.into())),
+    );
+
+    let scaling_count = |value: fn(&VersionStatus) -> u64| {
+        versions
+            .iter()
+            .filter_map(move |r| Some((version_labels(r), value(r.scaling.as_ref()?))))
+    };
+    m.counter(
+        "scale_ups",
+        "Times the autoscaler (or a pin) raised the target",
+        scaling_count(|s| s.scaled_up),
+    );
+    m.counter(
+        "scale_downs",
+        "Times the autoscaler (or a pin) lowered the target",
+        scaling_count(|s| s.scaled_down),
+    );
+    m.counter(
+        "scheduler_errors",
+        "Autoscaler cycles whose call to the scheduler failed (logged as `cannot scale`)",
+        scaling_count(|s| s.scheduler_errors),
     );
 
     let security = ctx.security.report();

@@ -17,31 +17,28 @@ use crate::metrics;
 use crate::proxy::Proxy;
 use crate::replica::{Replica, Source};
 
-/// One instance in `GET /v1/routes`.
 #[derive(Debug, Serialize)]
-pub struct InstanceReport {
-    pub service: String,
-    pub version: String,
-    pub id: String,
-    pub address: SocketAddr,
-    pub capacity: u32,
-    pub state: &'static str,
-    pub in_flight: u32,
-    pub ejected: bool,
+struct InstanceReport {
+    service: String,
+    version: String,
+    id: String,
+    address: SocketAddr,
+    capacity: u32,
+    state: &'static str,
+    in_flight: u32,
+    ejected: bool,
 }
 
-/// The body of `GET /v1/routes`.
 #[derive(Debug, Serialize)]
-pub struct RoutesReport {
-    pub epoch: Option<u64>,
-    pub revision: u64,
-    pub source: &'static str,
-    pub connected: bool,
-    pub instances: Vec<InstanceReport>,
+struct RoutesReport {
+    epoch: Option<u64>,
+    revision: u64,
+    source: &'static str,
+    connected: bool,
+    instances: Vec<InstanceReport>,
 }
 
-/// The replica as `GET /v1/routes` shows it.
-pub fn routes(replica: &Replica) -> RoutesReport {
+fn routes(replica: &Replica) -> RoutesReport {
     let table = replica.table();
     let source = replica.source();
     RoutesReport {
@@ -93,15 +90,14 @@ mod tests {
     #[test]
     fn endpoints() {
         let replica = Arc::new(Replica::new(Arc::default()));
-        let proxy = Proxy::new(
-            replica.clone(),
-            crate::proxy::Limits {
-                queue_timeout: std::time::Duration::from_secs(1),
-                max_queued: 10,
-                instance_timeout: std::time::Duration::from_secs(1),
-                connect_timeout: std::time::Duration::from_secs(1),
-            },
-        );
+        let second = std::time::Duration::from_secs(1);
+        let limits = crate::proxy::Limits {
+            queue_timeout: second,
+            max_queued: 10,
+            instance_timeout: second,
+            connect_timeout: second,
+        };
+        let proxy = Proxy::new(replica.clone(), limits);
         let respond = |method: &Method, path: &str| super::respond(&replica, &proxy, method, path);
         let ok = respond(&Method::GET, "/healthz");
         assert_eq!(ok.status, StatusCode::OK);
@@ -110,6 +106,11 @@ mod tests {
         assert_eq!(doc["epoch"], serde_json::Value::Null);
         assert_eq!(doc["source"], "none");
         assert_eq!(doc["connected"], false);
+        let m = respond(&Method::GET, "/metrics");
+        assert_eq!(m.status, StatusCode::OK);
+        assert!(std::str::from_utf8(&m.body)
+            .unwrap()
+            .contains("\nusher_sidecar_directory_connected 0\n"));
         assert_eq!(
             respond(&Method::DELETE, "/v1/routes").status,
             StatusCode::METHOD_NOT_ALLOWED

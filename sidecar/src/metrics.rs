@@ -3,8 +3,8 @@
 //!
 //! The request path counts with one relaxed atomic add per request into counters it already
 //! holds: a version's [`VersionCounters`] live in its [`Reserver`], the proxy's
-//! [`ProxyCounters`] in the proxy. Everything else is read at scrape time from the replica,
-//! as `GET /v1/routes` shows it:
+//! [`ProxyCounters`] in the proxy. Everything else is read at scrape time from the replica
+//! and the reservers:
 //!
 //! - `route_table_revision`, `route_table_epoch`, `route_table_source{source}` (1 for
 //!   `directory`|`disk`|`none`), `directory_connected` (0/1);
@@ -13,8 +13,9 @@
 //!   was full), `instance_failure` (`502`), `instance_timeout` (`504`), `client_failed` (the
 //!   client went away or broke its body's framing); `instance_failures_total` (attempts that
 //!   failed and ejected their instance, whether or not a retry then answered);
-//!   `queued_requests`;
-//! - per `{service,version,instance}`: `instance_in_flight_requests`, `instance_ejected` (0/1);
+//!   `in_flight_requests`, `queued_requests`, `ejected_instances` (Waiter: ejected after a
+//!   failure, 10 s doubling to 300 s). Per version, not per instance: every sidecar of a fleet
+//!   exports these, and `GET /v1/routes` has the per-instance detail;
 //! - for the whole proxy: `unrouted_requests_total{code}` (answered by the sidecar before a
 //!   version was chosen: `400` bad head or host, `404` unknown service or version, `431`,
 //!   `501`), `client_connections` open now, `client_connections_accepted_total` and
@@ -27,7 +28,6 @@ use std::sync::Mutex;
 use usher_shared::admin::AdminResponse;
 use usher_shared::metrics::{flag, gauge_value, one, Labels, Scrape};
 
-use crate::admin::routes;
 use crate::replica::{Replica, Source};
 use crate::reserver::Reserver;
 
@@ -94,6 +94,17 @@ impl VersionCounters {
     }
 }
 
+/// One version's load now, from its reserver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionGauges {
+    /// Slots in use over its instances.
+    pub in_flight: u64,
+    /// Requests waiting for a free slot.
+    pub queued: u64,
+    /// Instances ejected now.
+    pub ejected: u64,
+}
+
 /// What the proxy counts outside any service version.
 #[derive(Debug, Default)]
 pub struct ProxyCounters {
@@ -142,17 +153,18 @@ fn version_labels(r: &Reserver) -> Labels {
 
 /// The body of `GET /metrics`.
 pub fn scrape(replica: &Replica, proxy: &ProxyCounters) -> AdminResponse {
-    let table = routes(replica);
+    let (epoch, revision) = replica.held();
+    let source = replica.source();
     let mut m = Scrape::new("usher_sidecar");
     m.gauge(
         "route_table_revision",
         "The revision of the route table this sidecar routes with",
-        one(gauge_value(table.revision)),
+        one(gauge_value(revision)),
     );
     m.gauge(
         "route_table_epoch",
         "The epoch of that table (0 before the first table)",
-        one(gauge_value(table.epoch.unwrap_or(0))),
+        one(gauge_value(epoch.unwrap_or(0))),
     );
     m.gauge(
         "route_table_source",
@@ -160,14 +172,14 @@ pub fn scrape(replica: &Replica, proxy: &ProxyCounters) -> AdminResponse {
         [Source::Directory, Source::Disk, Source::None].map(|s| {
             (
                 vec![("source", s.as_str().to_string())],
-                flag(s.as_str() == table.source),
+                flag(s == source),
             )
         }),
     );
     m.gauge(
         "directory_connected",
         "1 while the sidecar follows the directory's feed",
-        one(flag(table.connected)),
+        one(flag(replica.connected())),
     );
 
     let reservers = replica.reservers().all();
@@ -189,36 +201,29 @@ pub fn scrape(replica: &Replica, proxy: &ProxyCounters) -> AdminResponse {
             .iter()
             .map(|r| (version_labels(r), r.counters().instance_failures())),
     );
+    let gauges: Vec<(Labels, VersionGauges)> = reservers
+        .iter()
+        .map(|r| (version_labels(r), r.gauges()))
+        .collect();
+    let per_version = |value: fn(&VersionGauges) -> u64| {
+        gauges
+            .iter()
+            .map(move |(labels, g)| (labels.clone(), gauge_value(value(g))))
+    };
+    m.gauge(
+        "in_flight_requests",
+        "Requests in flight at the version's instances (their reserved slots)",
+        per_version(|g| g.in_flight),
+    );
     m.gauge(
         "queued_requests",
         "Requests waiting for a free instance",
-        reservers
-            .iter()
-            .map(|r| (version_labels(r), gauge_value(r.queued()))),
-    );
-
-    let instance_labels = |i: &crate::admin::InstanceReport| -> Labels {
-        vec![
-            ("service", i.service.clone()),
-            ("version", i.version.clone()),
-            ("instance", i.id.clone()),
-        ]
-    };
-    m.gauge(
-        "instance_in_flight_requests",
-        "Requests in flight at the instance (its reserved slots)",
-        table
-            .instances
-            .iter()
-            .map(|i| (instance_labels(i), i.in_flight.into())),
+        per_version(|g| g.queued),
     );
     m.gauge(
-        "instance_ejected",
-        "1 while the instance is ejected after a failure (Waiter: 10 s doubling to 300 s)",
-        table
-            .instances
-            .iter()
-            .map(|i| (instance_labels(i), flag(i.ejected))),
+        "ejected_instances",
+        "Instances ejected now after a failure (Waiter: 10 s doubling to 300 s)",
+        per_version(|g| g.ejected),
     );
 
     let unrouted = proxy

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use usher_shared::protocol::{fit_load_report, InstanceLoad, VersionLoad};
 use usher_shared::routes::{Change, Instance, InstanceKey, RouteTable, ServiceVersion};
 
-use crate::metrics::VersionCounters;
+use crate::metrics::{VersionCounters, VersionGauges};
 use crate::slots::{InstanceId, Slots};
 
 /// Why no instance was reserved.
@@ -329,6 +329,23 @@ impl Reserver {
             .slots
             .get(id)
             .is_some_and(|s| s.ejection.active(Instant::now()))
+    }
+
+    /// This version's requests in flight and waiting, and its instances ejected now, in one
+    /// lock (`GET /metrics`).
+    pub fn gauges(&self) -> VersionGauges {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let (mut in_flight, mut ejected) = (0, 0);
+        for slot in inner.slots.iter() {
+            in_flight += u64::from(slot.in_use);
+            ejected += u64::from(slot.ejection.active(now));
+        }
+        VersionGauges {
+            in_flight,
+            queued: inner.waiting() as u64,
+            ejected,
+        }
     }
 
     /// Nothing in use and nothing waiting: the reserver can be forgotten.

@@ -76,15 +76,12 @@ async fn spreads_requests_retries_unreachable_instances_and_ejects_them() {
         "the dead instance, once: then ejected"
     );
     assert_eq!(
-        value(format!(
-            r#"usher_sidecar_instance_ejected{{{web},instance="dead"}}"#
-        )),
-        1.0
+        value(format!("usher_sidecar_ejected_instances{{{web}}}")),
+        1.0,
+        "the dead one"
     );
     assert_eq!(
-        value(format!(
-            r#"usher_sidecar_instance_ejected{{{web},instance="a"}}"#
-        )),
+        value(format!("usher_sidecar_in_flight_requests{{{web}}}")),
         0.0
     );
     assert_eq!(
@@ -133,10 +130,8 @@ async fn an_abandoned_streaming_response_releases_its_slot() {
             format!(r#"usher_sidecar_requests_total{{{web},outcome="unavailable"}}"#),
             1.0,
         ),
-        (
-            format!(r#"usher_sidecar_instance_in_flight_requests{{{web},instance="a"}}"#),
-            1.0,
-        ),
+        (format!("usher_sidecar_in_flight_requests{{{web}}}"), 1.0),
+        (format!("usher_sidecar_queued_requests{{{web}}}"), 0.0),
     ] {
         assert_eq!(
             sample(&text, &series),

@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use usher_tests::{admin_json, bin, http, wait_until, Load, Mesh, Process};
+use usher_shared::metrics::sample;
+use usher_tests::{admin_json, admin_metrics, bin, http, wait_until, Load, Mesh, Process};
 
 /// The `hello` service at zero: concurrency 1, at most 3 instances, quick to idle and to step
 /// down so the tests are short.
@@ -145,6 +146,22 @@ async fn cold_start_serves_the_first_request_and_idle_scales_to_zero() {
     )
     .await
     .unwrap();
+    // The directory's metrics count the two target changes.
+    let metrics = admin_metrics(&mesh.directory.admin()).await.unwrap();
+    let hello = r#"{service="hello",version="v1"}"#;
+    for (name, value) in [
+        ("usher_directory_scale_ups_total", 1.0),
+        ("usher_directory_scale_downs_total", 1.0),
+        ("usher_directory_scheduler_errors_total", 0.0),
+        ("usher_directory_target_instances", 0.0),
+    ] {
+        let series = format!("{name}{hello}");
+        assert_eq!(
+            sample(&metrics, &series),
+            Some(value),
+            "{series} in\n{metrics}"
+        );
+    }
     // And it starts again on demand.
     let r = http::get(&s.proxy, "hello", "/").await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
