@@ -4,6 +4,9 @@
 //! `{"service","version","id","address","state","connected","child_pid"}` where `state` is
 //! `starting|up|draining|unknown`, `connected` says whether the instance is registered with
 //! the directory right now, and `child_pid` is the supervised process id or `null`.
+//!
+//! `/metrics` (Prometheus text): `usher_agent_instance_state{service,version,instance,state}`
+//! (1 for the current state, 0 for the others) and `usher_agent_directory_connected` (0/1).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -142,9 +142,9 @@ pub struct InstanceReport {
 #[derive(Debug, Clone)]
 pub struct RegistryCounts {
     pub epoch: u64,
-    /// The route table's revision (changes recorded), and the revision of the last batch
-    /// published to sidecars.
+    /// The route table's revision: changes recorded in this epoch.
     pub revision: u64,
+    /// The revision of the last batch published to sidecars.
     pub published: u64,
     /// Sidecar subscriptions open now, by feed encoding.
     pub subscribers: ByEncoding<u64>,

@@ -9,9 +9,10 @@
 //! - `route_table_revision`, `route_table_epoch`, `route_table_source{source}` (1 for
 //!   `directory`|`disk`|`none`), `directory_connected` (0/1);
 //! - per `{service,version}`: `requests_total{outcome}` with outcome `answered` (the instance
-//!   answered, whatever its status), `unavailable` (`503`: no instance in time, or the queue
-//!   was full), `instance_failure` (`502`), `instance_timeout` (`504`), `client_failed` (the
-//!   client went away or broke its body's framing); `instance_failures_total` (attempts that
+//!   answered, whatever its status; a body cut short afterwards counts here too),
+//!   `unavailable` (`503`: no instance in time, or the queue was full), `instance_failure`
+//!   (`502`), `instance_timeout` (`504`), `client_failed` (the client went away or broke its
+//!   body's framing before the answer); `instance_failures_total` (attempts that
 //!   failed and ejected their instance, whether or not a retry then answered);
 //!   `in_flight_requests`, `queued_requests`, `ejected_instances` (Waiter: ejected after a
 //!   failure, 10 s doubling to 300 s). Per version, not per instance: every sidecar of a fleet
@@ -34,7 +35,8 @@ use crate::reserver::Reserver;
 /// How a request routed to a service version ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The instance's response was relayed (whatever its status).
+    /// The instance's response head came and was relayed, whatever its status (a body cut
+    /// short afterwards by either side counts here too).
     Answered,
     /// `503`: no instance free within the queue timeout, or the queue was full.
     Unavailable,
