@@ -37,10 +37,11 @@ use usher_bench::docs;
 use usher_shared::backoff::Backoff;
 use usher_shared::enrolment::{self, Credentials, TlsFlags};
 use usher_shared::identity::NodeIdentity;
+use usher_shared::metrics::sample;
 use usher_shared::protocol::{DirectoryMessage, NodeMessage, Registration, Role, FEED_FORMAT};
 use usher_shared::routes::{Change, Instance, InstanceState};
 use usher_shared::session::{node_endpoint, open};
-use usher_tests::{admin_json, wait_until, Mesh};
+use usher_tests::{admin_json, admin_metrics, wait_until, Mesh};
 
 /// The service every simulated instance belongs to.
 const SERVICE: &str = "fleet";
@@ -104,6 +105,10 @@ struct Figures {
     /// Instances in the directory's table when the window started (all N, unless the
     /// machine could not bring them up in time).
     registered: usize,
+    /// Instances the directory withdrew because their TTL lapsed during the window
+    /// (`usher_directory_instances_expired_total` of its `/metrics`): none, unless agents'
+    /// heartbeats stopped arriving in time (the directory or the generator fell behind).
+    expired: u64,
     /// Sidecars subscribed when the window started, and subscriptions made again in the run.
     subscribed: usize,
     resubscribed: usize,
@@ -384,6 +389,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
     let window_subscribed = observed.subscribed.load(Ordering::Acquire);
     let pid = directory.pid();
     let drops_at_window = DropCounters::read(mesh.directory.quic_port)?;
+    let expired_at_window = instances_expired(&admin).await?;
     let (dir_before, own_before, udp_before, window_started) = (
         cpu_ticks(pid)?,
         cpu_ticks_self()?,
@@ -416,6 +422,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
     let generator_cpu = (cpu_ticks_self()? - own_before) as f64 / clk_tck / window;
     let datagrams_per_s = udp_counter("InDatagrams")?.saturating_sub(udp_before) as f64 / window;
     let drops_at_end = DropCounters::read(mesh.directory.quic_port)?;
+    let expired = instances_expired(&admin).await? - expired_at_window;
     let (rss_mb, hwm_mb) = memory_mb(pid)?;
     let sidecar = RealSidecar {
         cpu: (cpu_ticks(real.pid())? - real_cpu_before) as f64 / clk_tck / window,
@@ -479,6 +486,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
         max_ms: pct(1.0),
         silent_withdrawn,
         registered,
+        expired: expired as u64,
         subscribed: window_subscribed,
         sidecar,
         resubscribed: observed.resubscribed.load(Ordering::Acquire),
@@ -492,6 +500,14 @@ fn bytes_written(pid: u32) -> Result<u64> {
         .find_map(|l| l.strip_prefix("write_bytes:"))
         .and_then(|v| v.trim().parse().ok())
         .context("no write_bytes in /proc/PID/io")
+}
+
+/// The directory's count of instances withdrawn because their TTL lapsed, from its
+/// `/metrics`.
+async fn instances_expired(admin: &str) -> Result<f64> {
+    let metrics = admin_metrics(admin).await?;
+    sample(&metrics, "usher_directory_instances_expired_total")
+        .context("no usher_directory_instances_expired_total in the directory's /metrics")
 }
 
 /// Instances in the table at admin port `admin` (a directory's or a sidecar's; 0 if it does
@@ -855,9 +871,10 @@ fn row(f: &Figures) -> String {
         format!("{:.2}", d.as_secs_f64())
     });
     format!(
-        "| {} ({} registered) | {} ({} subscribed, {} again) | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
+        "| {} ({} registered, {} expired) | {} ({} subscribed, {} again) | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
         fmt_int(f.instances),
         fmt_int(f.registered),
+        fmt_int(f.expired as usize),
         fmt_int(f.sidecars),
         fmt_int(f.subscribed),
         fmt_int(f.resubscribed),
@@ -981,7 +998,9 @@ fn report(all: &[Figures], args: &Args) -> String {
          moment each sidecar reads the batch holding it, one figure per change per sidecar \
          (`deliveries` counts them against changes × sidecars subscribed when the window \
          started; a sidecar whose connection failed subscribes again, as a real one does, and \
-         `again` counts those). Heartbeat interval 1 s (the \
+         `again` counts those). `expired`: instances the directory withdrew in the window \
+         because their TTL lapsed (its `/metrics`), none unless heartbeats fell behind; \
+         each comes back at its agent's next registration. Heartbeat interval 1 s (the \
          default), so the silent agent is due to be withdrawn after its TTL. UDP datagrams/s: \
          the host's `Udp InDatagrams` (`/proc/net/snmp`) over the window, so every datagram \
          between the directory and the generator once, in either direction; unlike CPU it does \
