@@ -422,7 +422,9 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
     let generator_cpu = (cpu_ticks_self()? - own_before) as f64 / clk_tck / window;
     let datagrams_per_s = udp_counter("InDatagrams")?.saturating_sub(udp_before) as f64 / window;
     let drops_at_end = DropCounters::read(mesh.directory.quic_port)?;
-    let expired = instances_expired(&admin).await? - expired_at_window;
+    let expired = instances_expired(&admin)
+        .await?
+        .saturating_sub(expired_at_window);
     let (rss_mb, hwm_mb) = memory_mb(pid)?;
     let sidecar = RealSidecar {
         cpu: (cpu_ticks(real.pid())? - real_cpu_before) as f64 / clk_tck / window,
@@ -486,7 +488,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
         max_ms: pct(1.0),
         silent_withdrawn,
         registered,
-        expired: expired as u64,
+        expired,
         subscribed: window_subscribed,
         sidecar,
         resubscribed: observed.resubscribed.load(Ordering::Acquire),
@@ -504,9 +506,10 @@ fn bytes_written(pid: u32) -> Result<u64> {
 
 /// The directory's count of instances withdrawn because their TTL lapsed, from its
 /// `/metrics`.
-async fn instances_expired(admin: &str) -> Result<f64> {
+async fn instances_expired(admin: &str) -> Result<u64> {
     let metrics = admin_metrics(admin).await?;
     sample(&metrics, "usher_directory_instances_expired_total")
+        .map(|count| count as u64)
         .context("no usher_directory_instances_expired_total in the directory's /metrics")
 }
 
