@@ -30,14 +30,22 @@ fn version_labels(r: &ServiceReport) -> Labels {
     ]
 }
 
-/// One gauge sample per version in `versions` that `value` gives a figure for.
-fn per_version<'a>(
+/// One sample per version in `versions` that `value` gives a figure for.
+fn per_version<'a, T>(
     versions: &'a [ServiceReport],
-    value: impl Fn(&ServiceReport) -> Option<i64> + 'a,
-) -> impl Iterator<Item = (Labels, i64)> + 'a {
+    value: impl Fn(&ServiceReport) -> Option<T> + 'a,
+) -> impl Iterator<Item = (Labels, T)> + 'a {
     versions
         .iter()
         .filter_map(move |r| value(r).map(|v| (version_labels(r), v)))
+}
+
+/// One sample per version the directory scales.
+fn per_scaled_version<'a, T>(
+    versions: &'a [ServiceReport],
+    value: impl Fn(&VersionStatus) -> T + 'a,
+) -> impl Iterator<Item = (Labels, T)> + 'a {
+    per_version(versions, move |r| r.scaling.as_ref().map(&value))
 }
 
 /// The body of `GET /metrics`.
@@ -116,38 +124,33 @@ pub fn scrape(ctx: &AdminContext, now: Instant) -> AdminResponse {
     m.gauge(
         "target_instances",
         "The instances the autoscaler (or a pin) wants, for versions the directory scales",
-        per_version(&versions, |r| r.scaling.as_ref().map(|s| s.target.into())),
+        per_scaled_version(&versions, |s| s.target.into()),
     );
     m.gauge(
         "ideal_instances",
         "The instances the load asks for (outstanding requests over concurrency, within the version's limits), which the target moves toward",
-        per_version(&versions, |r| r.scaling.as_ref().map(|s| s.ideal.into())),
+        per_scaled_version(&versions, |s| s.ideal.into()),
     );
     m.gauge(
         "started_instances",
         "Instances the scheduler has started and not stopped",
-        per_version(&versions, |r| r.scaling.as_ref().map(|s| s.started.into())),
+        per_scaled_version(&versions, |s| s.started.into()),
     );
 
-    let scaling_count = |value: fn(&VersionStatus) -> u64| {
-        versions
-            .iter()
-            .filter_map(move |r| Some((version_labels(r), value(r.scaling.as_ref()?))))
-    };
     m.counter(
         "scale_ups",
         "Times the autoscaler (or a pin) raised the target",
-        scaling_count(|s| s.scaled_up),
+        per_scaled_version(&versions, |s| s.scaled_up),
     );
     m.counter(
         "scale_downs",
         "Times the autoscaler (or a pin) lowered the target",
-        scaling_count(|s| s.scaled_down),
+        per_scaled_version(&versions, |s| s.scaled_down),
     );
     m.counter(
         "scheduler_errors",
         "Autoscaler cycles whose call to the scheduler failed (logged as `cannot scale`)",
-        scaling_count(|s| s.scheduler_errors),
+        per_scaled_version(&versions, |s| s.scheduler_errors),
     );
 
     let security = ctx.security.report();
@@ -230,6 +233,7 @@ mod tests {
         registry.subscription_opened(Encoding::Compact);
         ctx.security.joins_refused.fetch_add(2, Ordering::Relaxed);
 
+        registry.publish_due(t0 + HB * 10);
         let response = scrape(&ctx, t0 + HB * 10);
         assert_eq!(response.status, http::StatusCode::OK);
         let text = std::str::from_utf8(&response.body).unwrap();
@@ -237,6 +241,7 @@ mod tests {
         for line in [
             "usher_directory_epoch 42".to_string(),
             "usher_directory_route_table_revision 4".to_string(),
+            "usher_directory_published_revision 4".to_string(),
             "usher_directory_in_grace_period 0".to_string(),
             r#"usher_directory_subscriptions{encoding="compact"} 1"#.to_string(),
             r#"usher_directory_subscriptions{encoding="named"} 0"#.to_string(),

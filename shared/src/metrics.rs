@@ -10,7 +10,7 @@ use prometheus_client::encoding::prometheus_text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::admin::AdminResponse;
 
@@ -38,11 +38,9 @@ impl Scrape {
         help: &str,
         samples: impl IntoIterator<Item = (Labels, i64)>,
     ) {
-        let family = Family::<Labels, Gauge>::default();
-        for (labels, value) in samples {
-            family.get_or_create(&labels).set(value);
-        }
-        self.registry.register(name, help, family);
+        self.family(name, help, samples, |gauge: &Gauge, value| {
+            gauge.set(value);
+        });
     }
 
     /// Adds counter `prefix_name_total` with one sample per label set.
@@ -52,9 +50,25 @@ impl Scrape {
         help: &str,
         samples: impl IntoIterator<Item = (Labels, u64)>,
     ) {
-        let family = Family::<Labels, Counter>::default();
+        self.family(name, help, samples, |counter: &Counter, value| {
+            counter.inc_by(value);
+        });
+    }
+
+    /// Registers a family of `M` with one metric per sample, given its value by `set`.
+    fn family<M, V>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, V)>,
+        set: impl Fn(&M, V),
+    ) where
+        M: Default,
+        Family<Labels, M>: Metric,
+    {
+        let family = Family::<Labels, M>::default();
         for (labels, value) in samples {
-            family.get_or_create(&labels).inc_by(value);
+            set(&family.get_or_create(&labels), value);
         }
         self.registry.register(name, help, family);
     }
