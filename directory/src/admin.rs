@@ -1,11 +1,12 @@
 //! The directory's admin endpoints: `GET /healthz`, `GET /v1/routes`, `GET /v1/services`,
-//! `GET /v1/security`, `GET /metrics` (Prometheus text, [`crate::metrics`]), the pins and the
-//! join tokens.
+//! `GET /v1/security`, `GET /metrics` (Prometheus text, [`crate::metrics`]), the pins, the
+//! join tokens, and the dashboard (`GET /`, [`crate::dashboard`]).
 //!
 //! Authorisation: every request that changes something (`PUT`/`DELETE /v1/pins/...`) and every
 //! `/v1/tokens` request needs `Authorization: Bearer <admin token>` (the content of the admin
 //! token file, `admin-token` in the state directory by default); when the admin port is bound
-//! to a non-loopback address, every request but `GET /healthz` needs it. A missing or wrong token gets `401`,
+//! to a non-loopback address, every request but `GET /healthz` and the dashboard's assets
+//! (which hold no data) needs it. A missing or wrong token gets `401`,
 //! is logged and counted (`admin_refused` in `/v1/security`).
 //!
 //! Tokens: `POST /v1/tokens?role=agent&service=NAME&ttl=24h` (or `role=sidecar`) answers
@@ -67,9 +68,10 @@ impl AdminContext {
 pub fn respond_secured(ctx: &AdminContext, req: &AdminRequest<'_>) -> AdminResponse {
     let read = req.method == Method::GET || req.method == Method::HEAD;
     let tokens = req.path == "/v1/tokens" || req.path.starts_with("/v1/tokens/");
-    // A health check tells nothing worth protecting, and load balancers cannot send tokens.
-    let health = read && req.path == "/healthz";
-    if ((ctx.protect_reads && !health) || !read || tokens) && !ctx.authorized(req) {
+    // A health check tells nothing worth protecting, and load balancers cannot send tokens;
+    // the dashboard's page and assets hold no data (its script sends the token for the data).
+    let public = read && (req.path == "/healthz" || crate::dashboard::is_asset(req.path));
+    if ((ctx.protect_reads && !public) || !read || tokens) && !ctx.authorized(req) {
         ctx.security
             .admin_refused
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -155,19 +157,27 @@ fn token_request(ctx: &AdminContext, req: &AdminRequest<'_>) -> AdminResponse {
     }
 }
 
-/// Answers one admin request: `/healthz` 200 `ok`, `/v1/routes` JSON, other methods on those
-/// paths 405, anything else 404.
+/// Answers one admin request: `/healthz` 200 `ok`, `/v1/routes` and `/v1/services` JSON, the
+/// dashboard's assets ([`crate::dashboard`]), the pins; other methods on those paths 405,
+/// anything else 404.
 pub fn respond(registry: &Registry, method: &Method, path: &str) -> AdminResponse {
     if let Some(pin) = path.strip_prefix("/v1/pins/") {
         return pins(registry, method, pin);
     }
-    if let Some(refusal) = refuse(method, path, &["/healthz", "/v1/routes", "/v1/services"]) {
+    const DATA: [&str; 3] = ["/healthz", "/v1/routes", "/v1/services"];
+    if !DATA.contains(&path) && !crate::dashboard::is_asset(path) {
+        return AdminResponse::not_found(path);
+    }
+    if let Some(refusal) = refuse(method, path, &[path]) {
         return refusal;
     }
     match path {
         "/healthz" => AdminResponse::text(StatusCode::OK, "ok\n"),
         "/v1/services" => AdminResponse::json(&services(registry, Instant::now())),
-        _ => AdminResponse::json(&registry.report(Instant::now(), usher_shared::unix_millis())),
+        "/v1/routes" => {
+            AdminResponse::json(&registry.report(Instant::now(), usher_shared::unix_millis()))
+        }
+        _ => crate::dashboard::asset(path).unwrap_or_else(|| AdminResponse::not_found(path)),
     }
 }
 
@@ -306,10 +316,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn mutations_and_tokens_need_the_bearer_token() {
-        let dir = tempfile::tempdir().unwrap();
-        let ctx = AdminContext {
+    fn context(dir: &std::path::Path, protect_reads: bool) -> AdminContext {
+        AdminContext {
             registry: Arc::new(Registry::new(Settings {
                 epoch: 5,
                 heartbeat_interval: Duration::from_secs(1),
@@ -318,17 +326,62 @@ mod tests {
                 started: Instant::now(),
             })),
             security: Arc::default(),
-            tokens: Arc::new(TokenStore::open(dir.path(), &"a".repeat(64)).unwrap()),
+            tokens: Arc::new(TokenStore::open(dir, &"a".repeat(64)).unwrap()),
             admin_token: "s3cret".into(),
-            protect_reads: false,
-        };
-        let req =
-            |method: &'static Method, path: &'static str, query: &'static str, auth| AdminRequest {
-                method,
-                path,
-                query,
-                authorization: auth,
-            };
+            protect_reads,
+        }
+    }
+
+    fn req<'a>(
+        method: &'a Method,
+        path: &'a str,
+        query: &'a str,
+        authorization: Option<&'a str>,
+    ) -> AdminRequest<'a> {
+        AdminRequest {
+            method,
+            path,
+            query,
+            authorization,
+        }
+    }
+
+    /// Off loopback every read needs the token, but the health check and the dashboard's
+    /// assets (no data in them) do not; the data the dashboard's script reads does.
+    #[test]
+    fn protected_reads_leave_health_and_dashboard_assets_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path(), true);
+        let status = |path, auth| respond_secured(&ctx, &req(&Method::GET, path, "", auth)).status;
+        for open in [
+            "/healthz",
+            "/",
+            "/dashboard",
+            "/dashboard.js",
+            "/dashboard.css",
+        ] {
+            assert_eq!(status(open, None), StatusCode::OK, "{open}");
+        }
+        for data in ["/v1/routes", "/v1/services", "/v1/security", "/metrics"] {
+            assert_eq!(status(data, None), StatusCode::UNAUTHORIZED, "{data}");
+            assert_eq!(
+                status(data, Some("Bearer s3cret")),
+                StatusCode::OK,
+                "{data}"
+            );
+        }
+        let page = respond_secured(&ctx, &req(&Method::GET, "/", "", None));
+        assert!(page.content_type.starts_with("text/html"));
+        // The page's assets answer GET only, and a write still needs the token first.
+        let post = |auth| respond_secured(&ctx, &req(&Method::POST, "/", "", auth)).status;
+        assert_eq!(post(None), StatusCode::UNAUTHORIZED);
+        assert_eq!(post(Some("Bearer s3cret")), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[test]
+    fn mutations_and_tokens_need_the_bearer_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path(), false);
         let status = |r: AdminRequest<'_>| respond_secured(&ctx, &r).status;
         assert_eq!(
             status(req(&Method::GET, "/healthz", "", None)),

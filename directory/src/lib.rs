@@ -18,7 +18,8 @@
 //! - [`server`]: QUIC accept loops and the hello; `registration` (agents) and
 //!   `subscription` (sidecars) are the two conversations.
 //! - [`admin`]: `GET /healthz`, `GET /v1/routes`, `GET /v1/services`, `GET /v1/security`,
-//!   pins and tokens (mutations need the admin bearer token); [`metrics`]: `GET /metrics`.
+//!   pins and tokens (mutations need the admin bearer token); [`metrics`]: `GET /metrics`;
+//!   [`dashboard`]: the page at `GET /` that shows the table, load and scaling.
 //! - [`autoscale`]: the autoscaler's pure decision per service version; [`autoscaler`]
 //!   runs it every cycle; [`scheduler`] starts and stops instances; [`services`] and [`load`]
 //!   are the managed services and the sidecars' load reports.
@@ -33,6 +34,7 @@ pub mod autoscaler;
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod enrol;
 pub mod feed;
 pub mod load;

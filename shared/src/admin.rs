@@ -19,6 +19,21 @@ use tracing::{debug, Instrument};
 /// A client must send a request's headers within this time.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Headers on every admin reply, whatever its content: nothing is cached (a `POST /v1/tokens`
+/// reply holds a secret, every other reply is live state), no browser guesses a type, and a
+/// page (the directory's dashboard) may run only its own script and style, fetch only from
+/// its own origin, and not be framed or framed into.
+pub const SECURITY_HEADERS: [(&str, &str); 4] = [
+    ("cache-control", "no-store"),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    (
+        "content-security-policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+         img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+];
+
 /// An admin reply: status, content type and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminResponse {
@@ -56,6 +71,33 @@ impl AdminResponse {
     pub fn not_found(path: &str) -> Self {
         Self::text(StatusCode::NOT_FOUND, format!("no admin endpoint {path}\n"))
     }
+}
+
+/// Whether a `Host` header value names the machine by an IP address or as `localhost` (with or
+/// without a port). A loopback admin port answers only such requests, so a web page whose
+/// DNS name an attacker rebinds to 127.0.0.1 cannot read it from an operator's browser (DNS
+/// rebinding); `curl`, Prometheus, load balancers and the `usher-directory` commands send the
+/// address they dial.
+pub fn host_is_local(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((ip, rest)) if rest.is_empty() || rest.starts_with(':') => ip,
+            _ => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
+/// The reply to a request for a loopback admin port whose `Host` names something else.
+fn foreign_host(host: &str) -> AdminResponse {
+    AdminResponse::text(
+        StatusCode::MISDIRECTED_REQUEST,
+        format!(
+            "Host {host:?}: this admin port listens on loopback and answers requests for \
+             localhost or an IP address only\n"
+        ),
+    )
 }
 
 /// The 404 or 405 for a request outside `known` paths or not a `GET`/`HEAD`; `None` when the
@@ -109,13 +151,18 @@ impl AdminRequest<'_> {
 pub type AdminHandler = Arc<dyn Fn(&AdminRequest<'_>) -> AdminResponse + Send + Sync>;
 
 /// Serves `handler` on `listener` until `shutdown` fires; connections are tracked by
-/// `tracker` so the caller can wait for them.
+/// `tracker` so the caller can wait for them. Every reply carries [`SECURITY_HEADERS`]; on a
+/// loopback listener a request whose `Host` fails [`host_is_local`] gets `421` and never
+/// reaches `handler`.
 pub async fn serve(
     listener: TcpListener,
     handler: AdminHandler,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let loopback = listener
+        .local_addr()
+        .is_ok_and(|addr| addr.ip().is_loopback());
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -134,23 +181,29 @@ pub async fn serve(
         tracker.spawn(
             async move {
                 let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let reply = handler(&AdminRequest {
-                        method: req.method(),
-                        path: req.uri().path(),
-                        query: req.uri().query().unwrap_or(""),
-                        authorization: req
-                            .headers()
-                            .get(http::header::AUTHORIZATION)
-                            .and_then(|v| v.to_str().ok()),
+                    let host = req.headers().get(http::header::HOST).map(|v| {
+                        v.to_str().unwrap_or("(not text)")
                     });
+                    let reply = match host {
+                        Some(host) if loopback && !host_is_local(host) => foreign_host(host),
+                        _ => handler(&AdminRequest {
+                            method: req.method(),
+                            path: req.uri().path(),
+                            query: req.uri().query().unwrap_or(""),
+                            authorization: req
+                                .headers()
+                                .get(http::header::AUTHORIZATION)
+                                .and_then(|v| v.to_str().ok()),
+                        }),
+                    };
                     async move {
-                        Ok::<_, Infallible>(
-                            Response::builder()
-                                .status(reply.status)
-                                .header(http::header::CONTENT_TYPE, reply.content_type)
-                                .body(Full::new(reply.body))
-                                .unwrap_or_default(),
-                        )
+                        let mut response = Response::builder()
+                            .status(reply.status)
+                            .header(http::header::CONTENT_TYPE, reply.content_type);
+                        for (name, value) in SECURITY_HEADERS {
+                            response = response.header(name, value);
+                        }
+                        Ok::<_, Infallible>(response.body(Full::new(reply.body)).unwrap_or_default())
                     }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
@@ -168,5 +221,87 @@ pub async fn serve(
             }
             .instrument(tracing::debug_span!("admin", %peer)),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn local_hosts_are_addresses_and_localhost() {
+        for local in [
+            "localhost",
+            "LOCALHOST:7401",
+            "127.0.0.1",
+            "127.0.0.1:7401",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:7401",
+        ] {
+            assert!(host_is_local(local), "{local}");
+        }
+        for foreign in [
+            "evil.example",
+            "evil.example:7401",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io:7401",
+            "[::1",
+            "[::1]x",
+            "",
+        ] {
+            assert!(!host_is_local(foreign), "{foreign}");
+        }
+    }
+
+    /// One raw HTTP/1.1 request to `addr` with `Host: host`; the whole response as text.
+    async fn raw_get(addr: std::net::SocketAddr, host: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    /// A loopback admin port refuses a request for another host name (a page whose DNS name
+    /// was rebound to 127.0.0.1) before its handler sees it, and every reply carries the
+    /// security headers.
+    #[tokio::test]
+    async fn a_loopback_port_answers_local_hosts_only() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = calls.clone();
+        let handler: AdminHandler = Arc::new(move |_req| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            AdminResponse::text(StatusCode::OK, "ok\n")
+        });
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let server = tokio::spawn(serve(listener, handler, shutdown.clone(), tracker.clone()));
+
+        let ok = raw_get(addr, &format!("127.0.0.1:{}", addr.port())).await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        let ok = raw_get(addr, "localhost").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        let refused = raw_get(addr, "rebound.evil.example:7401").await;
+        assert!(refused.starts_with("HTTP/1.1 421"), "{refused}");
+        assert!(
+            refused.contains("answers requests for localhost"),
+            "{refused}"
+        );
+        assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 2);
+        for response in [&ok, &refused] {
+            for (name, value) in SECURITY_HEADERS {
+                assert!(
+                    response.contains(&format!("{name}: {value}\r\n")),
+                    "{response}"
+                );
+            }
+        }
+        shutdown.cancel();
+        server.await.unwrap();
     }
 }

@@ -628,3 +628,127 @@ impl Load {
         total
     }
 }
+
+/// A program some tests need beyond the Rust toolchain (`node`, `chromium`, for the directory's
+/// dashboard): its name, or `None` when it does not run here (the caller skips, saying so).
+/// With `USHER_TESTS_REQUIRE_TOOLS` set, as `.ci/run` sets it after installing them, a missing
+/// one fails instead of skipping.
+pub fn optional_tool(program: &str) -> Option<PathBuf> {
+    let found = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return Some(PathBuf::from(program));
+    }
+    assert!(
+        std::env::var_os("USHER_TESTS_REQUIRE_TOOLS").is_none(),
+        "USHER_TESTS_REQUIRE_TOOLS is set but `{program}` does not run (.ci/run installs it)"
+    );
+    eprintln!("skipped: this check needs `{program}` (Debian: apt install nodejs chromium)");
+    None
+}
+
+/// The DOM of the page at `url` once headless Chromium (`chromium`) has run its scripts for
+/// up to 3 s of virtual time (`--dump-dom`), within 60 s.
+pub async fn browser_dom(chromium: &Path, url: &str) -> Result<String> {
+    let profile = tempfile::tempdir()?;
+    let run = tokio::process::Command::new(chromium)
+        .args([
+            "--headless",
+            // Tests run as root in CI, where Chromium's sandbox refuses to start.
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--virtual-time-budget=3000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(url)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .context("chromium took over 60 s")?
+        .context("run chromium")?;
+    Ok(String::from_utf8(succeeded("chromium", out)?)?)
+}
+
+/// The standard output of a finished `program`, or an error with its status and standard error.
+fn succeeded(program: &str, out: std::process::Output) -> Result<Vec<u8>> {
+    if !out.status.success() {
+        bail!(
+            "{program} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
+}
+
+/// Runs the directory's dashboard script (`script`, as served at `/dashboard.js`) under
+/// `node` on a `GET /v1/services` and a `GET /v1/routes` document: its `model(services,
+/// routes, now_ms)`, the rows the page would show.
+pub fn dashboard_model(
+    node: &Path,
+    script: &[u8],
+    services: &Value,
+    routes: &Value,
+    now_ms: u64,
+) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let file = |name: &str, bytes: &[u8]| -> Result<PathBuf> {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes)?;
+        Ok(path)
+    };
+    let script = file("dashboard.js", script)?;
+    let services = file("services.json", &serde_json::to_vec(services)?)?;
+    let routes = file("routes.json", &serde_json::to_vec(routes)?)?;
+    let program = "const fs = require('fs'); \
+        const [script, services, routes, now] = process.argv.slice(1); \
+        const read = (f) => JSON.parse(fs.readFileSync(f, 'utf8')); \
+        const model = require(script).model(read(services), read(routes), Number(now)); \
+        process.stdout.write(JSON.stringify(model));";
+    let out = Command::new(node)
+        .arg("-e")
+        .arg(program)
+        .arg(&script)
+        .arg(&services)
+        .arg(&routes)
+        .arg(now_ms.to_string())
+        .output()
+        .context("run node")?;
+    Ok(serde_json::from_slice(&succeeded("node", out)?)?)
+}
+
+/// A `[[services]]` entry of the directory's configuration: one version of `name` that the
+/// directory scales with its `process` scheduler, concurrency 1, at most 3 instances, quick to
+/// idle (3 s) and to step down so the tests are short. Its test servers answer with
+/// `name-version`, except `v1`'s, which answer with `name`.
+pub fn scaled_version(name: &str, version: &str, min_instances: u32) -> String {
+    let server = if version == "v1" {
+        name.to_string()
+    } else {
+        format!("{name}-{version}")
+    };
+    format!(
+        r#"
+[[services]]
+name = "{name}"
+version = "{version}"
+min_instances = {min_instances}
+command = ["{}", "--port", "{{port}}", "--name", "{server}"]
+health = "http:/health"
+concurrency = 1
+max_instances = 3
+idle_timeout = "3s"
+scale_down_delay = "1s"
+scale_down_factor = 0.6
+drain_time = "1s"
+"#,
+        bin("usher-test-server").display()
+    )
+}

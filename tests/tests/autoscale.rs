@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use usher_shared::metrics::sample;
-use usher_tests::{admin_json, admin_metrics, bin, http, wait_until, Load, Mesh, Process};
+use usher_tests::{
+    admin_json, admin_metrics, bin, http, scaled_version, wait_until, Load, Mesh, Process,
+};
 
 /// The `hello` service at zero: concurrency 1, at most 3 instances, quick to idle and to step
 /// down so the tests are short.
@@ -15,34 +17,7 @@ fn services() -> String {
 }
 
 fn service(name: &str) -> String {
-    version(name, "v1", 0)
-}
-
-/// One version of `name`; its test servers answer with `name-version` ... except `v1`, which
-/// answers with `name`.
-fn version(name: &str, version: &str, min_instances: u32) -> String {
-    let server = if version == "v1" {
-        name.to_string()
-    } else {
-        format!("{name}-{version}")
-    };
-    format!(
-        r#"
-[[services]]
-name = "{name}"
-version = "{version}"
-min_instances = {min_instances}
-command = ["{}", "--port", "{{port}}", "--name", "{server}"]
-health = "http:/health"
-concurrency = 1
-max_instances = 3
-idle_timeout = "3s"
-scale_down_delay = "1s"
-scale_down_factor = 0.6
-drain_time = "1s"
-"#,
-        bin("usher-test-server").display()
-    )
+    scaled_version(name, "v1", 0)
 }
 
 struct Scaled {
@@ -363,7 +338,7 @@ async fn an_operator_pins_and_releases_a_target() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_old_version_goes_to_zero_and_its_routes_are_withdrawn() {
     // hello/v1 is kept at one instance by min_instances...
-    let s = start_with(&version("hello", "v1", 1)).await;
+    let s = start_with(&scaled_version("hello", "v1", 1)).await;
     let mesh = &s.mesh;
     wait_until(Duration::from_secs(15), "v1's minimum instance", || async {
         let r = admin_json(&mesh.directory.admin(), "/v1/routes").await;
@@ -376,7 +351,11 @@ async fn an_idle_old_version_goes_to_zero_and_its_routes_are_withdrawn() {
 
     // ...until v2 arrives: v2 keeps its minimum, v1 idles to zero and leaves the table.
     let config = s.mesh.dir().join("directory.toml");
-    let both = format!("{}{}", version("hello", "v1", 1), version("hello", "v2", 1));
+    let both = format!(
+        "{}{}",
+        scaled_version("hello", "v1", 1),
+        scaled_version("hello", "v2", 1)
+    );
     std::fs::write(&config, both).unwrap();
     s.directory.signal(Signal::SIGHUP);
     wait_until(
@@ -415,7 +394,7 @@ async fn an_idle_old_version_goes_to_zero_and_its_routes_are_withdrawn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_instance_is_replaced() {
-    let s = start_with(&version("hello", "v1", 1)).await;
+    let s = start_with(&scaled_version("hello", "v1", 1)).await;
     let admin = s.mesh.directory.admin();
     let up = || async {
         admin_json(&admin, "/v1/routes")
