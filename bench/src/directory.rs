@@ -9,7 +9,9 @@
 //! competes with the directory for the same cores), the propagation delay of every change to
 //! every sidecar (p50, p99, max; both ends are in this process, so one clock), the time for
 //! a silent agent (connection open, heartbeats stopped) to be withdrawn at every sidecar, and
-//! what following the fleet costs one real `usher-sidecar` process (CPU, writes, RSS). With
+//! what following the fleet costs one real `usher-sidecar` process (CPU, writes, RSS), and
+//! what the admin reads behind the dashboard cost at that size (`GET /v1/services` and
+//! `GET /v1/routes` against `GET /healthz`, timed after the window). With
 //! `--restarts` it instead kills and restarts the directory under the connected fleet and times
 //! the fleet's return.
 //!
@@ -114,6 +116,55 @@ struct Figures {
     resubscribed: usize,
     /// The real `usher-sidecar` that followed the fleet during the window.
     sidecar: RealSidecar,
+    /// The admin reads timed after the window.
+    admin: AdminReads,
+}
+
+/// Round trips to the directory's admin port after the window, under the fleet's load: the
+/// median of [`ADMIN_READS`] of each path, one connection per read.
+#[derive(Debug, Clone, Copy)]
+struct AdminReads {
+    /// `GET /healthz`: the baseline, an admin round trip with no data.
+    healthz_ms: f64,
+    /// `GET /v1/services`: the load and scaling the dashboard reads every 2 s.
+    services_ms: f64,
+    /// `GET /v1/routes`: every instance, which the dashboard reads less often on big tables.
+    routes_ms: f64,
+    routes_bytes: usize,
+}
+
+/// Reads of each admin path per [`AdminReads`] figure.
+const ADMIN_READS: usize = 7;
+
+impl AdminReads {
+    async fn measure(admin: &str) -> Result<Self> {
+        let healthz = median_read(admin, "/healthz").await?;
+        let services = median_read(admin, "/v1/services").await?;
+        let routes = median_read(admin, "/v1/routes").await?;
+        Ok(Self {
+            healthz_ms: healthz.0,
+            services_ms: services.0,
+            routes_ms: routes.0,
+            routes_bytes: routes.1,
+        })
+    }
+}
+
+/// The median time in ms of [`ADMIN_READS`] `GET path` from `admin`, and the body's size.
+async fn median_read(admin: &str, path: &str) -> Result<(f64, usize)> {
+    let mut times = Vec::with_capacity(ADMIN_READS);
+    let mut bytes = 0;
+    for _ in 0..ADMIN_READS {
+        let started = Instant::now();
+        let reply = usher_tests::http::get(admin, "localhost", path).await?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        if reply.status != 200 {
+            bail!("GET {path} on {admin}: status {}", reply.status);
+        }
+        bytes = reply.body.len();
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[ADMIN_READS / 2], bytes))
 }
 
 /// Datagrams dropped by the kernel over a span of the run, by whose socket's receive buffer
@@ -165,7 +216,7 @@ struct RealSidecar {
 
 /// What one run measured: the steady window, or the fleet's return after restarts.
 enum Measured {
-    Steady(Figures),
+    Steady(Box<Figures>),
     Restarts {
         instances: usize,
         sidecars: usize,
@@ -258,7 +309,7 @@ fn main() -> Result<()> {
             let figures: Vec<Figures> = all
                 .into_iter()
                 .filter_map(|m| match m {
-                    Measured::Steady(figures) => Some(figures),
+                    Measured::Steady(figures) => Some(*figures),
                     Measured::Restarts { .. } => None,
                 })
                 .collect();
@@ -434,6 +485,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
         rss_mb: memory_mb(real.pid())?.0,
     };
     drop(real);
+    let admin_reads = AdminReads::measure(&admin).await?;
 
     // A silent agent: its connection stays open, its heartbeats stop.
     let silenced = Instant::now();
@@ -469,7 +521,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
         let i = ((delays.len() as f64 * p).ceil() as usize).clamp(1, delays.len()) - 1;
         delays[i] as f64 / 1000.0
     };
-    Ok(Measured::Steady(Figures {
+    Ok(Measured::Steady(Box::new(Figures {
         instances: n,
         sidecars: m,
         changes_per_s: k,
@@ -492,7 +544,8 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
         subscribed: window_subscribed,
         sidecar,
         resubscribed: observed.resubscribed.load(Ordering::Acquire),
-    }))
+        admin: admin_reads,
+    })))
 }
 
 /// `write_bytes` of `/proc/PID/io`: bytes process `pid` caused to be written to storage.
@@ -1016,6 +1069,28 @@ fn report(all: &[Figures], args: &Args) -> String {
          it wrote to storage (`/proc/PID/io`, its persisted `routes.json`) over the window, \
          its RSS at the end.\n",
     );
+    out.push_str(&format!(
+        "\nAdmin reads (the dashboard's), timed after the window while the fleet still \
+         heartbeats and churns: the median of {ADMIN_READS} `GET`s of each path, one \
+         connection each, against `GET /healthz` (a round trip with no data) in the same \
+         run. The dashboard reads `/v1/services` every 2 s and `/v1/routes` every 2 s up to \
+         1,000 instances, then 2 ms per instance (20 s at 10,000).\n\n\
+         | instances | `/healthz` ms | `/v1/services` ms | × `/healthz` | `/v1/routes` ms | × `/healthz` | `/v1/routes` MB |\n\
+         |---|---|---|---|---|---|---|\n"
+    ));
+    for f in all {
+        let a = &f.admin;
+        out.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
+            fmt_int(f.instances),
+            a.healthz_ms,
+            a.services_ms,
+            a.services_ms / a.healthz_ms,
+            a.routes_ms,
+            a.routes_ms / a.healthz_ms,
+            a.routes_bytes as f64 / 1e6,
+        ));
+    }
     if let Some(f) = all.iter().find(|f| f.instances == 10_000) {
         out.push_str("\nTargets of issue 5 at 10,000 instances:\n\n");
         out.push_str(&format!(

@@ -245,10 +245,10 @@ pub struct ServicesReport {
 /// Every service version in the table or in a load report, with its instances and load.
 pub fn services(registry: &Registry, now: Instant) -> ServicesReport {
     let mut by_version: BTreeMap<(String, String), ServiceReport> = BTreeMap::new();
-    for instance in registry.table().instances() {
-        let r = version_entry(&mut by_version, &instance.service, &instance.version);
-        r.instances += 1;
-        r.up += u32::from(instance.state.routable());
+    for count in registry.version_counts() {
+        let r = version_entry(&mut by_version, &count.service, &count.version);
+        r.instances = count.instances;
+        r.up = count.routable;
     }
     for ((service, version), totals) in registry.load().totals(now) {
         let r = version_entry(&mut by_version, &service, &version);

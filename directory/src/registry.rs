@@ -152,6 +152,16 @@ pub struct RegistryCounts {
     pub expired: u64,
 }
 
+/// One service version's instances in the table ([`Registry::version_counts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionCount {
+    pub service: String,
+    pub version: String,
+    pub instances: u32,
+    /// Instances whose state is routable (`up`).
+    pub routable: u32,
+}
+
 /// The body of `GET /v1/routes`.
 #[derive(Debug, Clone, Serialize)]
 pub struct RoutesReport {
@@ -503,6 +513,33 @@ impl Registry {
             .collect()
     }
 
+    /// Per service version in the table, in table order: its instances and how many of them
+    /// are routable. One pass under the lock that copies only the names, not the table
+    /// (`GET /v1/services`, `GET /metrics` and the dashboard read it every few seconds; a copy
+    /// of a 10,000-instance table took the directory's thread about 5 ms).
+    pub fn version_counts(&self) -> Vec<VersionCount> {
+        let inner = self.lock();
+        let mut counts: Vec<VersionCount> = Vec::new();
+        for i in inner.log.table().instances() {
+            let same = counts
+                .last()
+                .is_some_and(|c| c.service == i.service && c.version == i.version);
+            if !same {
+                counts.push(VersionCount {
+                    service: i.service.clone(),
+                    version: i.version.clone(),
+                    instances: 0,
+                    routable: 0,
+                });
+            }
+            if let Some(c) = counts.last_mut() {
+                c.instances += 1;
+                c.routable += u32::from(i.state.routable());
+            }
+        }
+        counts
+    }
+
     /// A copy of the current table.
     pub fn table(&self) -> RouteTable {
         self.lock().log.table().clone()
@@ -629,6 +666,39 @@ pub(crate) mod tests {
             started_at_ms: 1_000,
             labels: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn version_counts_group_the_table_by_version() {
+        let t0 = Instant::now();
+        let r = registry(t0);
+        assert!(r.version_counts().is_empty());
+        let mut session = 0;
+        let mut add = |service: &str, version: &str, id: &str, state| {
+            session += 1;
+            let mut i = instance(id, state);
+            (i.service, i.version) = (service.into(), version.into());
+            r.register(session, i, t0).unwrap();
+        };
+        add("web", "v2", "c", InstanceState::Up);
+        add("api", "v1", "a", InstanceState::Draining);
+        add("web", "v1", "b", InstanceState::Starting);
+        add("web", "v1", "a", InstanceState::Up);
+        add("web", "v2", "a", InstanceState::Up);
+        let counts: Vec<_> = r
+            .version_counts()
+            .into_iter()
+            .map(|c| (c.service, c.version, c.instances, c.routable))
+            .collect();
+        let expect = |s: &str, v: &str, n, up| (s.to_string(), v.to_string(), n, up);
+        assert_eq!(
+            counts,
+            [
+                expect("api", "v1", 1, 0),
+                expect("web", "v1", 2, 1),
+                expect("web", "v2", 2, 2),
+            ]
+        );
     }
 
     #[test]
