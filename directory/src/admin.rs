@@ -164,8 +164,8 @@ pub fn respond(registry: &Registry, method: &Method, path: &str) -> AdminRespons
     if let Some(pin) = path.strip_prefix("/v1/pins/") {
         return pins(registry, method, pin);
     }
-    const DATA: [&str; 3] = ["/healthz", "/v1/routes", "/v1/services"];
-    if !DATA.contains(&path) && !crate::dashboard::is_asset(path) {
+    const ENDPOINTS: [&str; 3] = ["/healthz", "/v1/routes", "/v1/services"];
+    if !ENDPOINTS.contains(&path) && !crate::dashboard::is_asset(path) {
         return AdminResponse::not_found(path);
     }
     if let Some(refusal) = refuse(method, path, &[path]) {

@@ -78,7 +78,7 @@ impl AdminResponse {
 /// DNS name an attacker rebinds to 127.0.0.1 cannot read it from an operator's browser (DNS
 /// rebinding); `curl`, Prometheus, load balancers and the `usher-directory` commands send the
 /// address they dial.
-pub fn host_is_local(host: &str) -> bool {
+pub fn host_is_address_or_localhost(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
         Some(bracketed) => match bracketed.split_once(']') {
             Some((ip, rest)) if rest.is_empty() || rest.starts_with(':') => ip,
@@ -89,8 +89,14 @@ pub fn host_is_local(host: &str) -> bool {
     name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
-/// The reply to a request for a loopback admin port whose `Host` names something else.
+/// The reply to a request for a loopback admin port whose `Host` names something else; the
+/// refusal is logged, since a browser sends it when a page tries DNS rebinding.
 fn foreign_host(host: &str) -> AdminResponse {
+    tracing::warn!(
+        host,
+        "admin request refused: its Host is neither localhost nor an IP address (a web page \
+         trying DNS rebinding?)"
+    );
     AdminResponse::text(
         StatusCode::MISDIRECTED_REQUEST,
         format!(
@@ -152,7 +158,7 @@ pub type AdminHandler = Arc<dyn Fn(&AdminRequest<'_>) -> AdminResponse + Send + 
 
 /// Serves `handler` on `listener` until `shutdown` fires; connections are tracked by
 /// `tracker` so the caller can wait for them. Every reply carries [`SECURITY_HEADERS`]; on a
-/// loopback listener a request whose `Host` fails [`host_is_local`] gets `421` and never
+/// loopback listener a request whose `Host` fails [`host_is_address_or_localhost`] gets `421` and never
 /// reaches `handler`.
 pub async fn serve(
     listener: TcpListener,
@@ -185,7 +191,7 @@ pub async fn serve(
                         v.to_str().unwrap_or("(not text)")
                     });
                     let reply = match host {
-                        Some(host) if loopback && !host_is_local(host) => foreign_host(host),
+                        Some(host) if loopback && !host_is_address_or_localhost(host) => foreign_host(host),
                         _ => handler(&AdminRequest {
                             method: req.method(),
                             path: req.uri().path(),
@@ -240,7 +246,7 @@ mod tests {
             "[::1]",
             "[::1]:7401",
         ] {
-            assert!(host_is_local(local), "{local}");
+            assert!(host_is_address_or_localhost(local), "{local}");
         }
         for foreign in [
             "evil.example",
@@ -251,7 +257,7 @@ mod tests {
             "[::1]x",
             "",
         ] {
-            assert!(!host_is_local(foreign), "{foreign}");
+            assert!(!host_is_address_or_localhost(foreign), "{foreign}");
         }
     }
 
