@@ -186,32 +186,7 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tracker.spawn(
             async move {
-                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let host = req.headers().get(http::header::HOST).map(|v| {
-                        v.to_str().unwrap_or("(not text)")
-                    });
-                    let reply = match host {
-                        Some(host) if loopback && !host_is_address_or_localhost(host) => foreign_host(host),
-                        _ => handler(&AdminRequest {
-                            method: req.method(),
-                            path: req.uri().path(),
-                            query: req.uri().query().unwrap_or(""),
-                            authorization: req
-                                .headers()
-                                .get(http::header::AUTHORIZATION)
-                                .and_then(|v| v.to_str().ok()),
-                        }),
-                    };
-                    async move {
-                        let mut response = Response::builder()
-                            .status(reply.status)
-                            .header(http::header::CONTENT_TYPE, reply.content_type);
-                        for (name, value) in SECURITY_HEADERS {
-                            response = response.header(name, value);
-                        }
-                        Ok::<_, Infallible>(response.body(Full::new(reply.body)).unwrap_or_default())
-                    }
-                });
+                let service = service_fn(move |req| answer(handler.clone(), loopback, req));
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -228,6 +203,39 @@ pub async fn serve(
             .instrument(tracing::debug_span!("admin", %peer)),
         );
     }
+}
+
+/// One admin request's answer: `421` for a loopback port asked for another host (see
+/// [`serve`]), else the handler's reply, with [`SECURITY_HEADERS`].
+///
+/// The handler runs on the connection's task. Tried and dropped: running it on tokio's
+/// blocking pool, so that the directory's `/v1/routes` of 10,000 instances (about 10 ms to
+/// build and encode) would not hold up its runtime thread; on two CPUs that thread then
+/// waited for the CPU instead (`docs/BENCHMARKS.md`, control plane, 2026-12-03 evening).
+async fn answer(
+    handler: AdminHandler,
+    loopback: bool,
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let header = |name| req.headers().get(name).map(|v| v.to_str().ok());
+    let reply = match header(http::header::HOST) {
+        Some(host) if loopback && !host.is_some_and(host_is_address_or_localhost) => {
+            foreign_host(host.unwrap_or("(not text)"))
+        }
+        _ => handler(&AdminRequest {
+            method: req.method(),
+            path: req.uri().path(),
+            query: req.uri().query().unwrap_or(""),
+            authorization: header(http::header::AUTHORIZATION).flatten(),
+        }),
+    };
+    let mut response = Response::builder()
+        .status(reply.status)
+        .header(http::header::CONTENT_TYPE, reply.content_type);
+    for (name, value) in SECURITY_HEADERS {
+        response = response.header(name, value);
+    }
+    Ok(response.body(Full::new(reply.body)).unwrap_or_default())
 }
 
 #[cfg(test)]
