@@ -60,6 +60,7 @@ Kill an instance or the directory; requests keep succeeding:
     pkill -9 usher-directory
 
 Look inside:
+    open http://127.0.0.1:7401/ in a browser  # the directory's dashboard
     curl http://127.0.0.1:7401/v1/routes     # the directory's route table
     curl http://127.0.0.1:7411/v1/routes     # the sidecar's replica, with in-flight counts
 

@@ -61,6 +61,7 @@ Pin or release the instance count (mutations need the admin token):
     $bin/usher-directory --state-dir $state/directory scale hello 2
 
 Watch the autoscaler's targets and decisions, the route tables and the security counters:
+    open http://127.0.0.1:7401/ in a browser  # the directory's dashboard: all of the below
     curl http://127.0.0.1:7401/v1/services
     curl http://127.0.0.1:7401/v1/routes     # the directory's route table
     curl http://127.0.0.1:7411/v1/routes     # the sidecar's replica, with in-flight counts
