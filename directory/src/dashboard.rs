@@ -4,7 +4,7 @@
 //! The page holds no data. Its script reads `GET /v1/services` every 2 s (`REFRESH_MS` in the
 //! script) and `GET /v1/routes` as often up to 1,000 instances, less often beyond
 //! (`routesEvery`: 20 s at 10,000, where building it takes the directory's thread about
-//! 10 ms), and shows the table's epoch, revision and grace
+//! 10 ms, and which holds the table's summary and instances), and shows the table's epoch, revision and grace
 //! period, each service version's instances, load and scaling, each instance, and the latest
 //! scaling decisions. When the admin port needs the admin token for reads (bound off
 //! loopback), the page asks for it and sends it as `Authorization: Bearer` from then on

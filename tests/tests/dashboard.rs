@@ -148,6 +148,14 @@ async fn model_of_the_live_data(node: &std::path::Path, admin: &str, script: &[u
     assert_eq!(web2[9], "");
     assert_eq!(model["instances"].as_array().unwrap().len(), 3);
 
+    // The instance list is read every 2 s at this size, every 20 s at 10,000 instances.
+    assert_eq!(model["routesEveryMs"], 2000);
+    let mut big = routes.clone();
+    big["instances"] = Value::Array(vec![instance("web-1"); 10_000]);
+    let big = dashboard_model(node, script, &services, &big, now_ms).unwrap();
+    assert_eq!(big["routesEveryMs"], 20_000);
+    assert_eq!(big["instances"].as_array().unwrap().len(), 10_000);
+
     // Scaling decisions, newest first: the cold start.
     let decision = model["decisions"][0].as_array().unwrap();
     assert_eq!(decision[2], "hello v1");

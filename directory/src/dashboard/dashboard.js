@@ -146,11 +146,13 @@
 
   /**
    * The page's content from `GET /v1/services` and `GET /v1/routes` at `nowMs` (Unix ms):
-   * `{summary: [[label, value]], services: [row], instances: [row], decisions: [row]}`, every
-   * cell a string, in the order of the page's columns.
+   * `{summary: [[label, value]], services: [row], instances: [row], decisions: [row],
+   * routesEveryMs}`, every cell a string, in the order of the page's columns; `routesEveryMs`
+   * is when to read `GET /v1/routes` again (`routesEvery`).
    */
   api.model = function (services, routes, nowMs) {
     return {
+      routesEveryMs: api.routesEvery((routes.instances || []).length),
       summary: summary(routes, services),
       services: (services.services || []).map((s) => serviceRow(s, nowMs)),
       instances: instanceRows(routes, services),
@@ -207,7 +209,7 @@
       ? last.instances.filter((row) => row.some((c) => c.toLowerCase().includes(needle)))
       : last.instances;
     const shown = fill(el("instances"), rows, STATE_COLUMN);
-    const every = api.routesEvery(last.instances.length);
+    const every = last.routesEveryMs;
     el("instances-count").textContent = (shown < rows.length
       ? "showing " + shown + " of " + rows.length
       : rows.length + (needle ? " matching" : "")) +
@@ -243,8 +245,7 @@
   async function refresh() {
     timer = null;
     try {
-      const due = routes === null ||
-        Date.now() - routesAt >= api.routesEvery((routes.instances || []).length);
+      const due = last === null || Date.now() - routesAt >= last.routesEveryMs;
       const [services, fresh] = await Promise.all([
         get("/v1/services"),
         due ? get("/v1/routes") : Promise.resolve(null),
