@@ -191,7 +191,12 @@ pub fn http1_message(data: &[u8]) {
                 .any(|h| h.eq_ignore_ascii_case(field.name));
             let chunked =
                 field.name.eq_ignore_ascii_case("transfer-encoding") && framing == Framing::Chunked;
-            assert!(!hop || chunked, "{} forwarded", field.name);
+            // An upgrade keeps `Upgrade` and says `Connection: upgrade`, nothing else.
+            let upgrade = parsed.head.upgrade
+                && (field.name.eq_ignore_ascii_case("upgrade")
+                    || (field.name.eq_ignore_ascii_case("connection")
+                        && field.value.eq_ignore_ascii_case(b"upgrade")));
+            assert!(!hop || chunked || upgrade, "{} forwarded", field.name);
         }
         if request.headers.len() <= MAX_HEADERS {
             let mut again = Vec::new();
@@ -201,15 +206,19 @@ pub fn http1_message(data: &[u8]) {
             assert_eq!(reparsed.head.framing, framing);
         }
     }
-    for (http10, keep_alive, head_method) in [(false, true, false), (true, true, true)] {
+    for (http10, keep_alive, head_method, upgrade) in
+        [(false, true, false, true), (true, true, true, false)]
+    {
         let client = ClientSide {
             http10,
             keep_alive,
             head_method,
+            upgrade,
         };
         if let Ok(Some(response)) = parse_response(data, client, &mut out) {
             assert!(response.len <= data.len());
-            // The proxy adds up to two fields (Transfer-Encoding, Connection).
+            // The proxy adds up to two fields (Transfer-Encoding, Connection), or for a `101`
+            // to an upgrade the Upgrade fields it had and Connection.
             let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS + 2];
             let status = httparse::Response::new(&mut fields)
                 .parse(&out)

@@ -96,6 +96,7 @@ mod tests {
             max_queued: 10,
             instance_timeout: second,
             connect_timeout: second,
+            tunnel_idle_timeout: second,
         };
         let proxy = Proxy::new(replica.clone(), limits);
         let respond = |method: &Method, path: &str| super::respond(&replica, &proxy, method, path);

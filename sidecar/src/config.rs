@@ -86,6 +86,11 @@ pub struct Args {
     #[arg(long, env = "USHER_SIDECAR_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
+    /// A tunnel (a WebSocket, or any protocol switched to by a `101`) that carries no byte
+    /// either way for this long is closed.
+    #[arg(long, env = "USHER_SIDECAR_TUNNEL_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub tunnel_idle_timeout: Duration,
+
     /// A client must send a request's line and headers within this time, or its connection is
     /// closed (slow-loris defence).
     #[arg(long, env = "USHER_SIDECAR_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -144,6 +149,8 @@ pub struct Config {
     pub max_queued: usize,
     pub instance_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Time a tunnel may carry nothing before it is closed.
+    pub tunnel_idle_timeout: Duration,
     /// Time a client has to send a request head; then its connection is closed.
     pub header_read_timeout: Duration,
     /// Largest request head in bytes, within [`MAX_HEADER_SIZE_RANGE`]; larger gets `431`.
@@ -208,6 +215,7 @@ impl Config {
         positive("queue-timeout", args.queue_timeout)?;
         positive("instance-timeout", args.instance_timeout)?;
         positive("connect-timeout", args.connect_timeout)?;
+        positive("tunnel-idle-timeout", args.tunnel_idle_timeout)?;
         positive("header-read-timeout", args.header_read_timeout)?;
         at_least_one("max-queued", args.max_queued)?;
         at_least_one("max-connections", args.max_connections)?;
@@ -240,6 +248,7 @@ impl Config {
             max_queued: args.max_queued,
             instance_timeout: args.instance_timeout,
             connect_timeout: args.connect_timeout,
+            tunnel_idle_timeout: args.tunnel_idle_timeout,
             header_read_timeout: args.header_read_timeout,
             max_header_size: args.max_header_size,
             max_connections: args.max_connections,

@@ -15,7 +15,8 @@
 //! - [`reserver`]: per service version reservation, queueing and ejection (Waiter), over
 //!   [`slots`]: one version's instances, laid out so picking and deltas are O(1).
 //! - [`http1`]: HTTP/1.1 heads (parsed by httparse, rewritten per hop) and bodies.
-//! - [`pool`] and [`proxy`]: keep-alive connections to instances and the HTTP proxy.
+//! - [`pool`] and [`proxy`]: keep-alive connections to instances and the HTTP proxy;
+//!   [`tunnel`]: the bytes of a switched protocol (WebSocket) after a `101`.
 //! - [`admin`]: `GET /healthz`, `GET /v1/routes`, `GET /metrics`; [`metrics`]: what the proxy
 //!   counts per service version and for itself.
 //! - [`run`]: wires them together; `main.rs` only parses, binds and maps the exit code.
@@ -32,6 +33,7 @@ pub mod reserver;
 pub mod route;
 pub mod slots;
 pub mod subscription;
+pub mod tunnel;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,6 +91,7 @@ pub async fn run(
             max_queued: config.max_queued,
             instance_timeout: config.instance_timeout,
             connect_timeout: config.connect_timeout,
+            tunnel_idle_timeout: config.tunnel_idle_timeout,
         },
     ));
     let renewal = CancellationToken::new();

@@ -20,7 +20,8 @@
 //! - for the whole proxy: `unrouted_requests_total{code}` (answered by the sidecar before a
 //!   version was chosen: `400` bad head or host, `404` unknown service or version, `431`,
 //!   `501`), `client_connections` open now, `client_connections_accepted_total` and
-//!   `client_connections_refused_total` (over `--max-connections`).
+//!   `client_connections_refused_total` (over `--max-connections`), `tunnels` open now and
+//!   `tunnels_opened_total` (WebSockets and other protocols switched to by a `101`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,6 +116,8 @@ pub struct ProxyCounters {
     accepted: AtomicU64,
     closed: AtomicU64,
     refused: AtomicU64,
+    tunnels_opened: AtomicU64,
+    tunnels_closed: AtomicU64,
 }
 
 impl ProxyCounters {
@@ -126,9 +129,16 @@ impl ProxyCounters {
     }
 
     /// Counts an accepted client connection; it counts as open until the guard drops.
-    pub fn accepted(&self) -> OpenConnection<'_> {
+    pub fn accepted(&self) -> Open<'_> {
         self.accepted.fetch_add(1, Ordering::Relaxed);
-        OpenConnection(self)
+        Open(&self.closed)
+    }
+
+    /// Counts a tunnel opened by a `101` (a WebSocket); it counts as open until the guard
+    /// drops.
+    pub fn tunnel_opened(&self) -> Open<'_> {
+        self.tunnels_opened.fetch_add(1, Ordering::Relaxed);
+        Open(&self.tunnels_closed)
     }
 
     /// Counts a client connection closed at once for `--max-connections`.
@@ -137,13 +147,20 @@ impl ProxyCounters {
     }
 }
 
-/// An accepted client connection, counted closed when dropped.
-pub struct OpenConnection<'a>(&'a ProxyCounters);
+/// Something counted open (a client connection, a tunnel): dropping it counts it closed.
+pub struct Open<'a>(&'a AtomicU64);
 
-impl Drop for OpenConnection<'_> {
+impl Drop for Open<'_> {
     fn drop(&mut self) {
-        self.0.closed.fetch_add(1, Ordering::Relaxed);
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// How many are open now of those opened and closed (read apart, so never below zero).
+fn open_now(opened: &AtomicU64, closed: &AtomicU64) -> (u64, i64) {
+    let opened = opened.load(Ordering::Relaxed);
+    let closed = closed.load(Ordering::Relaxed);
+    (opened, gauge_value(opened.saturating_sub(closed)))
 }
 
 fn version_labels(r: &Reserver) -> Labels {
@@ -240,12 +257,11 @@ pub fn scrape(replica: &Replica, proxy: &ProxyCounters) -> AdminResponse {
             .into_iter()
             .map(|(code, n)| (vec![("code", code.to_string())], n)),
     );
-    let accepted = proxy.accepted.load(Ordering::Relaxed);
-    let closed = proxy.closed.load(Ordering::Relaxed);
+    let (accepted, open) = open_now(&proxy.accepted, &proxy.closed);
     m.gauge(
         "client_connections",
         "Client connections open now",
-        one(gauge_value(accepted.saturating_sub(closed))),
+        one(open),
     );
     m.counter(
         "client_connections_accepted",
@@ -256,6 +272,17 @@ pub fn scrape(replica: &Replica, proxy: &ProxyCounters) -> AdminResponse {
         "client_connections_refused",
         "Client connections closed at once because --max-connections were open",
         one(proxy.refused.load(Ordering::Relaxed)),
+    );
+    let (opened, open) = open_now(&proxy.tunnels_opened, &proxy.tunnels_closed);
+    m.gauge(
+        "tunnels",
+        "Tunnels open now (connections switched to another protocol by a 101, WebSockets)",
+        one(open),
+    );
+    m.counter(
+        "tunnels_opened",
+        "Tunnels opened (a 101 relayed)",
+        one(opened),
     );
     m.into_response()
 }

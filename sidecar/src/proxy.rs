@@ -15,6 +15,10 @@
 //! ambiguous `400` (then the connection is closed), `CONNECT` `501`. A
 //! connection that does not send a complete head within [`ClientLimits::header_read_timeout`]
 //! (counted from the end of the previous response) is closed.
+//!
+//! A request that asks to switch protocols (a WebSocket handshake) is forwarded with its
+//! `Upgrade`; when the instance answers `101`, the connection becomes a tunnel
+//! ([`crate::tunnel`]) that keeps the request's reservation until it closes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +46,7 @@ use crate::pool::{Pool, Upstream};
 use crate::replica::Replica;
 use crate::reserver::{Reservation, ReserveError, Reserver};
 use crate::slots::InstanceId;
+use crate::tunnel;
 
 /// Instances one request may try.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -75,6 +80,9 @@ pub struct Limits {
     /// Time from sending a request to the instance's response head before `504`.
     pub instance_timeout: Duration,
     pub connect_timeout: Duration,
+    /// How long a tunnel (after a `101`, a WebSocket say) may carry no byte either way before
+    /// both its connections are closed.
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// Limits on client connections.
@@ -274,9 +282,8 @@ impl Proxy {
                 }
             };
             tried.push(reservation.id().clone());
-            let closing = shutdown.is_cancelled();
             match self
-                .attempt(c, head, buffered, &mut reservation, closing)
+                .attempt(c, head, buffered, &mut reservation, shutdown)
                 .await
             {
                 Attempt::Done(keep) => {
@@ -337,15 +344,16 @@ impl Proxy {
 
     /// Sends the request to the reserved instance over a pooled connection (or a new one if
     /// none is idle, or the pooled one turns out closed before answering an idempotent
-    /// request), then relays the response.
+    /// request), then relays the response, or tunnels after a `101` to an upgrade.
     async fn attempt(
         &self,
         c: &mut Client<'_>,
         head: RequestHead,
         buffered: Option<usize>,
         reservation: &mut Reservation,
-        closing: bool,
+        shutdown: &CancellationToken,
     ) -> Attempt {
+        let closing = shutdown.is_cancelled();
         let address = reservation.address();
         let mut pooled = self.pool.checkout(address);
         loop {
@@ -378,6 +386,7 @@ impl Proxy {
                 http10: head.http10,
                 keep_alive: head.keep_alive && !closing,
                 head_method: head.head_method,
+                upgrade: head.upgrade,
             };
             let (response, body) = match self
                 .response_head(c, &mut upstream, head, buffered.is_none(), client_side)
@@ -394,6 +403,10 @@ impl Proxy {
                 Err(HeadFailure::Instance { reason, .. }) => return Attempt::Failed(reason),
             };
             reservation.succeeded();
+            if response.status == 101 {
+                self.tunnel(c, upstream, reservation, shutdown).await;
+                return Attempt::Done(false);
+            }
             return Attempt::Done(
                 self.relay_response(c, upstream, address, response, body)
                     .await,
@@ -512,6 +525,45 @@ impl Proxy {
         }
     }
 
+    /// Relays the `101` head in `c.out`, then carries the connection's new protocol both ways
+    /// until the tunnel ends; the client connection then closes.
+    async fn tunnel(
+        &self,
+        c: &mut Client<'_>,
+        mut upstream: Upstream,
+        reservation: &Reservation,
+        shutdown: &CancellationToken,
+    ) {
+        if let Err(e) = c.wr.write_all(&c.out).await {
+            debug!(error = %e, "the client went away before the switch");
+            return;
+        }
+        let _open = self.counters.tunnel_opened();
+        let Upstream { stream, buf } = &mut upstream;
+        let (mut up_rd, mut up_wr) = stream.split();
+        let client = tunnel::Side {
+            rd: &mut c.rd,
+            wr: &mut c.wr,
+            pending: &c.buf,
+        };
+        let instance = tunnel::Side {
+            rd: &mut up_rd,
+            wr: &mut up_wr,
+            pending: buf,
+        };
+        debug!(
+            instance = &**reservation.id(),
+            "switched protocols; tunnelling"
+        );
+        let timeouts = tunnel::Timeouts {
+            idle: self.limits.tunnel_idle_timeout,
+            half_closed: tunnel::HALF_CLOSED_TIMEOUT,
+        };
+        let tunneled = tunnel::run(client, instance, timeouts, shutdown).await;
+        debug!(instance = &**reservation.id(), ended = %tunneled.ended,
+               to_instance = tunneled.to_instance, to_client = tunneled.to_client, "tunnel closed");
+    }
+
     /// Drops idle instance connections that are closed or too old.
     fn sweep(&self) {
         let idle = self.pool.sweep();
@@ -538,6 +590,9 @@ async fn final_head(
                     answered,
                 })?;
             match parsed {
+                Some(response) if response.status == 101 && client_side.upgrade => {
+                    return Ok(response)
+                }
                 Some(response) if response.status == 101 => {
                     return Err(HeadFailure::Instance {
                         reason: "101 Switching Protocols to a request that asked no upgrade".into(),
@@ -606,6 +661,7 @@ async fn answer_error(
         http10: head.http10,
         keep_alive: keep,
         head_method: head.head_method,
+        upgrade: false,
     };
     write_error(&mut c.out, status, message, retry_after, client);
     let written = c.wr.write_all(&c.out).await;
@@ -623,6 +679,7 @@ async fn refuse(c: &mut Client<'_>, status: u16, message: &str) {
         http10: false,
         keep_alive: false,
         head_method: false,
+        upgrade: false,
     };
     write_error(&mut c.out, status, message, None, closing);
     if c.wr.write_all(&c.out).await.is_err() || c.wr.shutdown().await.is_err() {

@@ -8,9 +8,12 @@
 //!   printed when a test fails.
 //! - [`Mesh`]: one test's directory, agents and sidecars, sharing a temporary folder and ports.
 //! - [`http`]: a minimal HTTP/1.1 client (hyper) that can send origin- or absolute-form requests.
+//! - [`websocket`]: the instance's side of a WebSocket (echo), for `usher-test-server` and the
+//!   sidecar's tests.
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod websocket;
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};

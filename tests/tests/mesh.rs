@@ -352,14 +352,6 @@ async fn unknown_service_404_and_abandoned_response_leaks_no_slot() {
     assert!(r.status == 400 || r.status == 404, "bad host: {}", r.status);
 
     let admin = m.sidecar_addrs.admin();
-    let in_flight = |routes: &serde_json::Value| -> u64 {
-        routes["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["in_flight"].as_u64().unwrap_or(0))
-            .sum()
-    };
     // Start a long streaming response, read its first bytes, then hang up.
     let mut stream = tokio::net::TcpStream::connect(&proxy).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -372,23 +364,47 @@ async fn unknown_service_404_and_abandoned_response_leaks_no_slot() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let routes = admin_json(&admin, "/v1/routes").await.unwrap();
     assert_eq!(in_flight(&routes), 1, "the streaming request holds a slot");
-    // The sidecar reports it to the directory (the autoscaler's signal) within a report period.
+    directory_sees_in_flight(&m, 1).await;
+    drop(stream);
+    slots_released(&m).await;
+    // The slot is usable again: with concurrency 1, a leak would make this wait and 503.
+    let r = http::get(&proxy, "web", "/").await.unwrap();
+    assert_eq!(r.status, 200);
+}
+
+/// The sidecar's reserved slots over its instances, from its `GET /v1/routes`.
+fn in_flight(routes: &serde_json::Value) -> u64 {
+    routes["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["in_flight"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Waits until the directory's `web` has `n` requests in flight: the sidecar reports them (the
+/// autoscaler's signal) within a report period.
+async fn directory_sees_in_flight(m: &Running, n: u64) {
     let dir_admin = m.mesh.directory.admin();
     wait_until(
         Duration::from_secs(3),
-        "the directory to see the request in flight",
+        &format!("the directory to see {n} requests in flight"),
         || async {
             admin_json(&dir_admin, "/v1/services")
                 .await
                 .map(|doc| {
-                    doc["services"][0]["service"] == "web" && doc["services"][0]["in_flight"] == 1
+                    doc["services"][0]["service"] == "web" && doc["services"][0]["in_flight"] == n
                 })
                 .unwrap_or(false)
         },
     )
     .await
     .unwrap();
-    drop(stream);
+}
+
+/// Waits until the sidecar holds no reservation.
+async fn slots_released(m: &Running) {
+    let admin = m.sidecar_addrs.admin();
     wait_until(
         Duration::from_secs(5),
         "the slot to be released",
@@ -396,9 +412,55 @@ async fn unknown_service_404_and_abandoned_response_leaks_no_slot() {
     )
     .await
     .unwrap();
-    // The slot is usable again: with concurrency 1, a leak would make this wait and 503.
-    let r = http::get(&proxy, "web", "/").await.unwrap();
-    assert_eq!(r.status, 200);
+}
+
+/// 6b. A WebSocket crosses the mesh: the sidecar tunnels it to an instance after its `101`,
+///     holds a slot of that instance while it is open (the directory sees a request in
+///     flight), and releases it when the socket closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_crosses_the_mesh_as_a_request_in_flight() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let m = mesh_with(2).await;
+    let tcp = tokio::net::TcpStream::connect(m.sidecar_addrs.proxy())
+        .await
+        .unwrap();
+    let (mut ws, response) = tokio_tungstenite::client_async("ws://web/ws", tcp)
+        .await
+        .expect("the WebSocket handshake through the sidecar");
+    assert_eq!(response.status(), 101);
+    let mut answered_by = BTreeSet::new();
+    for i in 0..3 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("an answer in time")
+            .expect("the socket is open")
+            .unwrap();
+        let reply = reply.into_text().unwrap().to_string();
+        let (instance, text) = reply.split_once(": ").expect("NAME: text");
+        assert_eq!(text, format!("hello {i}"));
+        answered_by.insert(instance.to_string());
+    }
+    assert_eq!(
+        answered_by.len(),
+        1,
+        "one socket, one instance: {answered_by:?}"
+    );
+
+    let routes = admin_json(&m.sidecar_addrs.admin(), "/v1/routes")
+        .await
+        .unwrap();
+    assert_eq!(in_flight(&routes), 1, "the open socket holds a slot");
+    directory_sees_in_flight(&m, 1).await;
+    let metrics = admin_metrics(&m.sidecar_addrs.admin()).await.unwrap();
+    assert_eq!(sample(&metrics, "usher_sidecar_tunnels"), Some(1.0));
+
+    ws.close(None).await.unwrap();
+    drop(ws);
+    slots_released(&m).await;
+    directory_sees_in_flight(&m, 0).await;
 }
 
 /// 7. Garbage and oversized frames sent to the directory's port are refused; it keeps serving.

@@ -6,6 +6,12 @@
 //! every field the `Connection` header names. The proxy adds `X-Forwarded-For` (the client's
 //! address appended to any earlier list), `Host` for an absolute-form request without one, and
 //! `Transfer-Encoding` / `Connection` as its own framing of each hop needs.
+//!
+//! Protocol upgrades (RFC 9110 §7.8, WebSocket's handshake, RFC 6455 §4): an HTTP/1.1 request
+//! without a body whose `Connection` names `upgrade` keeps its `Upgrade` field and is sent with
+//! `Connection: upgrade`; the instance's `101 Switching Protocols` to it is relayed the same
+//! way, and the proxy then tunnels the connection ([`crate::tunnel`]). Any other `Upgrade` is
+//! dropped like every hop-by-hop field, so the instance answers an ordinary request.
 
 use std::borrow::Cow;
 
@@ -68,6 +74,8 @@ pub enum HeadError {
     Connect,
     #[error("more than one Host field")]
     DuplicateHost,
+    #[error("101 Switching Protocols without an Upgrade field")]
+    SwitchWithoutUpgrade,
 }
 
 impl HeadError {
@@ -105,6 +113,9 @@ pub struct RequestHead {
     /// The client wants the connection kept after this exchange.
     pub keep_alive: bool,
     pub framing: Framing,
+    /// The request asks to switch protocols (an HTTP/1.1 request without a body, `Upgrade`
+    /// named in `Connection`) and is forwarded with its `Upgrade` field.
+    pub upgrade: bool,
 }
 
 /// A request head read from the client, its rewrite for the instance already in the output
@@ -116,7 +127,8 @@ pub struct ParsedRequest<'a> {
 
 /// Parses the request head at the start of `input` and, if it is complete, writes the head the
 /// instance gets into `out` (cleared first): origin-form target, `HTTP/1.1`, hop-by-hop fields
-/// removed, `client_ip` appended to `X-Forwarded-For`.
+/// removed (but an upgrade's `Upgrade`, see the module), `client_ip` appended to
+/// `X-Forwarded-For`.
 ///
 /// `Ok(None)`: the head is not complete yet (the caller enforces the size limit). Errors: a
 /// malformed head, more than [`MAX_HEADERS`] fields, an ambiguous or invalid body length
@@ -151,6 +163,13 @@ pub fn parse_request<'a>(
     } else {
         !connection.close
     };
+    // RFC 9110 §7.8: HTTP/1.0 cannot upgrade; a body would have to be read before the switch.
+    let upgrade = !http10
+        && framing == Framing::Empty
+        && connection.names(b"upgrade")
+        && fields
+            .iter()
+            .any(|f| f.name.eq_ignore_ascii_case("upgrade"));
 
     // The target as the instance gets it, and the host the request names.
     let (path, authority) = split_target(target)?;
@@ -193,6 +212,9 @@ pub fn parse_request<'a>(
         // Relayed as it came: the chunks are framing, other codings are the instance's.
         write_field(out, b"transfer-encoding", coding);
     }
+    if upgrade {
+        write_upgrade(out, fields);
+    }
     out.extend_from_slice(b"x-forwarded-for: ");
     for earlier in forwarded_for {
         out.extend_from_slice(earlier);
@@ -209,6 +231,7 @@ pub fn parse_request<'a>(
             http10,
             keep_alive,
             framing,
+            upgrade,
         },
         host,
     }))
@@ -240,14 +263,20 @@ pub struct ClientSide {
     pub keep_alive: bool,
     /// The request was `HEAD`.
     pub head_method: bool,
+    /// The request asked to switch protocols ([`RequestHead::upgrade`]): a `101` is the
+    /// switch, relayed with its `Upgrade` field.
+    pub upgrade: bool,
 }
 
 /// Parses the response head at the start of `input` and, if complete, writes the head the
 /// client gets into `out` (cleared first). An interim (`1xx`) response is returned as it is:
 /// the caller forwards it to an HTTP/1.1 client and reads the next head.
 ///
+/// A `101` to a request that asked to switch ([`ClientSide::upgrade`]) keeps its `Upgrade`
+/// field and gets `Connection: upgrade`.
+///
 /// `Ok(None)`: not complete yet. Errors: a malformed head, more than [`MAX_HEADERS`] fields, an
-/// invalid `Content-Length`.
+/// invalid `Content-Length`, a `101` to an upgrade without an `Upgrade` field.
 pub fn parse_response(
     input: &[u8],
     client: ClientSide,
@@ -312,6 +341,16 @@ pub fn parse_response(
         if !connection.strips(field.name) {
             write_field(out, field.name.as_bytes(), field.value);
         }
+    }
+    let switching = status == 101 && client.upgrade;
+    if switching {
+        if !fields
+            .iter()
+            .any(|f| f.name.eq_ignore_ascii_case("upgrade"))
+        {
+            return Err(HeadError::SwitchWithoutUpgrade);
+        }
+        write_upgrade(out, fields);
     }
     // An interim head is forwarded as it is; the final one says how this hop is framed.
     if !(100..200).contains(&status) {
@@ -389,6 +428,16 @@ fn push_status(out: &mut Vec<u8>, status: u16) {
     ]);
 }
 
+/// The `Upgrade` fields of `fields` as they came, and `Connection: upgrade`.
+fn write_upgrade(out: &mut Vec<u8>, fields: &[Header<'_>]) {
+    for field in fields {
+        if field.name.eq_ignore_ascii_case("upgrade") {
+            write_field(out, b"upgrade", field.value);
+        }
+    }
+    out.extend_from_slice(b"connection: upgrade\r\n");
+}
+
 fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -429,13 +478,16 @@ impl<'a> Connection<'a> {
         connection
     }
 
+    /// Whether `Connection` names `option` (`upgrade`, say).
+    fn names(&self, option: &[u8]) -> bool {
+        self.named
+            .iter()
+            .any(|named| named.eq_ignore_ascii_case(option))
+    }
+
     /// Whether the field `name` describes this hop only.
     fn strips(&self, name: &str) -> bool {
-        HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
-            || self
-                .named
-                .iter()
-                .any(|named| named.eq_ignore_ascii_case(name.as_bytes()))
+        HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name)) || self.names(name.as_bytes())
     }
 }
 
@@ -539,6 +591,7 @@ mod tests {
             http10,
             keep_alive,
             head_method: false,
+            upgrade: false,
         }
     }
 
@@ -735,6 +788,55 @@ mod tests {
         );
         let bad = "HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n";
         assert!(response(bad, client(false, true)).is_err());
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_upgrade_field_and_only_that() {
+        let handshake = "GET /chat HTTP/1.1\r\nHost: web\r\nConnection: keep-alive, Upgrade\r\n\
+                         Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                         Sec-WebSocket-Version: 13\r\n\r\n";
+        let (head, _, out) = request(handshake).unwrap();
+        assert!(head.upgrade);
+        assert_eq!(
+            out,
+            "GET /chat HTTP/1.1\r\nHost: web\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+             x-forwarded-for: 127.0.0.1\r\n\r\n"
+        );
+        // Not an upgrade: `Upgrade` not named in `Connection`, HTTP/1.0, or a body to read
+        // first. The field is dropped like any hop-by-hop one.
+        for raw in [
+            "GET / HTTP/1.1\r\nHost: web\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: web\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: web\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\
+             Content-Length: 2\r\n\r\nhi",
+            "GET / HTTP/1.1\r\nHost: web\r\nConnection: upgrade\r\n\r\n",
+        ] {
+            let (head, _, out) = request(raw).unwrap();
+            assert!(!head.upgrade, "{raw}");
+            assert!(!out.to_ascii_lowercase().contains("upgrade"), "{out}");
+        }
+
+        let switching = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                         Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        let upgrading = ClientSide {
+            upgrade: true,
+            ..client(false, true)
+        };
+        let (head, out) = response(switching, upgrading).unwrap();
+        assert_eq!((head.status, head.framing), (101, Framing::Empty));
+        assert_eq!(
+            out,
+            "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+             upgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+        );
+        let e = response("HTTP/1.1 101 Switching Protocols\r\n\r\n", upgrading)
+            .err()
+            .unwrap();
+        assert_eq!(e, HeadError::SwitchWithoutUpgrade);
+        // To a request that asked no upgrade, a 101 is an interim head the proxy refuses.
+        let (_, out) = response(switching, client(false, true)).unwrap();
+        assert!(!out.to_ascii_lowercase().contains("upgrade"), "{out}");
     }
 
     #[test]

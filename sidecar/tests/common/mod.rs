@@ -143,6 +143,7 @@ pub async fn sidecar_configured(
         max_queued: 100,
         instance_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(1),
+        tunnel_idle_timeout: Duration::from_secs(3600),
         header_read_timeout: Duration::from_secs(30),
         max_header_size: 64 * 1024,
         max_connections: 512,

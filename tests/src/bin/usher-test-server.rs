@@ -9,6 +9,8 @@
 //! - `GET /stream?chunks=N&ms=M` -> N chunks of `NAME\n`, M ms apart (a streaming body)
 //! - `POST /echo` -> the request body, streamed back
 //! - `GET /health` -> `ok\n`
+//! - `GET /ws` with a WebSocket handshake (RFC 6455) -> `101`, then each text message is
+//!   answered `NAME: text` and each binary message echoed
 #![forbid(unsafe_code)]
 
 use std::convert::Infallible;
@@ -21,6 +23,9 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -37,7 +42,45 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
     })
 }
 
-async fn handle(req: Request<Incoming>, name: String) -> Result<Response<Body>, Infallible> {
+/// Answers a WebSocket handshake `101` (hyper hands over the connection once it is sent) and
+/// serves the socket in its own task; `None` for a request that is not a handshake.
+fn websocket(req: &mut Request<Incoming>, name: &str) -> Option<Response<Body>> {
+    let headers = req.headers();
+    let asks = |field: &str, token: &str| {
+        headers.get_all(field).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !(asks("connection", "upgrade") && asks("upgrade", "websocket")) {
+        return None;
+    }
+    let key = headers.get("sec-websocket-key")?;
+    let accept = derive_accept_key(key.as_bytes());
+    let upgrading = hyper::upgrade::on(req);
+    let name = name.to_string();
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrading.await else {
+            return;
+        };
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        usher_tests::websocket::echo(ws, &name).await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(full(String::new()))
+        .ok()
+}
+
+async fn handle(mut req: Request<Incoming>, name: String) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() == "/ws" {
+        if let Some(switching) = websocket(&mut req, &name) {
+            return Ok(switching);
+        }
+    }
     let body = match (req.method().as_str(), req.uri().path()) {
         ("GET", "/health") => full("ok\n".into()),
         ("GET", "/slow") => {
@@ -115,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
             let service = service_fn(move |req| handle(req, name.clone()));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await;
         });
     }
