@@ -14,7 +14,9 @@
 //! - [`route`]: which service version a request is for (pure).
 //! - [`reserver`]: per service version reservation, queueing and ejection (Waiter), over
 //!   [`slots`]: one version's instances, laid out so picking and deltas are O(1).
-//! - [`http1`]: HTTP/1.1 heads (parsed by httparse, rewritten per hop) and bodies.
+//! - [`http1`]: HTTP/1.1 heads (parsed by httparse, rewritten per hop) and bodies;
+//!   [`http2`]: clients that speak HTTP/2 without TLS (gRPC), served by hyper, each stream
+//!   reserved and forwarded over h2c.
 //! - [`pool`] and [`proxy`]: keep-alive connections to instances and the HTTP proxy;
 //!   [`tunnel`]: the bytes of a switched protocol (WebSocket) after a `101`.
 //! - [`admin`]: `GET /healthz`, `GET /v1/routes`, `GET /metrics`; [`metrics`]: what the proxy
@@ -25,6 +27,7 @@
 pub mod admin;
 pub mod config;
 pub mod http1;
+pub mod http2;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -16,6 +16,8 @@
 //! connection that does not send a complete head within [`ClientLimits::header_read_timeout`]
 //! (counted from the end of the previous response) is closed.
 //!
+//! A connection that opens with HTTP/2's preface is handed to [`crate::http2`] (h2c, gRPC).
+//!
 //! A request that asks to switch protocols (a WebSocket handshake) is forwarded with its
 //! `Upgrade`; when the instance answers `101`, the connection becomes a tunnel
 //! ([`crate::tunnel`]) that keeps the request's reservation until it closes.
@@ -41,6 +43,7 @@ use crate::http1::head::{
     parse_request, parse_response, write_error, ClientSide, Framing, HeadError, RequestHead,
     ResponseHead,
 };
+use crate::http2::{self, Preface};
 use crate::metrics::{Outcome, ProxyCounters};
 use crate::pool::{Pool, Upstream};
 use crate::replica::Replica;
@@ -102,6 +105,8 @@ pub struct ClientLimits {
 pub struct Proxy {
     replica: Arc<Replica>,
     pool: Pool,
+    /// HTTP/2 connections to instances, for clients that speak HTTP/2 ([`crate::http2`]).
+    h2c: http2::Pool,
     limits: Limits,
     counters: ProxyCounters,
 }
@@ -162,6 +167,7 @@ impl Proxy {
         Self {
             replica,
             pool: Pool::default(),
+            h2c: http2::Pool::default(),
             limits,
             counters: ProxyCounters::default(),
         }
@@ -172,15 +178,41 @@ impl Proxy {
         &self.counters
     }
 
-    /// Serves one client connection until it closes, fails, times out or `shutdown` fires
-    /// between requests.
+    pub(crate) fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub(crate) fn h2c(&self) -> &http2::Pool {
+        &self.h2c
+    }
+
+    /// Serves one client connection: HTTP/2 if it opens with HTTP/2's preface, else HTTP/1.
     async fn connection(
-        &self,
+        self: &Arc<Self>,
         mut stream: TcpStream,
         client: SocketAddr,
         limits: ClientLimits,
         shutdown: CancellationToken,
     ) {
+        if let Some(read) = self.http1(&mut stream, client, limits, &shutdown).await {
+            http2::serve(self.clone(), stream, read, client, limits, shutdown).await;
+        }
+    }
+
+    /// Serves an HTTP/1 client connection until it closes, fails, times out or `shutdown`
+    /// fires between requests. Returns the bytes read if the connection opened with HTTP/2's
+    /// preface instead.
+    async fn http1(
+        &self,
+        stream: &mut TcpStream,
+        client: SocketAddr,
+        limits: ClientLimits,
+        shutdown: &CancellationToken,
+    ) -> Option<BytesMut> {
         let (rd, wr) = stream.split();
         let mut c = Client {
             rd,
@@ -193,10 +225,19 @@ impl Proxy {
         };
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
+        // Until the first bytes tell HTTP/1 from HTTP/2.
+        let mut opening = true;
         loop {
             let deadline = Instant::now() + limits.header_read_timeout;
             let (head, route) = loop {
-                if !c.buf.is_empty() {
+                if opening {
+                    match http2::preface(&c.buf) {
+                        Preface::Complete => return Some(std::mem::take(&mut c.buf)),
+                        Preface::Partial => {}
+                        Preface::No => opening = false,
+                    }
+                }
+                if !opening && !c.buf.is_empty() {
                     match parse_request(&c.buf, &c.ip, &mut c.request) {
                         Ok(Some(p)) if p.head.len <= limits.max_header_size => {
                             let route = p.host.and_then(|host| self.replica.route(&host));
@@ -206,37 +247,39 @@ impl Proxy {
                         Ok(_) => {
                             let e = HeadError::TooLarge(limits.max_header_size);
                             self.counters.unrouted(e.status());
-                            return refuse(&mut c, e.status(), &e.to_string()).await;
+                            refuse(&mut c, e.status(), &e.to_string()).await;
+                            return None;
                         }
                         Err(e) => {
                             self.counters.unrouted(e.status());
-                            return refuse(&mut c, e.status(), &e.to_string()).await;
+                            refuse(&mut c, e.status(), &e.to_string()).await;
+                            return None;
                         }
                     }
                 }
                 c.buf.reserve(READ_SIZE);
                 let read = tokio::select! {
                     biased;
-                    _ = &mut cancelled, if c.buf.is_empty() => return,
+                    _ = &mut cancelled, if c.buf.is_empty() => return None,
                     read = tokio::time::timeout_at(deadline, c.rd.read_buf(&mut c.buf)) => read,
                 };
                 match read {
-                    Ok(Ok(0)) => return,
+                    Ok(Ok(0)) => return None,
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
                         debug!(error = %e, "client connection failed");
-                        return;
+                        return None;
                     }
                     Err(_) => {
                         debug!(after = ?limits.header_read_timeout, partial = !c.buf.is_empty(),
                                "no request head in time; closing");
-                        return;
+                        return None;
                     }
                 }
             };
             c.buf.advance(head.len);
             let keep = match route {
-                Ok(reserver) => self.exchange(&mut c, head, &reserver, &shutdown).await,
+                Ok(reserver) => self.exchange(&mut c, head, &reserver, shutdown).await,
                 Err(e) => {
                     let status = e.status().as_u16();
                     self.counters.unrouted(status);
@@ -244,7 +287,7 @@ impl Proxy {
                 }
             };
             if !keep || shutdown.is_cancelled() {
-                return;
+                return None;
             }
         }
     }
@@ -312,13 +355,7 @@ impl Proxy {
                 }
                 Attempt::Timeout => {
                     counters.ended(Outcome::InstanceTimeout);
-                    let message = format!(
-                        "instance {} of {}/{} did not answer within {:?}",
-                        reservation.id(),
-                        reserver.service(),
-                        reserver.version(),
-                        self.limits.instance_timeout
-                    );
+                    let message = timeout_message(&reservation, self.limits.instance_timeout);
                     drop(reservation);
                     return answer_error(c, head, 504, &message, None).await;
                 }
@@ -333,12 +370,7 @@ impl Proxy {
             }
         }
         counters.ended(Outcome::InstanceFailure);
-        let message = format!(
-            "instance failure for {}/{}: {}",
-            reserver.service(),
-            reserver.version(),
-            last_failure.as_deref().unwrap_or("no instance answered")
-        );
+        let message = failure_message(reserver, last_failure.as_deref());
         answer_error(c, head, 502, &message, None).await
     }
 
@@ -564,11 +596,34 @@ impl Proxy {
                to_instance = tunneled.to_instance, to_client = tunneled.to_client, "tunnel closed");
     }
 
-    /// Drops idle instance connections that are closed or too old.
+    /// Drops idle instance connections that are closed or too old, and closed HTTP/2 ones.
     fn sweep(&self) {
         let idle = self.pool.sweep();
-        debug!(idle, "swept idle instance connections");
+        let http2 = self.h2c.sweep();
+        debug!(idle, http2, "swept instance connections");
     }
+}
+
+/// The `502` text: no attempt got an answer from `reserver`'s instances; `reason`: the last
+/// attempt's failure.
+pub(crate) fn failure_message(reserver: &Reserver, reason: Option<&str>) -> String {
+    format!(
+        "instance failure for {}/{}: {}",
+        reserver.service(),
+        reserver.version(),
+        reason.unwrap_or("no instance answered")
+    )
+}
+
+/// The `504` text: the reserved instance did not answer within `after`.
+pub(crate) fn timeout_message(reservation: &Reservation, after: Duration) -> String {
+    let reserver = reservation.reserver();
+    format!(
+        "instance {} of {}/{} did not answer within {after:?}",
+        reservation.id(),
+        reserver.service(),
+        reserver.version(),
+    )
 }
 
 /// Reads the instance's response until its final head, forwarding interim ones to an

@@ -433,6 +433,11 @@ impl Reservation {
         &self.id
     }
 
+    /// The service version's reserver the slot is from.
+    pub fn reserver(&self) -> &Reserver {
+        &self.reserver
+    }
+
     pub fn address(&self) -> SocketAddr {
         self.address
     }

@@ -8,11 +8,14 @@
 //!   printed when a test fails.
 //! - [`Mesh`]: one test's directory, agents and sidecars, sharing a temporary folder and ports.
 //! - [`http`]: a minimal HTTP/1.1 client (hyper) that can send origin- or absolute-form requests.
+//! - [`instance`]: the service instance (`usher-test-server`, or in process), HTTP/1.1 and
+//!   h2c.
 //! - [`websocket`]: the instance's side of a WebSocket (echo), for `usher-test-server` and the
 //!   sidecar's tests.
 #![forbid(unsafe_code)]
 
 pub mod http;
+pub mod instance;
 pub mod websocket;
 
 use std::net::{TcpListener, UdpSocket};

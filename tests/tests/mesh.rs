@@ -463,6 +463,58 @@ async fn a_websocket_crosses_the_mesh_as_a_request_in_flight() {
     directory_sees_in_flight(&m, 0).await;
 }
 
+/// 6c. gRPC's transport crosses the mesh: an HTTP/2 client (prior knowledge, no TLS) sends
+///     streams on one connection to the sidecar; each is routed and reserved on its own, goes
+///     to an instance over h2c, and comes back with its body and trailers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_cross_the_mesh_with_their_trailers() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+
+    let m = mesh_with(2).await;
+    let tcp = tokio::net::TcpStream::connect(m.sidecar_addrs.proxy())
+        .await
+        .unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let calls = (0..16).map(|i| {
+        let mut sender = sender.clone();
+        async move {
+            let message = Bytes::from(format!("call {i}"));
+            let request = ::http::Request::post("http://web/grpc")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(Full::new(message.clone()))
+                .unwrap();
+            let response =
+                tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+                    .await
+                    .expect("an answer in time")
+                    .expect("an answer");
+            assert_eq!(response.status(), 200);
+            let body = response.into_body().collect().await.unwrap();
+            let trailers = body.trailers().cloned().expect("trailers");
+            assert_eq!(trailers["grpc-status"], "0");
+            assert_eq!(body.to_bytes(), message);
+            trailers["x-instance"].to_str().unwrap().to_string()
+        }
+    });
+    let answered_by: BTreeSet<String> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .collect();
+    let all: BTreeSet<String> = ["web-1", "web-2"].map(String::from).into();
+    assert_eq!(
+        answered_by, all,
+        "the streams of one connection spread over instances"
+    );
+    slots_released(&m).await;
+}
+
 /// 7. Garbage and oversized frames sent to the directory's port are refused; it keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_frames_are_refused_and_the_directory_keeps_serving() {

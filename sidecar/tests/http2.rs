@@ -1,0 +1,325 @@
+//! HTTP/2 without TLS (h2c, as gRPC clients speak it) through a real sidecar on loopback: a
+//! real hyper HTTP/2 client, real instances that speak HTTP/1.1 and h2c on one port
+//! (`usher_tests::instance`). The streams of one connection are routed and reserved one by
+//! one, bodies and trailers stream both ways, a reset stream releases its slot, errors are
+//! answered per stream, and HTTP/1 clients of the same port are unaffected.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::channel::Channel;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use usher_sidecar::http2::PREFACE;
+
+/// How long a test waits for the next answer or state before it fails.
+const WAIT: Duration = Duration::from_secs(5);
+
+type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// One HTTP/2 client connection to the sidecar (prior knowledge, no TLS).
+async fn client(proxy: SocketAddr) -> SendRequest<Body> {
+    let tcp = TcpStream::connect(proxy).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new()).boxed()
+}
+
+async fn send(
+    sender: &SendRequest<Body>,
+    method: &str,
+    uri: &str,
+    body: Body,
+) -> Response<Incoming> {
+    let request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(body)
+        .unwrap();
+    let mut sender = sender.clone();
+    tokio::time::timeout(WAIT, sender.send_request(request))
+        .await
+        .expect("a response in time")
+        .expect("a response")
+}
+
+/// A response's whole body as text, and its trailers.
+async fn read(response: Response<Incoming>) -> (StatusCode, String, Option<HeaderMap>) {
+    let status = response.status();
+    let collected = tokio::time::timeout(WAIT, response.into_body().collect())
+        .await
+        .expect("the body in time")
+        .expect("the body");
+    let trailers = collected.trailers().cloned();
+    let text = String::from_utf8_lossy(&collected.to_bytes()).to_string();
+    (status, text, trailers)
+}
+
+/// The instances' reserved slots, summed, from the sidecar's `GET /v1/routes`.
+async fn in_flight(admin: SocketAddr) -> u64 {
+    let doc = routes(admin).await;
+    doc["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["in_flight"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+async fn wait_in_flight(admin: SocketAddr, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    while in_flight(admin).await != n {
+        assert!(
+            Instant::now() < deadline,
+            "in_flight never {n}: {}",
+            routes(admin).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_streams_of_one_connection_are_spread_over_instances_with_their_trailers() {
+    let a = usher_tests::instance::spawn("a").await;
+    let b = usher_tests::instance::spawn("b").await;
+    let s = sidecar(vec![entry("a", a, 8), entry("b", b, 8)], WAIT).await;
+    let h2 = client(s.proxy).await;
+
+    // 24 streams at once on one connection, each reserved on its own.
+    let answers =
+        futures_util::future::join_all((0..24).map(|_| async {
+            read(send(&h2, "GET", "http://web/slow?ms=100", empty()).await).await
+        }))
+        .await;
+    let mut by = std::collections::BTreeMap::<String, usize>::new();
+    for (status, text, _) in answers {
+        assert_eq!(status, 200, "{text}");
+        *by.entry(text.trim().to_string()).or_default() += 1;
+    }
+    assert_eq!(by.keys().collect::<Vec<_>>(), ["a", "b"], "{by:?}");
+
+    // The instance is spoken to in HTTP/2, with the client appended to X-Forwarded-For.
+    let (status, text, _) = read(send(&h2, "GET", "http://web/headers", empty()).await).await;
+    assert_eq!(status, 200);
+    assert!(text.starts_with("HTTP/2.0\n"), "{text}");
+    assert!(text.contains("x-forwarded-for: 127.0.0.1\n"), "{text}");
+
+    // gRPC's shape: a streamed body echoed, then trailers.
+    let data: Vec<u8> = (0..300_000).map(|i| (i % 251) as u8).collect();
+    let response = send(
+        &h2,
+        "POST",
+        "http://web/grpc",
+        Full::new(Bytes::from(data.clone())).boxed(),
+    )
+    .await;
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(collected.to_bytes(), data);
+
+    wait_in_flight(s.admin, 0).await;
+    let m = metrics(s.admin).await;
+    let answered =
+        r#"usher_sidecar_requests_total{service="web",version="v1",outcome="answered"} 26"#;
+    assert!(m.contains(answered), "{m}");
+    s.shutdown.cancel();
+    tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn bodies_stream_both_ways_as_they_come() {
+    let a = usher_tests::instance::spawn("a").await;
+    let s = sidecar(vec![entry("a", a, 2)], WAIT).await;
+    let h2 = client(s.proxy).await;
+    // A bidirectional stream: each message is echoed before the next is sent, so nothing
+    // waits for a whole body on either side.
+    let (mut tx, body) = Channel::<Bytes>::new(1);
+    let response = send(&h2, "POST", "http://web/grpc", body.boxed()).await;
+    let mut body = response.into_body();
+    for i in 0..5 {
+        let message = Bytes::from(format!("message {i}"));
+        tx.send_data(message.clone()).await.unwrap();
+        let frame = tokio::time::timeout(WAIT, body.frame())
+            .await
+            .expect("the echo before the request ends")
+            .unwrap()
+            .unwrap();
+        assert_eq!(frame.into_data().unwrap(), message);
+    }
+    assert_eq!(in_flight(s.admin).await, 1, "the open stream holds a slot");
+    drop(tx);
+    let rest = body.collect().await.unwrap();
+    assert_eq!(rest.trailers().unwrap()["grpc-status"], "0");
+    wait_in_flight(s.admin, 0).await;
+    s.shutdown.cancel();
+    tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_reset_stream_releases_its_slot_and_the_others_go_on() {
+    let a = usher_tests::instance::spawn("a").await;
+    let s = sidecar(vec![entry("a", a, 4)], WAIT).await;
+    let h2 = client(s.proxy).await;
+    // Three long streaming responses (a chunk every 50 ms for 10 s).
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let response = send(&h2, "GET", "http://web/stream?chunks=200&ms=50", empty()).await;
+        let mut body = response.into_body();
+        let first = tokio::time::timeout(WAIT, body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.into_data().unwrap(), "a\n");
+        streams.push(body);
+    }
+    wait_in_flight(s.admin, 3).await;
+    // Dropping a response body resets its stream: its slot comes back, the others stay.
+    drop(streams.pop());
+    wait_in_flight(s.admin, 2).await;
+    let next = tokio::time::timeout(WAIT, streams[0].frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.into_data().unwrap(), "a\n");
+    drop(streams);
+    wait_in_flight(s.admin, 0).await;
+    // The connection still carries new streams.
+    let (status, text, _) = read(send(&h2, "GET", "http://web/", empty()).await).await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "a\n"));
+    s.shutdown.cancel();
+    tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn errors_are_answered_per_stream_and_unreachable_instances_are_retried() {
+    let good = usher_tests::instance::spawn("good").await;
+    // A port nothing listens on.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let s = sidecar(vec![entry("dead", dead, 4), entry("good", good, 4)], WAIT).await;
+    let h2 = client(s.proxy).await;
+
+    let (status, text, _) = read(send(&h2, "GET", "http://nope/", empty()).await).await;
+    assert_eq!(status, 404);
+    assert_eq!(text, "unknown service \"nope\"\n");
+    let (status, _, _) = read(send(&h2, "GET", "http://v9.web/", empty()).await).await;
+    assert_eq!(status, 404);
+    // Every request is answered by the good instance; the dead one is tried at most once
+    // (then ejected) and never fails a request.
+    for _ in 0..10 {
+        let (status, text, _) = read(send(&h2, "GET", "http://web/", empty()).await).await;
+        assert_eq!((status, text.as_str()), (StatusCode::OK, "good\n"));
+    }
+    let m = metrics(s.admin).await;
+    assert!(
+        m.contains(r#"usher_sidecar_ejected_instances{service="web",version="v1"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"usher_sidecar_unrouted_requests_total{code="404"} 2"#),
+        "{m}"
+    );
+    s.shutdown.cancel();
+    tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_instance_that_speaks_only_http1_is_a_502_not_an_ejection() {
+    let plain = instance("plain").await;
+    let s = sidecar(vec![entry("plain", plain, 4)], WAIT).await;
+    let h2 = client(s.proxy).await;
+    let (status, text, _) = read(send(&h2, "GET", "http://web/", empty()).await).await;
+    assert_eq!(status, 502, "{text}");
+    assert!(text.starts_with("instance failure for web/v1"), "{text}");
+    // HTTP/1 clients of the same instance are not affected.
+    let (status, body) = get(s.proxy, "web", "/").await;
+    assert_eq!(status, 200, "{body}");
+    let m = metrics(s.admin).await;
+    assert!(
+        m.contains(r#"usher_sidecar_ejected_instances{service="web",version="v1"} 0"#),
+        "{m}"
+    );
+    s.shutdown.cancel();
+    tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_lets_open_streams_finish_and_refuses_new_ones() {
+    let a = usher_tests::instance::spawn("a").await;
+    let s = sidecar(vec![entry("a", a, 4)], WAIT).await;
+    let h2 = client(s.proxy).await;
+    let slow = tokio::spawn({
+        let h2 = h2.clone();
+        async move { read(send(&h2, "GET", "http://web/slow?ms=600", empty()).await).await }
+    });
+    wait_in_flight(s.admin, 1).await;
+    s.shutdown.cancel();
+    // The GOAWAY reaches the client: a new stream on the connection is refused.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let request = Request::get("http://web/").body(empty()).unwrap();
+    let refused = tokio::time::timeout(WAIT, h2.clone().send_request(request)).await;
+    assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
+    let (status, text, _) = slow.await.unwrap();
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "a\n"));
+    tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn http1_clients_are_told_apart_from_the_preface_however_it_arrives() {
+    let a = usher_tests::instance::spawn("a").await;
+    let s = sidecar(vec![entry("a", a, 4)], WAIT).await;
+    // `POST` shares its first byte with the preface; `PRI` from an HTTP/1 client is not one.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = TcpStream::connect(s.proxy).await.unwrap();
+    c.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.write_all(
+        b"OST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    )
+    .await
+    .unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    assert!(reply.ends_with("hi"), "{reply}");
+
+    // The preface in pieces is still HTTP/2.
+    let mut c = TcpStream::connect(s.proxy).await.unwrap();
+    for piece in PREFACE.chunks(5) {
+        c.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The server's first frame is its SETTINGS (type 4).
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(WAIT, c.read_exact(&mut frame))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(frame[3], 4, "{frame:?}");
+    // (A client that answers no PING would hold a graceful shutdown up to the drain timeout.)
+    drop(c);
+    s.shutdown.cancel();
+    tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
+}
