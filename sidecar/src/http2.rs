@@ -47,7 +47,7 @@ use usher_shared::FastHash;
 use crate::http1::head::HeadError;
 use crate::metrics::Outcome;
 use crate::proxy::{
-    failure_message, timeout_message, ClientLimits, Proxy, MAX_ATTEMPTS, RETRY_AFTER_SECS,
+    failure_message, timeout_message, ClientLimits, Limits, Proxy, MAX_ATTEMPTS, RETRY_AFTER_SECS,
 };
 use crate::reserver::{Reservation, ReserveError};
 use crate::route::request_host;
@@ -186,42 +186,27 @@ async fn forward(proxy: &Proxy, request: Request<Incoming>, ip: IpAddr) -> Respo
         };
         tried.push(reservation.id().clone());
         let address = reservation.address();
-        let mut sender = match proxy.h2c().sender(address, limits.connect_timeout).await {
-            Ok(sender) => sender,
-            Err(reason) => {
+        match send(proxy.h2c(), address, limits, request).await {
+            Sent::Answered(response) => {
+                reservation.succeeded();
+                counters.ended(Outcome::Answered);
+                return response.map(|body| Reply::Relayed(Held::new(body, reservation)));
+            }
+            Sent::Unreachable(reason, unsent) => {
                 counters.instance_failed();
                 let period = reservation.failed();
                 warn!(instance = &**reservation.id(), %address, %reason, ejected_for = ?period,
                       "instance unreachable; retrying elsewhere");
                 last_failure = Some(reason);
-                continue;
+                request = unsent;
             }
-        };
-        let sent = tokio::time::timeout(limits.instance_timeout, sender.try_send_request(request));
-        match sent.await {
-            Ok(Ok(response)) => {
-                reservation.succeeded();
-                counters.ended(Outcome::Answered);
-                return response.map(|body| Reply::Relayed(Held::new(body, reservation)));
+            Sent::Failed(reason) => {
+                counters.ended(Outcome::InstanceFailure);
+                warn!(instance = &**reservation.id(), %address, %reason, "instance failed mid-request");
+                let message = failure_message(&reserver, Some(&reason));
+                return error(StatusCode::BAD_GATEWAY, &message, None);
             }
-            Ok(Err(mut e)) => match e.take_message() {
-                // The connection closed before the request went out: another connection.
-                Some(unsent) => {
-                    proxy.h2c().forget(address);
-                    debug!(%address, error = %e.error(), "pooled HTTP/2 connection closed; retrying");
-                    last_failure = Some(e.into_error().to_string());
-                    request = unsent;
-                }
-                None => {
-                    counters.ended(Outcome::InstanceFailure);
-                    warn!(instance = &**reservation.id(), %address, error = %e.error(),
-                          "instance failed mid-request");
-                    let reason = e.into_error().to_string();
-                    let message = failure_message(&reserver, Some(&reason));
-                    return error(StatusCode::BAD_GATEWAY, &message, None);
-                }
-            },
-            Err(_) => {
+            Sent::Timeout => {
                 counters.ended(Outcome::InstanceTimeout);
                 let message = timeout_message(&reservation, limits.instance_timeout);
                 return error(StatusCode::GATEWAY_TIMEOUT, &message, None);
@@ -231,6 +216,49 @@ async fn forward(proxy: &Proxy, request: Request<Incoming>, ip: IpAddr) -> Respo
     counters.ended(Outcome::InstanceFailure);
     let message = failure_message(&reserver, last_failure.as_deref());
     error(StatusCode::BAD_GATEWAY, &message, None)
+}
+
+/// How sending a stream to one instance ended.
+enum Sent {
+    /// The instance's response head.
+    Answered(Response<Incoming>),
+    /// Nothing reached the instance (no connection, or a new one closed at once): why, and
+    /// the request, to send elsewhere.
+    Unreachable(String, Request<Incoming>),
+    /// The request went out and the instance failed before answering.
+    Failed(String),
+    /// No response head within the instance timeout.
+    Timeout,
+}
+
+/// Sends `request` to `address` on its pooled connection, or on a new one if that turns out
+/// closed before the request went out.
+async fn send(
+    pool: &Pool,
+    address: SocketAddr,
+    limits: &Limits,
+    mut request: Request<Incoming>,
+) -> Sent {
+    loop {
+        let (mut sender, fresh) = match pool.sender(address, limits.connect_timeout).await {
+            Ok(sender) => sender,
+            Err(reason) => return Sent::Unreachable(reason, request),
+        };
+        let sent = tokio::time::timeout(limits.instance_timeout, sender.try_send_request(request));
+        match sent.await {
+            Ok(Ok(response)) => return Sent::Answered(response),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(unsent) if !fresh => {
+                    debug!(%address, error = %e.error(), "pooled HTTP/2 connection closed; a new one");
+                    pool.forget(address);
+                    request = unsent;
+                }
+                Some(unsent) => return Sent::Unreachable(e.into_error().to_string(), unsent),
+                None => return Sent::Failed(e.into_error().to_string()),
+            },
+            Err(_) => return Sent::Timeout,
+        }
+    }
 }
 
 /// Appends `ip` to the request's `X-Forwarded-For` list (one field, earlier entries first).
@@ -354,15 +382,16 @@ pub struct Pool {
 
 impl Pool {
     /// A sender on the open connection to `address`, or on a new one (TCP connect within
-    /// `connect_timeout`, then the HTTP/2 preface). Errors: why the instance is unreachable.
+    /// `connect_timeout`, then the HTTP/2 preface); `true` with a new one. Errors: why the
+    /// instance is unreachable.
     pub async fn sender(
         &self,
         address: SocketAddr,
         connect_timeout: Duration,
-    ) -> Result<SendRequest<Incoming>, String> {
+    ) -> Result<(SendRequest<Incoming>, bool), String> {
         if let Some(sender) = self.lock().get(&address) {
             if !sender.is_closed() {
-                return Ok(sender.clone());
+                return Ok((sender.clone(), false));
             }
         }
         let upstream = crate::pool::Pool::connect(address, connect_timeout)
@@ -379,7 +408,7 @@ impl Pool {
             }
         });
         self.lock().insert(address, sender.clone());
-        Ok(sender)
+        Ok((sender, true))
     }
 
     /// Drops the connection to `address` (it closed); the next stream opens another.

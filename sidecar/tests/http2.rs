@@ -323,3 +323,54 @@ async fn http1_clients_are_told_apart_from_the_preface_however_it_arrives() {
     s.shutdown.cancel();
     tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
 }
+
+/// An h2c instance that closes each connection (`GOAWAY`) after its first request.
+async fn one_request_per_connection() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (served, mut first) = tokio::sync::mpsc::channel::<()>(1);
+                let service = hyper::service::service_fn(move |_request| {
+                    let served = served.clone();
+                    async move {
+                        let _ = served.try_send(());
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"once\n"),
+                        )))
+                    }
+                });
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    _ = first.recv() => connection.as_mut().graceful_shutdown(),
+                }
+                let _ = connection.await;
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn an_instance_that_closes_its_connection_gets_a_new_one_without_a_failure() {
+    let address = one_request_per_connection().await;
+    let s = sidecar(vec![entry("a", address, 4)], WAIT).await;
+    let h2 = client(s.proxy).await;
+    // Each request finds the connection of the one before closing or closed: a race the
+    // sidecar must win every time (a send on a closing connection comes back unsent).
+    for _ in 0..40 {
+        let (status, text, _) = read(send(&h2, "GET", "http://web/", empty()).await).await;
+        assert_eq!((status, text.as_str()), (StatusCode::OK, "once\n"));
+    }
+    let m = metrics(s.admin).await;
+    assert!(
+        m.contains(r#"usher_sidecar_instance_failures_total{service="web",version="v1"} 0"#),
+        "{m}"
+    );
+    s.shutdown.cancel();
+    tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
+}
