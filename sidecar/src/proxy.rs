@@ -199,7 +199,16 @@ impl Proxy {
         shutdown: CancellationToken,
     ) {
         if let Some(read) = self.http1(&mut stream, client, limits, &shutdown).await {
-            http2::serve(self.clone(), stream, read, client, limits, shutdown).await;
+            // Boxed: the HTTP/1 connection's future stays as small as it was without it.
+            Box::pin(http2::serve(
+                self.clone(),
+                stream,
+                read,
+                client,
+                limits,
+                shutdown,
+            ))
+            .await;
         }
     }
 
@@ -436,7 +445,8 @@ impl Proxy {
             };
             reservation.succeeded();
             if response.status == 101 {
-                self.tunnel(c, upstream, reservation, shutdown).await;
+                // Boxed: every request's future stays as small as it was without tunnels.
+                Box::pin(self.tunnel(c, upstream, reservation, shutdown)).await;
                 return Attempt::Done(false);
             }
             return Attempt::Done(

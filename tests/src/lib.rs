@@ -408,6 +408,28 @@ impl Mesh {
         credentials: &[String],
         extra: &[&str],
     ) -> Result<Process> {
+        let command = [
+            bin("usher-test-server").display().to_string(),
+            "--port".into(),
+            "{port}".into(),
+            "--name".into(),
+            name.into(),
+        ];
+        self.start_agent_running(name, service, credentials, extra, "http:/health", &command)
+    }
+
+    /// Starts an agent as [`Mesh::start_agent_as`] does, health-checking with `health` (its
+    /// `--health`) and running `command` as its instance (`{port}` is the port the agent
+    /// picks).
+    pub fn start_agent_running(
+        &self,
+        name: &str,
+        service: &str,
+        credentials: &[String],
+        extra: &[&str],
+        health: &str,
+        command: &[String],
+    ) -> Result<Process> {
         let mut args: Vec<String> = vec![
             "--directory".into(),
             self.directory.quic(),
@@ -421,20 +443,14 @@ impl Mesh {
                 .display()
                 .to_string(),
             "--health".into(),
-            "http:/health".into(),
+            health.into(),
             "--health-interval".into(),
             "200ms".into(),
         ];
         args.extend(credentials.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
-        args.extend([
-            "--".into(),
-            bin("usher-test-server").display().to_string(),
-            "--port".into(),
-            "{port}".into(),
-            "--name".into(),
-            name.into(),
-        ]);
+        args.push("--".into());
+        args.extend(command.iter().cloned());
         Process::start(
             &format!("agent-{name}"),
             self.dir(),
@@ -654,6 +670,34 @@ pub fn optional_tool(program: &str) -> Option<PathBuf> {
         "USHER_TESTS_REQUIRE_TOOLS is set but `{program}` does not run (.ci/run installs it)"
     );
     eprintln!("skipped: this check needs `{program}` (Debian: apt install nodejs chromium)");
+    None
+}
+
+/// A Python 3 that has gRPC's own library (`import grpc`; Debian: `apt install python3-grpcio`,
+/// which goes to `/usr/bin/python3` even where another `python3` comes first on `PATH`), or
+/// `None` after a note (a failure under `USHER_TESTS_REQUIRE_TOOLS`, as
+/// [`optional_tool`]).
+pub fn python_with_grpc() -> Option<PathBuf> {
+    for python in ["python3", "/usr/bin/python3"] {
+        // The interpreter's own path: a version manager's `python3` shim may pick another
+        // interpreter in another working directory (the agent's instance runs in its own).
+        let found = Command::new(python)
+            .args(["-c", "import sys, grpc; print(sys.executable)"])
+            .current_dir("/")
+            .stderr(Stdio::null())
+            .output();
+        if let Ok(found) = found {
+            let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
+            if found.status.success() && !path.is_empty() {
+                return Some(PathBuf::from(path));
+            }
+        }
+    }
+    assert!(
+        std::env::var_os("USHER_TESTS_REQUIRE_TOOLS").is_none(),
+        "USHER_TESTS_REQUIRE_TOOLS is set but no python3 imports grpc (.ci/run installs python3-grpcio)"
+    );
+    eprintln!("skipped: this check needs Python's grpc (Debian: apt install python3-grpcio)");
     None
 }
 
