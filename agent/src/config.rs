@@ -4,7 +4,8 @@
 //! ```text
 //! usher-agent --directory ADDR --service NAME [--version V] --address ADDR
 //!             [--join-token TOKEN | --ca FILE --cert FILE --key FILE] [--join-address ADDR]
-//!             [--health http:PATH | tcp | none] [--concurrency N] [--admin ADDR]
+//!             [--health http:PATH | grpc[:SERVICE] | tcp | none] [--concurrency N]
+//!             [--admin ADDR]
 //!             [--state-dir DIR] [-- COMMAND ARGS...]
 //! ```
 
@@ -15,9 +16,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use http::uri::PathAndQuery;
 use thiserror::Error;
 use usher_shared::enrolment::{TlsFlags, TlsSettings};
+pub use usher_shared::health::HealthSpec;
 use usher_shared::names::{validate_host_port, validate_instance_id, validate_label, NameError};
 
 /// The directory's batching period (SwarmKit: 100 changes or 100 ms): `--drain-time` must be
@@ -68,7 +69,8 @@ pub struct Args {
     #[arg(long, env = "USHER_AGENT_ADDRESS", value_name = "ADDR")]
     pub address: Option<SocketAddr>,
 
-    /// Health check: `http:PATH` (GET, 2xx passes), `tcp` (connect) or `none`.
+    /// Health check: `http:PATH` (GET, 2xx passes), `grpc` or `grpc:SERVICE` (gRPC's
+    /// grpc.health.v1 Check, SERVING passes), `tcp` (connect) or `none`.
     #[arg(
         long,
         env = "USHER_AGENT_HEALTH",
@@ -145,48 +147,6 @@ pub struct Args {
     /// The instance to start and supervise; `{port}` in its arguments becomes the port.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
-}
-
-/// How the agent checks its instance over localhost.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HealthSpec {
-    /// `GET PATH` on the instance's address; a 2xx status within the timeout passes.
-    Http { path: PathAndQuery },
-    /// A TCP connect within the timeout passes.
-    Tcp,
-    /// Always passes.
-    None,
-}
-
-impl HealthSpec {
-    /// Parses `http:PATH`, `tcp` or `none`; the error is a sentence without the flag name.
-    pub fn parse(spec: &str) -> Result<Self, String> {
-        match spec {
-            "tcp" => Ok(HealthSpec::Tcp),
-            "none" => Ok(HealthSpec::None),
-            _ => {
-                let Some(path) = spec.strip_prefix("http:") else {
-                    return Err("expected http:PATH, tcp or none".into());
-                };
-                if !path.starts_with('/') {
-                    return Err(format!("the path {path:?} must start with '/'"));
-                }
-                let path = PathAndQuery::try_from(path)
-                    .map_err(|e| format!("the path {path:?} is not a valid URI path: {e}"))?;
-                Ok(HealthSpec::Http { path })
-            }
-        }
-    }
-}
-
-impl fmt::Display for HealthSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HealthSpec::Http { path } => write!(f, "http:{path}"),
-            HealthSpec::Tcp => f.write_str("tcp"),
-            HealthSpec::None => f.write_str("none"),
-        }
-    }
 }
 
 /// Where the instance listens.
@@ -551,17 +511,7 @@ mod tests {
     }
 
     #[test]
-    fn health_specs() {
-        assert_eq!(HealthSpec::parse("none"), Ok(HealthSpec::None));
-        assert_eq!(
-            HealthSpec::parse("http:/health?deep=1")
-                .unwrap()
-                .to_string(),
-            "http:/health?deep=1"
-        );
-        for bad in ["http", "http:", "http:health", "udp", "http:/a b"] {
-            assert!(HealthSpec::parse(bad).is_err(), "{bad}");
-        }
+    fn a_bad_health_check_is_named() {
         let e = parse(&["--address", "127.0.0.1:1", "--health", "ping"]).unwrap_err();
         assert!(e.to_string().starts_with("--health \"ping\""), "{e}");
     }

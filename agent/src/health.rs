@@ -46,12 +46,15 @@ pub enum CheckError {
         path: String,
         status: http::StatusCode,
     },
+    #[error(transparent)]
+    Grpc(#[from] crate::grpc_health::GrpcCheckError),
 }
 
 /// Runs one check of the instance at `addr`, bounded by `timeout` as a whole.
 ///
 /// `http:PATH`: an HTTP/1.1 `GET PATH` with `Host: <addr>` passes on a 2xx status (the body is
-/// not read). `tcp`: a TCP connect passes. `none`: always passes.
+/// not read). `grpc[:SERVICE]`: gRPC's `Health/Check` passes on `SERVING`
+/// ([`crate::grpc_health`]). `tcp`: a TCP connect passes. `none`: always passes.
 pub async fn check(
     spec: &HealthSpec,
     addr: SocketAddr,
@@ -65,6 +68,7 @@ pub async fn check(
                 .map(drop)
                 .map_err(|source| CheckError::Connect { addr, source }),
             HealthSpec::Http { path } => http_check(addr, path.as_str()).await,
+            HealthSpec::Grpc { service } => crate::grpc_health::check(addr, service).await,
         }
     };
     tokio::time::timeout(timeout, probe)

@@ -14,7 +14,8 @@
 //! # Layout
 //!
 //! - [`config`]: flags (`USHER_AGENT_*`) and the validated [`Config`].
-//! - [`health`]: `http:PATH`/`tcp`/`none` checks and the rise/fall state machine.
+//! - [`health`]: `http:PATH`/`grpc[:SERVICE]`/`tcp`/`none` checks and the rise/fall state
+//!   machine; [`grpc_health`]: gRPC's standard health call.
 //! - [`session`]: connect, register, heartbeat, reconnect forever, deregister.
 //! - [`child`]: start, watch and stop the instance process.
 //! - [`admin`]: `GET /healthz` and `GET /v1/instance`.
@@ -24,6 +25,7 @@
 pub mod admin;
 pub mod child;
 pub mod config;
+pub mod grpc_health;
 pub mod health;
 pub mod session;
 

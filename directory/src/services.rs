@@ -7,7 +7,8 @@
 //! version = "v1"                  # default "v1"
 //! scheduler = "process"           # "process" (default), "command" or "kubernetes"
 //! command = ["python3", "-m", "http.server", "--bind", "127.0.0.1", "{port}"]
-//! health = "http:/"               # default "tcp"
+//! health = "http:/"               # the agent's --health: http:PATH, grpc[:SERVICE], tcp
+//!                                 # or none; default "tcp"
 //! concurrency = 1                 # default 1
 //! min_instances = 0               # default 0 (older versions idle to 0 regardless)
 //! max_instances = 4               # default 4
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
+use usher_shared::health::HealthSpec;
 use usher_shared::names::validate_label;
 
 use crate::autoscale::ScaleSettings;
@@ -165,11 +167,9 @@ fn validate_entry(index: usize, e: &ServiceEntry) -> Result<ServiceSpec, Service
         }
     }
     let health = e.health.clone().unwrap_or_else(|| "tcp".into());
-    if !(health == "tcp" || health == "none" || health.starts_with("http:/")) {
-        return Err(err(
-            "health",
-            format!("{health:?} is not http:PATH, tcp or none"),
-        ));
+    // The agent's own parser: the directory accepts exactly the checks an agent runs.
+    if let Err(reason) = HealthSpec::parse(&health) {
+        return Err(err("health", format!("{health:?}: {reason}")));
     }
     let defaults = ScaleSettings::default();
     let scale = ScaleSettings {

@@ -20,6 +20,8 @@
 //! - [`join`]: the join endpoint's messages (enrol with a token and a CSR, renew).
 //! - [`enrolment`]: the node side of getting, storing and renewing its certificate.
 //! - [`files`]: atomic state-file writes (temp, fsync, rename) with a given mode.
+//! - [`health`]: the health checks an agent can run (`http:PATH`, `grpc[:SERVICE]`, `tcp`,
+//!   `none`), parsed in one place for the agent and the directory.
 //! - [`admin`], [`metrics`], [`telemetry`], [`signals`], [`runtime`]: the admin HTTP server,
 //!   its Prometheus `/metrics`, logging setup, shutdown signals and the `--threads`-sized tokio
 //!   runtime every binary uses.
@@ -30,6 +32,7 @@ pub mod backoff;
 pub mod codec;
 pub mod enrolment;
 pub mod files;
+pub mod health;
 pub mod identity;
 pub mod join;
 pub mod metrics;

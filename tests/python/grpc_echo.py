@@ -3,11 +3,13 @@
 end-to-end test of gRPC through the sidecar. No generated code: the methods take and return
 raw bytes.
 
-  grpc_echo.py serve --port P --name NAME
+  grpc_echo.py serve --port P --name NAME [--not-serving-if FILE]
       Serves /usher.test.Echo/Unary (answers "NAME: request"), /usher.test.Echo/Stream
       (bidirectional: answers each message the same way as it comes) and
       /usher.test.Echo/Fail (FAILED_PRECONDITION), each with the trailing metadata
-      x-instance: NAME, on 127.0.0.1:P until SIGTERM.
+      x-instance: NAME, and gRPC's health service, grpc.health.v1.Health/Check, for "" and
+      "usher.test.Echo" (NOT_SERVING while FILE exists; NOT_FOUND for other services), on
+      127.0.0.1:P until SIGTERM.
 
   grpc_echo.py call --target HOST:PORT --authority SERVICE [--calls N]
       Makes N concurrent unary calls, one bidirectional stream, one failing call, and one
@@ -17,6 +19,7 @@ raw bytes.
 
 import argparse
 import json
+import os
 import signal
 import sys
 from concurrent import futures
@@ -26,7 +29,25 @@ import grpc
 SERVICE = "usher.test.Echo"
 
 
-def serve(port, name):
+def health_check(not_serving_if):
+    """grpc.health.v1.Health/Check on raw bytes: HealthCheckRequest { string service = 1; }
+    in, HealthCheckResponse { ServingStatus status = 1; } out (SERVING = 1, NOT_SERVING = 2)."""
+
+    def check(request, context):
+        service = ""
+        if request[:1] == b"\x0a" and len(request) >= 2 and request[1] < 0x80:
+            service = request[2 : 2 + request[1]].decode()
+        if service not in ("", SERVICE):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {service!r}")
+        serving = not (not_serving_if and os.path.exists(not_serving_if))
+        return b"\x08\x01" if serving else b"\x08\x02"
+
+    return grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}
+    )
+
+
+def serve(port, name, not_serving_if):
     prefix = name.encode() + b": "
 
     def unary(request, context):
@@ -50,7 +71,7 @@ def serve(port, name):
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers((handler, health_check(not_serving_if)))
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         sys.exit(f"cannot listen on 127.0.0.1:{port}")
     server.start()
@@ -95,13 +116,14 @@ def main():
     s = sub.add_parser("serve")
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--name", required=True)
+    s.add_argument("--not-serving-if")
     c = sub.add_parser("call")
     c.add_argument("--target", required=True)
     c.add_argument("--authority", required=True)
     c.add_argument("--calls", type=int, default=20)
     args = parser.parse_args()
     if args.mode == "serve":
-        serve(args.port, args.name)
+        serve(args.port, args.name, args.not_serving_if)
     else:
         call(args.target, args.authority, args.calls)
 

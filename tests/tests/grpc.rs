@@ -1,7 +1,8 @@
 //! gRPC through the mesh with gRPC's own implementation at both ends (grpcio, gRPC's C core,
 //! from Python: `tests/python/grpc_echo.py`): two real gRPC servers as the instances of `echo`, run
 //! and registered by real agents, and a real gRPC client that talks to the real sidecar over
-//! one insecure channel whose authority is the service. Needs `python3-grpcio` (`.ci/run`
+//! one insecure channel whose authority is the service. The agents check their servers with
+//! gRPC's health service (`--health grpc:SERVICE`). Needs `python3-grpcio` (`.ci/run`
 //! installs it); skipped with a note without it unless `USHER_TESTS_REQUIRE_TOOLS` is set.
 
 use std::path::Path;
@@ -19,6 +20,8 @@ async fn grpc_calls_cross_the_mesh_between_real_grpc_clients_and_servers() {
     let mesh = Mesh::new().unwrap();
     let _directory = mesh.start_directory("directory").await.unwrap();
     let credentials = mesh.join_flags("agent", Some("echo")).unwrap();
+    // While this file exists, echo-2's server reports NOT_SERVING.
+    let down = mesh.dir().join("echo-2.down");
     let _agents: Vec<Process> = ["echo-1", "echo-2"]
         .into_iter()
         .map(|name| {
@@ -30,10 +33,14 @@ async fn grpc_calls_cross_the_mesh_between_real_grpc_clients_and_servers() {
                 "{port}".into(),
                 "--name".into(),
                 name.into(),
+                "--not-serving-if".into(),
+                mesh.dir()
+                    .join(format!("{name}.down"))
+                    .display()
+                    .to_string(),
             ];
-            // A gRPC server answers no HTTP/1 `GET`: the agent checks that it accepts
-            // connections.
-            mesh.start_agent_running(name, "echo", &credentials, &["--id", name], "tcp", &server)
+            let health = "grpc:usher.test.Echo";
+            mesh.start_agent_running(name, "echo", &credentials, &["--id", name], health, &server)
                 .unwrap()
         })
         .collect();
@@ -43,21 +50,7 @@ async fn grpc_calls_cross_the_mesh_between_real_grpc_clients_and_servers() {
         .await
         .unwrap();
 
-    let called = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(&python)
-            .arg(&script)
-            .args(["call", "--target", &addrs.proxy(), "--authority", "echo"])
-            .args(["--calls", "20"])
-            .output(),
-    )
-    .await
-    .expect("the gRPC client finishes within 60 s")
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&called.stderr);
-    assert!(called.status.success(), "the gRPC client failed: {stderr}");
-    let result: Value = serde_json::from_slice(&called.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&called.stdout)));
+    let result = call(&python, &script, &addrs.proxy()).await;
 
     // 20 concurrent unary calls on one channel (one HTTP/2 connection): each answered, and
     // spread over both servers, whose trailing metadata came back.
@@ -93,4 +86,41 @@ async fn grpc_calls_cross_the_mesh_between_real_grpc_clients_and_servers() {
         serde_json::json!(["FAILED_PRECONDITION", "asked to fail"])
     );
     assert_eq!(result["unknown"][0], "UNIMPLEMENTED", "{result}");
+
+    // echo-2 reports NOT_SERVING: its agent takes it out of the table, and every call goes
+    // to echo-1; once it serves again, it is back.
+    std::fs::write(&down, b"").unwrap();
+    wait_for_up(&addrs.admin(), "echo", 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let result = call(&python, &script, &addrs.proxy()).await;
+    assert_eq!(
+        result["instances"],
+        serde_json::json!(["echo-1"]),
+        "{result}"
+    );
+    assert_eq!(result["unary"].as_array().unwrap().len(), 20, "{result}");
+    std::fs::remove_file(&down).unwrap();
+    wait_for_up(&addrs.admin(), "echo", 2, Duration::from_secs(10))
+        .await
+        .unwrap();
+}
+
+/// Runs the gRPC client (`grpc_echo.py call`) against the sidecar at `proxy`; what it printed.
+async fn call(python: &Path, script: &Path, proxy: &str) -> Value {
+    let called = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(python)
+            .arg(script)
+            .args(["call", "--target", proxy, "--authority", "echo"])
+            .args(["--calls", "20"])
+            .output(),
+    )
+    .await
+    .expect("the gRPC client finishes within 60 s")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&called.stderr);
+    assert!(called.status.success(), "the gRPC client failed: {stderr}");
+    serde_json::from_slice(&called.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&called.stdout)))
 }
