@@ -704,6 +704,7 @@ async fn subscribe(
                 epoch: None,
                 revision: 0,
                 feed_format: FEED_FORMAT,
+                grace_upserts: false,
             };
             session.send(&subscribe).await?;
             Ok::<_, usher_shared::session::SessionError>(session)

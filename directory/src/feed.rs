@@ -272,6 +272,26 @@ pub fn encode_snapshot(
         .collect()
 }
 
+/// Encodes `changes` (upserts and declarations of this run, `epoch`) as `GraceUpserts`
+/// messages below the frame limit, for a sidecar that holds a table of the previous run during
+/// the grace period; named fields (a grace period is rare and short). None for no changes.
+///
+/// Errors as [`encode_deltas`].
+pub fn encode_grace_upserts(epoch: u64, changes: Vec<Change>) -> Result<Frames, FrameError> {
+    if changes.is_empty() {
+        return Ok(Vec::new());
+    }
+    chunks(changes)
+        .into_iter()
+        .map(|changes| {
+            encode(
+                &DirectoryMessage::GraceUpserts { epoch, changes },
+                Encoding::Named,
+            )
+        })
+        .collect()
+}
+
 fn encode(msg: &DirectoryMessage, encoding: Encoding) -> Result<Bytes, FrameError> {
     encode_frame_as(msg, MAX_DIRECTORY_FRAME, encoding).map(Bytes::from)
 }

@@ -29,7 +29,8 @@ use usher_shared::FastHash;
 use crate::autoscaler::AutoscaleStatus;
 use crate::batch::Batcher;
 use crate::feed::{
-    encode_batch, encode_deltas, encode_snapshot, ByEncoding, Feed, Frames, Position,
+    encode_batch, encode_deltas, encode_grace_upserts, encode_snapshot, ByEncoding, Feed, Frames,
+    Position,
 };
 use crate::load::LoadBoard;
 use crate::presence::Presence;
@@ -442,6 +443,35 @@ impl Registry {
     /// The revision of the last published batch.
     pub fn published(&self) -> u64 {
         self.lock().published
+    }
+
+    /// What a sidecar that holds the previous run's table is sent during the grace period
+    /// ([`usher_shared::protocol::DirectoryMessage::GraceUpserts`]), and the revision of this
+    /// run's table it then reflects: the upserts and declarations since `since` (a revision an
+    /// earlier call returned) while the log still holds them, else every instance and declared
+    /// version of the table. Removals are left out: nothing is withdrawn before the grace
+    /// period ends. No frames when nothing was added.
+    ///
+    /// Errors as [`Registry::next_frames`].
+    pub fn grace_upserts(&self, since: Option<u64>) -> Result<(Frames, u64), FrameError> {
+        let inner = self.lock();
+        let table = inner.log.table();
+        let (epoch, current) = (table.epoch, table.revision);
+        let caught_up = since.map(|revision| inner.log.catch_up(Some(epoch), revision));
+        let changes: Vec<Change> = match caught_up {
+            Some(CatchUp::Deltas(changes)) => changes
+                .into_iter()
+                .filter(|c| matches!(c, Change::Upsert(_) | Change::Declare(_)))
+                .collect(),
+            _ => table
+                .declared()
+                .cloned()
+                .map(Change::Declare)
+                .chain(table.instances().cloned().map(Change::Upsert))
+                .collect(),
+        };
+        drop(inner);
+        Ok((encode_grace_upserts(epoch, changes)?, current))
     }
 
     /// The frames a sidecar holding `held` is sent next, and what it holds after them (Baker:

@@ -3,9 +3,12 @@
 //! (SwarmKit: 100 changes or 100 ms).
 //!
 //! A sidecar that holds another epoch's table and subscribes during the grace period after a
-//! directory start gets nothing until the grace period ends: it keeps routing with the table it
-//! has while agents rejoin, so a directory restart withdraws nothing (SwarmKit's grace period
-//! after a leader change).
+//! directory start gets no snapshot and no removal until the grace period ends: it keeps
+//! routing with the table it has while agents rejoin, so a directory restart withdraws nothing
+//! (SwarmKit's grace period after a leader change). A sidecar that asks for them
+//! (`Subscribe.grace_upserts`) gets this run's instances as they register meanwhile, as
+//! upserts into the table it holds ([`Registry::grace_upserts`]): a cold start or a drain in
+//! the grace period reaches it at once.
 
 use std::pin::pin;
 use std::sync::Arc;
@@ -27,12 +30,13 @@ pub(crate) async fn run(
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) {
-    let (epoch, revision, encoding) = match read_first(&mut stream.recv).await {
+    let (epoch, revision, encoding, grace_upserts) = match read_first(&mut stream.recv).await {
         Ok(Some(NodeMessage::Subscribe {
             epoch,
             revision,
             feed_format,
-        })) => (epoch, revision, feed_encoding(feed_format)),
+            grace_upserts,
+        })) => (epoch, revision, feed_encoding(feed_format), grace_upserts),
         Ok(Some(other)) => {
             let message = format!("a sidecar must subscribe, not send {}", other.kind());
             return stream.refuse(ErrorCode::UnexpectedMessage, message).await;
@@ -45,15 +49,41 @@ pub(crate) async fn run(
     let current = registry.settings().epoch;
     // The subscription and the sidecar's load count while its stream lives.
     let _subscribed = Subscribed::new(&registry, session, encoding);
+    let mut published = registry.subscribe();
 
     if epoch.is_some_and(|e| e != current) && registry.in_grace_period(Instant::now()) {
-        info!(held_epoch = ?epoch, "sidecar holds an earlier table; it keeps it until the grace period ends");
+        info!(held_epoch = ?epoch, grace_upserts,
+              "sidecar holds an earlier table; it keeps it until the grace period ends");
         let grace_end = tokio::time::sleep_until(registry.grace_period_end());
         tokio::pin!(grace_end);
+        // This run's revision the upserts sent so far reflect; `None` before the first.
+        let mut upserted: Option<u64> = None;
         loop {
+            if grace_upserts {
+                published.borrow_and_update();
+                let frames = match registry.grace_upserts(upserted) {
+                    Ok((frames, reached)) => {
+                        upserted = Some(reached);
+                        frames
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode grace-period upserts for a sidecar");
+                        return send_error(&mut send, e).await;
+                    }
+                };
+                if let Err(e) = crate::server::write_frames(&mut send, frames).await {
+                    debug!(error = %e, "sidecar stream failed");
+                    return;
+                }
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = &mut grace_end => break,
+                changed = published.changed(), if grace_upserts => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
                 (recv, frame) = &mut reader => {
                     if let Err(ended) = on_frame(&registry, session, frame) {
                         return finish(&mut send, ended).await;
@@ -64,7 +94,6 @@ pub(crate) async fn run(
         }
     }
 
-    let mut published = registry.subscribe();
     let mut held = (epoch, revision);
     let mut first = true;
     loop {

@@ -15,7 +15,7 @@ use usher_shared::protocol::{
     DirectoryMessage, ErrorCode, Hello, NodeMessage, Registration, Role, FEED_FORMAT,
 };
 use usher_shared::quic::{client_config, NodeCert};
-use usher_shared::routes::{Instance, InstanceState, RouteTable};
+use usher_shared::routes::{Change, Instance, InstanceState, RouteTable};
 use usher_shared::session::{client_endpoint, open, Session};
 
 const HEARTBEAT: Duration = Duration::from_millis(100);
@@ -101,6 +101,7 @@ impl Running {
                 epoch: None,
                 revision: 0,
                 feed_format: FEED_FORMAT,
+                grace_upserts: false,
             })
             .await
             .unwrap();
@@ -281,6 +282,7 @@ async fn deregister_withdraws_at_once_and_resume_gets_only_deltas() {
             epoch: Some(table.epoch),
             revision: table.revision,
             feed_format: 0,
+            grace_upserts: false,
         })
         .await
         .unwrap();
@@ -307,16 +309,39 @@ async fn deregister_withdraws_at_once_and_resume_gets_only_deltas() {
     d.stop().await;
 }
 
-#[tokio::test]
-async fn a_restart_keeps_the_ca_and_holds_updates_for_the_grace_period() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = start(dir.path()).await;
+/// The instances of the one-chunk snapshot of this run's table that `sidecar` receives next.
+async fn new_table(sidecar: &mut Session) -> Vec<Instance> {
+    match recv(sidecar).await {
+        DirectoryMessage::SnapshotChunk {
+            epoch,
+            instances,
+            last: true,
+            ..
+        } => {
+            assert_eq!(epoch, sidecar.epoch);
+            instances
+        }
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}
+
+/// Runs a directory in `state_dir` with one instance, `a`, until a sidecar holds its table;
+/// stops it and returns that table.
+async fn table_of_a_stopped_run(state_dir: &Path) -> RouteTable {
+    let d = start(state_dir).await;
     let _agent = register(&d, instance("a", InstanceState::Up)).await;
     let mut sidecar = d.subscribed().await;
     let mut table = RouteTable::default();
     follow(&mut sidecar, &mut table, |t| t.len() == 1).await;
-    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
     d.stop().await;
+    table
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_ca_and_holds_updates_for_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = table_of_a_stopped_run(dir.path()).await;
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
 
     let d = start(dir.path()).await;
     assert_eq!(
@@ -332,28 +357,73 @@ async fn a_restart_keeps_the_ca_and_holds_updates_for_the_grace_period() {
             epoch: Some(table.epoch),
             revision: table.revision,
             feed_format: 0,
+            grace_upserts: false,
         })
         .await
         .unwrap();
     // The old table's instance has not rejoined; the sidecar hears nothing until the grace
     // period (600 ms) ends, then gets the (empty) new table.
-    match recv(&mut sidecar).await {
-        DirectoryMessage::SnapshotChunk {
-            epoch,
-            instances,
-            last: true,
-            ..
-        } => {
-            assert_eq!(epoch, sidecar.epoch);
-            assert!(instances.is_empty());
-        }
-        other => panic!("expected a snapshot, got {other:?}"),
-    }
+    assert!(new_table(&mut sidecar).await.is_empty());
     let waited = asked.elapsed();
     assert!(
         waited >= Duration::from_millis(450),
         "snapshot after {waited:?}"
     );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_sidecar_that_asks_gets_the_new_instances_during_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = table_of_a_stopped_run(dir.path()).await;
+
+    let d = start(dir.path()).await;
+    // "b" registers with the new directory before the sidecar subscribes; "a" never rejoins.
+    let _b = register(&d, instance("b", InstanceState::Up)).await;
+    let mut sidecar = d.session(Role::Sidecar).await;
+    let asked = std::time::Instant::now();
+    sidecar
+        .send(&NodeMessage::Subscribe {
+            epoch: Some(table.epoch),
+            revision: table.revision,
+            feed_format: FEED_FORMAT,
+            grace_upserts: true,
+        })
+        .await
+        .unwrap();
+    let ids = |changes: &[Change]| -> Vec<String> {
+        changes
+            .iter()
+            .map(|c| match c {
+                Change::Upsert(i) => i.id.clone(),
+                other => panic!("only upserts are sent during the grace period, got {other:?}"),
+            })
+            .collect()
+    };
+    // At once: what registered so far, as upserts into the table the sidecar holds.
+    match recv(&mut sidecar).await {
+        DirectoryMessage::GraceUpserts { epoch, changes } => {
+            assert_eq!(epoch, sidecar.epoch);
+            assert_eq!(ids(&changes), ["b"]);
+        }
+        other => panic!("expected grace upserts, got {other:?}"),
+    }
+    // Then each instance as it registers, within a batch period.
+    let _c = register(&d, instance("c", InstanceState::Up)).await;
+    match recv(&mut sidecar).await {
+        DirectoryMessage::GraceUpserts { changes, .. } => assert_eq!(ids(&changes), ["c"]),
+        other => panic!("expected grace upserts, got {other:?}"),
+    }
+    assert!(
+        asked.elapsed() < Duration::from_millis(450),
+        "before the grace period (600 ms) ends: {:?}",
+        asked.elapsed()
+    );
+    // When it ends, the new table replaces the old one: "a", which never rejoined, is gone
+    // (and so are "b" and "c", whose sessions here send no heartbeats, once their TTL
+    // lapsed: removals wait for the snapshot too).
+    let instances = new_table(&mut sidecar).await;
+    assert!(instances.iter().all(|i| i.id != "a"), "{instances:?}");
     d.stop().await;
 }
 
@@ -444,6 +514,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
             epoch: None,
             revision: 0,
             feed_format: FEED_FORMAT,
+            grace_upserts: false,
         })
         .await
         .unwrap();
@@ -662,6 +733,7 @@ async fn sidecar_load_reports_and_subscriptions_count_until_the_sidecar_leaves()
             epoch: None,
             revision: 0,
             feed_format,
+            grace_upserts: false,
         })
         .await
         .unwrap();

@@ -11,7 +11,7 @@ use usher_shared::protocol::{
     DirectoryMessage, Hello, InstanceLoad, NodeMessage, Registration, Role, VersionLoad,
     FEED_FORMAT, PROTOCOL_VERSION,
 };
-use usher_shared::routes::{Instance, InstanceState};
+use usher_shared::routes::{Change, Instance, InstanceState};
 
 fn instance() -> Instance {
     Instance {
@@ -64,6 +64,7 @@ fn main() -> std::io::Result<()> {
             epoch: Some(7),
             revision: 3,
             feed_format: FEED_FORMAT,
+            grace_upserts: true,
         },
         NodeMessage::LoadReport {
             versions: vec![VersionLoad {
@@ -89,6 +90,10 @@ fn main() -> std::io::Result<()> {
             instances: vec![instance()],
             declared: vec![],
             last: true,
+        },
+        DirectoryMessage::GraceUpserts {
+            epoch: 8,
+            changes: vec![Change::Upsert(instance())],
         },
     ]
     .iter()

@@ -110,6 +110,25 @@ pub fn directory_message(data: &[u8]) {
         }
         assert_eq!(instances, table.instances().count(), "{encoding:?}");
     }
+    // What a sidecar of the previous run gets during a grace period: every instance, as an
+    // upsert.
+    let (frames, _) = registry
+        .grace_upserts(None)
+        .expect("every entry fits a frame");
+    let mut upserts = 0;
+    for frame in frames {
+        let mut buf = BytesMut::from(&frame[..]);
+        match decode_frame::<DirectoryMessage>(&mut buf, MAX_DIRECTORY_FRAME) {
+            Ok(Some(DirectoryMessage::GraceUpserts { changes, .. })) => {
+                upserts += changes
+                    .iter()
+                    .filter(|c| matches!(c, usher_shared::routes::Change::Upsert(_)))
+                    .count()
+            }
+            other => panic!("grace upserts decode as such, got {other:?}"),
+        }
+    }
+    assert_eq!(upserts, table.instances().count());
     let _ = registry.report(now, 0);
 }
 
@@ -151,6 +170,7 @@ fn apply(
             epoch,
             revision,
             feed_format,
+            ..
         } => {
             let _ = registry.next_frames((epoch, revision), true, feed_encoding(feed_format));
         }

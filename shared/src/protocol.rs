@@ -190,12 +190,16 @@ pub enum NodeMessage {
     Deregister,
     /// Sidecar: stream me the route table; I hold `epoch`/`revision` (`None` when empty).
     /// `feed_format`: the compact feed layout the sidecar reads ([`FEED_FORMAT`]), 0 (absent,
-    /// as from older sidecars) for named fields only.
+    /// as from older sidecars) for named fields only. `grace_upserts`: the sidecar reads
+    /// [`DirectoryMessage::GraceUpserts`] (absent, as from older sidecars: it does not, and
+    /// gets nothing during a grace period).
     Subscribe {
         epoch: Option<u64>,
         revision: u64,
         #[serde(default)]
         feed_format: u16,
+        #[serde(default)]
+        grace_upserts: bool,
     },
     /// Sidecar, on its subscription stream: its load per service version, every second and at
     /// once when a request waits for a version with no instance (cold start). Each report
@@ -247,6 +251,13 @@ pub enum DirectoryMessage {
         to_revision: u64,
         changes: Vec<Change>,
     },
+    /// Sidecar, during the grace period after a directory start, to a sidecar that holds the
+    /// previous run's table and asked for them (`Subscribe.grace_upserts`): instances and
+    /// managed versions of this run (`epoch`) to add to (or replace in) the table it holds,
+    /// only [`Change::Upsert`] and [`Change::Declare`]. Nothing is withdrawn before the grace
+    /// period ends (SwarmKit), when a snapshot replaces the whole table; additions cannot
+    /// make routes flap, and a cold start or a drain need not wait for it.
+    GraceUpserts { epoch: u64, changes: Vec<Change> },
     /// A refusal with a reason a person can read; the stream is closed after it.
     Error { code: ErrorCode, message: String },
 }
@@ -274,6 +285,7 @@ impl DirectoryMessage {
             DirectoryMessage::HeartbeatAck { .. } => "heartbeat_ack",
             DirectoryMessage::SnapshotChunk { .. } => "snapshot_chunk",
             DirectoryMessage::Deltas { .. } => "deltas",
+            DirectoryMessage::GraceUpserts { .. } => "grace_upserts",
             DirectoryMessage::Error { .. } => "error",
         }
     }
@@ -330,16 +342,23 @@ mod tests {
         let decoded: NodeMessage = decode_frame(&mut roundtrip(frame), MAX_NODE_FRAME)
             .unwrap()
             .unwrap();
-        let NodeMessage::Subscribe { feed_format, .. } = decoded else {
+        let NodeMessage::Subscribe {
+            feed_format,
+            grace_upserts,
+            ..
+        } = decoded
+        else {
             panic!("{decoded:?}")
         };
         assert_eq!(feed_encoding(feed_format), Encoding::Named);
+        assert!(!grace_upserts, "an older sidecar reads no grace upserts");
 
         // An older directory skips the field it does not know (and so writes named fields).
         let newer = NodeMessage::Subscribe {
             epoch: Some(7),
             revision: 3,
             feed_format: FEED_FORMAT,
+            grace_upserts: true,
         };
         let frame = encode_frame(&newer, MAX_NODE_FRAME).unwrap();
         let decoded: OlderNodeMessage = decode_frame(&mut roundtrip(frame), MAX_NODE_FRAME)

@@ -231,6 +231,24 @@ impl Replica {
         Ok(())
     }
 
+    /// Adds (or replaces) the instances and managed versions of `changes` in the table held,
+    /// which keeps its epoch and revision: a restarted directory's instances during its grace
+    /// period ([`usher_shared::protocol::DirectoryMessage::GraceUpserts`]), before the
+    /// snapshot that replaces the table when the grace period ends. The caller passes only
+    /// `Upsert` and `Declare` changes.
+    pub fn merge(&self, changes: &[Change]) {
+        let mut held = self.lock();
+        let table = Arc::make_mut(&mut held);
+        for change in changes {
+            table.apply(change.clone());
+        }
+        if let Some(versions) = self.reservers.apply(changes, table) {
+            self.index.store(Arc::new(RouteIndex::new(versions)));
+        }
+        drop(held);
+        self.updated(Source::Directory);
+    }
+
     fn updated(&self, source: Source) {
         self.source.store(source as u8, Ordering::Release);
         if source == Source::Directory {

@@ -3,8 +3,9 @@
 //! [`Backoff::reconnect`] (Baker: retry indefinitely; SwarmKit: backoff with full jitter) and
 //! logs link changes once, not once per try.
 //!
-//! After a directory restart the directory may say nothing for its grace period: the sidecar
-//! keeps routing with the table it holds, connected, until the new table arrives.
+//! After a directory restart the directory sends no new table for its grace period: the
+//! sidecar keeps routing with the table it holds, connected, until the new table arrives,
+//! adding the instances that register with the new directory meanwhile (`GraceUpserts`).
 
 use std::pin::pin;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use tracing::{debug, info, warn};
 use usher_shared::backoff::Backoff;
 use usher_shared::codec::{read_frame_owned, write_frame, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
 use usher_shared::protocol::{DirectoryMessage, NodeMessage, Role, FEED_FORMAT};
-use usher_shared::routes::{DeltaError, Instance, RouteTable, ServiceVersion};
+use usher_shared::routes::{Change, DeltaError, Instance, RouteTable, ServiceVersion};
 use usher_shared::session::{open, Session, SessionError};
 
 use crate::replica::{Replica, Source};
@@ -114,6 +115,7 @@ async fn follow(session: Session, replica: &Replica) -> LinkError {
             epoch,
             revision,
             feed_format: FEED_FORMAT,
+            grace_upserts: true,
         },
         MAX_NODE_FRAME,
     )
@@ -231,6 +233,21 @@ fn apply(
             );
             Ok(())
         }
+        DirectoryMessage::GraceUpserts { epoch, changes } => {
+            if changes
+                .iter()
+                .any(|c| !matches!(c, Change::Upsert(_) | Change::Declare(_)))
+            {
+                return Err(LinkError::Unexpected("a removal in grace-period upserts"));
+            }
+            replica.merge(&changes);
+            debug!(
+                epoch,
+                changes = changes.len(),
+                "added the restarted directory's instances to the table held (grace period)"
+            );
+            Ok(())
+        }
         other => Err(LinkError::Unexpected(other.kind())),
     }
 }
@@ -300,5 +317,45 @@ mod tests {
         ));
         assert_eq!(replica.held(), (Some(5), 3));
         assert_eq!(replica.table().len(), 1);
+    }
+
+    #[test]
+    fn grace_upserts_join_the_table_held_which_keeps_its_revision() {
+        let replica = Replica::new(Arc::default());
+        let mut snapshot = SnapshotBuilder::default();
+        let old = DirectoryMessage::SnapshotChunk {
+            epoch: 5,
+            revision: 9,
+            instances: vec![instance("a")],
+            declared: vec![],
+            last: true,
+        };
+        apply(old, &replica, &mut snapshot).unwrap();
+        let mut draining = instance("a");
+        draining.state = InstanceState::Draining;
+        let upserts = DirectoryMessage::GraceUpserts {
+            epoch: 6,
+            changes: vec![Change::Upsert(instance("b")), Change::Upsert(draining)],
+        };
+        apply(upserts, &replica, &mut snapshot).unwrap();
+        let table = replica.table();
+        assert_eq!(table.len(), 2);
+        assert_eq!(
+            table.instances().find(|i| i.id == "a").unwrap().state,
+            InstanceState::Draining
+        );
+        assert_eq!(replica.held(), (Some(5), 9), "still the old run's revision");
+        assert!(replica.route("web").is_ok());
+
+        // A removal is not an upsert: refused, nothing changes.
+        let removal = DirectoryMessage::GraceUpserts {
+            epoch: 6,
+            changes: vec![Change::Remove(instance("b").key())],
+        };
+        assert!(matches!(
+            apply(removal, &replica, &mut snapshot),
+            Err(LinkError::Unexpected(_))
+        ));
+        assert_eq!(replica.table().len(), 2);
     }
 }

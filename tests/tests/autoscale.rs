@@ -142,6 +142,39 @@ async fn cold_start_serves_the_first_request_and_idle_scales_to_zero() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// After a directory restart, a request for a version at zero is served as soon as its new
+/// instance is up, not when the grace period ends: the sidecar, which holds the previous
+/// run's table, gets the instances that register meanwhile (`GraceUpserts`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_right_after_a_directory_restart_does_not_wait_for_the_grace_period() {
+    // A grace period far longer than a cold start.
+    let grace = Duration::from_secs(20);
+    let config = format!("grace_period = \"20s\"\n{}", services());
+    let mut s = start_with(&config).await;
+    let r = http::get(&s.proxy, "hello", "/").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // A clean restart: the directory stops its instance and exits; the new run starts with
+    // `hello` at zero and the sidecar still holds the old run's table.
+    s.directory.signal(Signal::SIGTERM);
+    let code = tokio::task::block_in_place(|| s.directory.wait_exit(Duration::from_secs(20)));
+    assert_eq!(code, Some(0));
+    s.directory = s
+        .mesh
+        .start_directory_with_config("directory-restarted", &config)
+        .await
+        .unwrap();
+    let restarted = Instant::now();
+    let r = http::get(&s.proxy, "hello", "/").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.instance().as_deref(), Some("hello"));
+    let waited = restarted.elapsed();
+    assert!(
+        waited < grace / 2,
+        "the cold start waited {waited:?}, as if for the grace period ({grace:?})"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_scales_to_max_and_scaling_down_under_load_fails_nothing() {
     let mut s = start().await;
