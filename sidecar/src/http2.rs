@@ -27,7 +27,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderValue, HOST, RETRY_AFTER};
@@ -43,6 +43,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use usher_shared::FastHash;
+
+use crate::pool::IDLE_TIMEOUT;
 
 use crate::http1::head::HeadError;
 use crate::metrics::Outcome;
@@ -374,10 +376,19 @@ impl Body for Held {
     }
 }
 
-/// h2c connections to instances, one per address, shared by every stream to it.
+/// h2c connections to instances, one per address, shared by every stream to it. One that no
+/// new stream used for [`IDLE_TIMEOUT`] is let go at the next sweep (it closes once its open
+/// streams end), so instances that left the table keep no connection open.
 #[derive(Debug, Default)]
 pub struct Pool {
-    senders: Mutex<HashMap<SocketAddr, SendRequest<Incoming>, FastHash>>,
+    senders: Mutex<HashMap<SocketAddr, Pooled, FastHash>>,
+}
+
+/// A connection's sender and when a stream last started on it.
+#[derive(Debug)]
+struct Pooled {
+    sender: SendRequest<Incoming>,
+    used: Instant,
 }
 
 impl Pool {
@@ -389,9 +400,10 @@ impl Pool {
         address: SocketAddr,
         connect_timeout: Duration,
     ) -> Result<(SendRequest<Incoming>, bool), String> {
-        if let Some(sender) = self.lock().get(&address) {
-            if !sender.is_closed() {
-                return Ok((sender.clone(), false));
+        if let Some(pooled) = self.lock().get_mut(&address) {
+            if !pooled.sender.is_closed() {
+                pooled.used = Instant::now();
+                return Ok((pooled.sender.clone(), false));
             }
         }
         let upstream = crate::pool::Pool::connect(address, connect_timeout)
@@ -407,7 +419,11 @@ impl Pool {
                 debug!(%address, error = %e, "HTTP/2 connection to an instance ended");
             }
         });
-        self.lock().insert(address, sender.clone());
+        let pooled = Pooled {
+            sender: sender.clone(),
+            used: Instant::now(),
+        };
+        self.lock().insert(address, pooled);
         Ok((sender, true))
     }
 
@@ -416,16 +432,17 @@ impl Pool {
         self.lock().remove(&address);
     }
 
-    /// Drops the connections that closed; returns how many stay open.
-    pub fn sweep(&self) -> usize {
+    /// Drops the connections that closed, or that no stream used for [`IDLE_TIMEOUT`] before
+    /// `now`; returns how many stay.
+    pub fn sweep(&self, now: Instant) -> usize {
         let mut senders = self.lock();
-        senders.retain(|_, sender| !sender.is_closed());
+        senders.retain(|_, pooled| {
+            !pooled.sender.is_closed() && now.saturating_duration_since(pooled.used) < IDLE_TIMEOUT
+        });
         senders.len()
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, SendRequest<Incoming>, FastHash>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Pooled, FastHash>> {
         self.senders.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -499,6 +516,28 @@ mod tests {
         assert_eq!(preface(b"POST / HTTP/1.1\r\n"), Preface::No);
         assert_eq!(preface(b"GET / HTTP/1.1\r\n"), Preface::No);
         assert_eq!(preface(b"PRI * HTTP/1.1\r\n"), Preface::No);
+    }
+
+    #[tokio::test]
+    async fn a_connection_no_stream_used_for_the_idle_timeout_is_let_go() {
+        let instance = usher_tests::instance::spawn("a").await;
+        let pool = Pool::default();
+        let second = Duration::from_secs(1);
+        let (_, fresh) = pool.sender(instance, second).await.unwrap();
+        assert!(fresh);
+        let (_, fresh) = pool.sender(instance, second).await.unwrap();
+        assert!(!fresh, "the same connection again");
+        let now = Instant::now();
+        assert_eq!(pool.sweep(now), 1);
+        assert_eq!(pool.sweep(now + IDLE_TIMEOUT + second), 0);
+        let (_, fresh) = pool.sender(instance, second).await.unwrap();
+        assert!(fresh, "a new connection after the sweep");
+        // An unreachable instance is an error that says why.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let nobody = closed.local_addr().unwrap();
+        drop(closed);
+        let e = pool.sender(nobody, second).await.unwrap_err();
+        assert!(e.contains(&nobody.to_string()), "{e}");
     }
 
     #[test]

@@ -609,7 +609,7 @@ impl Proxy {
     /// Drops idle instance connections that are closed or too old, and closed HTTP/2 ones.
     fn sweep(&self) {
         let idle = self.pool.sweep();
-        let http2 = self.h2c.sweep();
+        let http2 = self.h2c.sweep(std::time::Instant::now());
         debug!(idle, http2, "swept instance connections");
     }
 }
