@@ -103,6 +103,12 @@ pub async fn serve(
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
+        // A client silent for the header read timeout gets a PING and as long again to answer
+        // it, or its connection is closed. Every HTTP/2 stack answers PINGs by itself, so an
+        // idle gRPC channel stays open, while a peer that sent the preface and then nothing
+        // does not hold one of the connection slots for ever.
+        .keep_alive_interval(Some(limits.header_read_timeout))
+        .keep_alive_timeout(limits.header_read_timeout)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX));
     let connection = builder.serve_connection(TokioIo::new(Prefixed { read, stream }), service);

@@ -374,3 +374,38 @@ async fn an_instance_that_closes_its_connection_gets_a_new_one_without_a_failure
     s.shutdown.cancel();
     tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_client_that_answers_no_ping_is_closed_and_an_idle_one_stays() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = usher_tests::instance::spawn("a").await;
+    let s = sidecar_configured(vec![entry("a", a, 4)], |c| {
+        c.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // The preface and an empty SETTINGS frame, then silence: PINGs go unanswered.
+    let mut silent = TcpStream::connect(s.proxy).await.unwrap();
+    silent.write_all(PREFACE).await.unwrap();
+    silent
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut sink = Vec::new();
+    tokio::time::timeout(WAIT, silent.read_to_end(&mut sink))
+        .await
+        .expect("the sidecar closes a connection whose PINGs go unanswered")
+        .ok();
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "closed after {:?}, before a PING could be answered",
+        started.elapsed()
+    );
+    // A real client answers by itself: idle for several PING rounds, still usable.
+    let h2 = client(s.proxy).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, text, _) = read(send(&h2, "GET", "http://web/", empty()).await).await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "a\n"));
+    s.shutdown.cancel();
+    tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
+}
