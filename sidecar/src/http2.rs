@@ -13,9 +13,10 @@
 //! - an instance that cannot be reached is ejected and another tried (the request was not
 //!   sent), as for HTTP/1; a request that reached a connection and failed there is a `502`
 //!   (its body may be gone);
-//! - the errors are HTTP/1's, with the same one-line bodies: `400`, `404`, `503` with
-//!   `Retry-After`, `502`, `504`, `501` for `CONNECT`. gRPC clients read them as `UNIMPLEMENTED` (404) and
-//!   `UNAVAILABLE` (the rest), by gRPC's HTTP-to-gRPC status mapping.
+//! - the errors are HTTP/1's, with the same one-line reasons: `400`, `404`, `503` with
+//!   `Retry-After`, `502`, `504`, `501` for `CONNECT`; to a gRPC call (`content-type:
+//!   application/grpc`) as gRPC's status instead (`grpc-status` with the reason in
+//!   `grpc-message`: `UNIMPLEMENTED` for `404`, `INTERNAL` for `400`, `UNAVAILABLE` else).
 //!
 //! At shutdown the connection gets a `GOAWAY`: streams already open finish (within the
 //! sidecar's drain), no new one starts.
@@ -125,12 +126,30 @@ pub async fn serve(
     }
 }
 
-/// One stream: routes, reserves and forwards it; the response, or the sidecar's own error.
+/// One stream: the instance's response, or the sidecar's own refusal, written as gRPC's
+/// status to a gRPC call and as text to anything else.
 async fn forward(proxy: &Proxy, request: Request<Incoming>, ip: IpAddr) -> Response<Reply> {
+    let grpc = is_grpc(request.headers());
+    match route_and_send(proxy, request, ip).await {
+        Ok(response) => response,
+        Err(refusal) if grpc => refusal.grpc(),
+        Err(refusal) => refusal.text(),
+    }
+}
+
+/// Routes, reserves and forwards one stream (see the module).
+async fn route_and_send(
+    proxy: &Proxy,
+    request: Request<Incoming>,
+    ip: IpAddr,
+) -> Result<Response<Reply>, Refusal> {
     if request.method() == http::Method::CONNECT {
         let refused = HeadError::Connect;
         proxy.counters().unrouted(refused.status());
-        return error(StatusCode::NOT_IMPLEMENTED, &refused.to_string(), None);
+        return Err(Refusal::new(
+            StatusCode::NOT_IMPLEMENTED,
+            refused.to_string(),
+        ));
     }
     let (mut head, body) = request.into_parts();
     let authority = head.uri.authority().map(|a| a.as_str().to_owned());
@@ -142,7 +161,7 @@ async fn forward(proxy: &Proxy, request: Request<Incoming>, ip: IpAddr) -> Respo
         Err(e) => {
             let status = e.status();
             proxy.counters().unrouted(status.as_u16());
-            return error(status, &e.to_string(), None);
+            return Err(Refusal::new(status, e.to_string()));
         }
     };
     // The instance gets the client's authority (or Host) and path, and the client appended to
@@ -162,11 +181,8 @@ async fn forward(proxy: &Proxy, request: Request<Incoming>, ip: IpAddr) -> Respo
         Ok(uri) => uri,
         Err(e) => {
             proxy.counters().unrouted(400);
-            return error(
-                StatusCode::BAD_REQUEST,
-                &format!("bad request target: {e}"),
-                None,
-            );
+            let message = format!("bad request target: {e}");
+            return Err(Refusal::new(StatusCode::BAD_REQUEST, message));
         }
     };
     append_forwarded_for(&mut head.headers, ip);
@@ -185,11 +201,8 @@ async fn forward(proxy: &Proxy, request: Request<Incoming>, ip: IpAddr) -> Respo
             Err(ReserveError::NoOtherInstance { .. }) => break,
             Err(e) => {
                 counters.ended(Outcome::Unavailable);
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &e.to_string(),
-                    Some(RETRY_AFTER_SECS),
-                );
+                let refusal = Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+                return Err(refusal.retry_after(RETRY_AFTER_SECS));
             }
         };
         tried.push(reservation.id().clone());
@@ -198,7 +211,7 @@ async fn forward(proxy: &Proxy, request: Request<Incoming>, ip: IpAddr) -> Respo
             Sent::Answered(response) => {
                 reservation.succeeded();
                 counters.ended(Outcome::Answered);
-                return response.map(|body| Reply::Relayed(Held::new(body, reservation)));
+                return Ok(response.map(|body| Reply::Relayed(Held::new(body, reservation))));
             }
             Sent::Unreachable(reason, unsent) => {
                 counters.instance_failed();
@@ -212,18 +225,18 @@ async fn forward(proxy: &Proxy, request: Request<Incoming>, ip: IpAddr) -> Respo
                 counters.ended(Outcome::InstanceFailure);
                 warn!(instance = &**reservation.id(), %address, %reason, "instance failed mid-request");
                 let message = failure_message(&reserver, Some(&reason));
-                return error(StatusCode::BAD_GATEWAY, &message, None);
+                return Err(Refusal::new(StatusCode::BAD_GATEWAY, message));
             }
             Sent::Timeout => {
                 counters.ended(Outcome::InstanceTimeout);
                 let message = timeout_message(&reservation, limits.instance_timeout);
-                return error(StatusCode::GATEWAY_TIMEOUT, &message, None);
+                return Err(Refusal::new(StatusCode::GATEWAY_TIMEOUT, message));
             }
         }
     }
     counters.ended(Outcome::InstanceFailure);
     let message = failure_message(&reserver, last_failure.as_deref());
-    error(StatusCode::BAD_GATEWAY, &message, None)
+    Err(Refusal::new(StatusCode::BAD_GATEWAY, message))
 }
 
 /// How sending a stream to one instance ended.
@@ -286,24 +299,91 @@ fn append_forwarded_for(headers: &mut http::HeaderMap, ip: IpAddr) {
     }
 }
 
-/// The sidecar's own answer: one line of text (and `Retry-After` for a `503`).
-fn error(status: StatusCode, message: &str, retry_after: Option<u32>) -> Response<Reply> {
-    debug!(
-        status = status.as_u16(),
-        reason = message,
-        "refusing the HTTP/2 request"
-    );
-    let mut response = Response::new(Reply::Text(Some(Bytes::from(format!("{message}\n")))));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if let Some(seconds) = retry_after {
-        headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+/// Whether a request is a gRPC call (`content-type: application/grpc`, `+proto` and the like).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The sidecar's own answer to a stream it could not forward: an HTTP status and one line
+/// that says why (and `Retry-After` for a `503`).
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    message: String,
+    retry_after: Option<u32>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: String) -> Self {
+        debug!(status = status.as_u16(), reason = %message, "refusing the HTTP/2 request");
+        Self {
+            status,
+            message,
+            retry_after: None,
+        }
     }
-    response
+
+    fn retry_after(self, seconds: u32) -> Self {
+        Self {
+            retry_after: Some(seconds),
+            ..self
+        }
+    }
+
+    /// As text: the status and the line, as HTTP/1 gets it.
+    fn text(self) -> Response<Reply> {
+        let line = Bytes::from(format!("{}\n", self.message));
+        let mut response = Response::new(Reply::Text(Some(line)));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let Some(seconds) = self.retry_after {
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+
+    /// As a gRPC call's status: a trailers-only response (`200`, then `grpc-status` and the
+    /// percent-encoded line in `grpc-message`, and no body), so a gRPC client reports the
+    /// sidecar's reason with the code gRPC maps the HTTP status to (gRPC's
+    /// `http-grpc-status-mapping.md`: `404` is `UNIMPLEMENTED`, `400` `INTERNAL`, the rest
+    /// here `UNAVAILABLE`).
+    fn grpc(self) -> Response<Reply> {
+        let code: u16 = match self.status {
+            StatusCode::NOT_FOUND => 12,
+            StatusCode::BAD_REQUEST => 13,
+            _ => 14,
+        };
+        let mut response = Response::new(Reply::Text(None));
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(code));
+        if let Ok(message) = HeaderValue::from_str(&percent_encode(&self.message)) {
+            headers.insert("grpc-message", message);
+        }
+        response
+    }
+}
+
+/// `grpc-message`'s encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// A response body to an HTTP/2 client: the sidecar's own text, or the instance's body.
@@ -544,6 +624,34 @@ mod tests {
         drop(closed);
         let e = pool.sender(nobody, second).await.unwrap_err();
         assert!(e.contains(&nobody.to_string()), "{e}");
+    }
+
+    #[test]
+    fn refusals_are_text_or_a_grpc_status() {
+        let refusal = || {
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue full: 100% of \u{e9}t\u{e9}".into(),
+            )
+            .retry_after(1)
+        };
+        let text = refusal().text();
+        assert_eq!(text.status(), 503);
+        assert_eq!(text.headers()["retry-after"], "1");
+        let grpc = refusal().grpc();
+        assert_eq!(grpc.status(), 200);
+        assert!(grpc.body().is_end_stream(), "trailers only");
+        assert_eq!(grpc.headers()["grpc-status"], "14");
+        assert_eq!(
+            grpc.headers()["grpc-message"],
+            "queue full: 100%25 of %C3%A9t%C3%A9"
+        );
+        let unknown = Refusal::new(StatusCode::NOT_FOUND, "unknown service".into()).grpc();
+        assert_eq!(unknown.headers()["grpc-status"], "12");
+        let mut headers = http::HeaderMap::new();
+        assert!(!is_grpc(&headers));
+        headers.insert("content-type", "application/grpc+proto".parse().unwrap());
+        assert!(is_grpc(&headers));
     }
 
     #[test]

@@ -226,6 +226,25 @@ async fn errors_are_answered_per_stream_and_unreachable_instances_are_retried() 
     assert_eq!(text, "unknown service \"nope\"\n");
     let (status, _, _) = read(send(&h2, "GET", "http://v9.web/", empty()).await).await;
     assert_eq!(status, 404);
+    // To a gRPC call, the same refusal is gRPC's status: trailers only, with the reason.
+    let call = Request::post("http://nope/pkg.Service/Method")
+        .header("content-type", "application/grpc")
+        .body(empty())
+        .unwrap();
+    let answer = tokio::time::timeout(WAIT, h2.clone().send_request(call))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["grpc-status"], "12");
+    assert_eq!(answer.headers()["grpc-message"], "unknown service \"nope\"");
+    assert!(answer
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .is_empty());
     // Every request is answered by the good instance; the dead one is tried at most once
     // (then ejected) and never fails a request.
     for _ in 0..10 {
@@ -238,7 +257,7 @@ async fn errors_are_answered_per_stream_and_unreachable_instances_are_retried() 
         "{m}"
     );
     assert!(
-        m.contains(r#"usher_sidecar_unrouted_requests_total{code="404"} 2"#),
+        m.contains(r#"usher_sidecar_unrouted_requests_total{code="404"} 3"#),
         "{m}"
     );
     s.shutdown.cancel();

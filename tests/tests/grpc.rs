@@ -79,13 +79,17 @@ async fn grpc_calls_cross_the_mesh_between_real_grpc_clients_and_servers() {
         ["a", "b", "c"].map(|m| format!("{server}: {m}")),
         "{result}"
     );
-    // The server's own status and message pass through; the sidecar's 404 for an unknown
-    // service is UNIMPLEMENTED to a gRPC client.
+    // The server's own status and message pass through; the sidecar's refusal of an unknown
+    // service comes as gRPC's UNIMPLEMENTED, with the sidecar's reason.
     assert_eq!(
         result["fail"],
         serde_json::json!(["FAILED_PRECONDITION", "asked to fail"])
     );
-    assert_eq!(result["unknown"][0], "UNIMPLEMENTED", "{result}");
+    assert_eq!(
+        result["unknown"],
+        serde_json::json!(["UNIMPLEMENTED", "unknown service \"nope\""]),
+        "{result}"
+    );
 
     // echo-2 reports NOT_SERVING: its agent takes it out of the table, and every call goes
     // to echo-1; once it serves again, it is back.
