@@ -58,8 +58,11 @@ pub(crate) async fn run(
         tokio::pin!(grace_end);
         // This run's revision the upserts sent so far reflect; `None` before the first.
         let mut upserted: Option<u64> = None;
+        // Upserts are due at once, then after each published batch (not on load reports).
+        let mut due = grace_upserts;
         loop {
-            if grace_upserts {
+            if due {
+                due = false;
                 published.borrow_and_update();
                 let frames = match registry.grace_upserts(upserted) {
                     Ok((frames, reached)) => {
@@ -83,6 +86,7 @@ pub(crate) async fn run(
                     if changed.is_err() {
                         return;
                     }
+                    due = true;
                 }
                 (recv, frame) = &mut reader => {
                     if let Err(ended) = on_frame(&registry, session, frame) {

@@ -665,11 +665,17 @@ pub fn optional_tool(program: &str) -> Option<PathBuf> {
     if found {
         return Some(PathBuf::from(program));
     }
+    missing(&format!("`{program}`"), "nodejs chromium")
+}
+
+/// A tool a check needs is missing (`what`; Debian's `package` has it): `None` after a note,
+/// or a failure under `USHER_TESTS_REQUIRE_TOOLS`.
+fn missing(what: &str, package: &str) -> Option<PathBuf> {
     assert!(
         std::env::var_os("USHER_TESTS_REQUIRE_TOOLS").is_none(),
-        "USHER_TESTS_REQUIRE_TOOLS is set but `{program}` does not run (.ci/run installs it)"
+        "USHER_TESTS_REQUIRE_TOOLS is set but {what} is missing (.ci/run installs {package})"
     );
-    eprintln!("skipped: this check needs `{program}` (Debian: apt install nodejs chromium)");
+    eprintln!("skipped: this check needs {what} (Debian: apt install {package})");
     None
 }
 
@@ -693,12 +699,7 @@ pub fn python_with_grpc() -> Option<PathBuf> {
             }
         }
     }
-    assert!(
-        std::env::var_os("USHER_TESTS_REQUIRE_TOOLS").is_none(),
-        "USHER_TESTS_REQUIRE_TOOLS is set but no python3 imports grpc (.ci/run installs python3-grpcio)"
-    );
-    eprintln!("skipped: this check needs Python's grpc (Debian: apt install python3-grpcio)");
-    None
+    missing("a python3 that imports grpc", "python3-grpcio")
 }
 
 /// The DOM of the page at `url` once headless Chromium (`chromium`) has run its scripts for
