@@ -7,7 +7,10 @@
 //! - each stream reserves its own slot, so the streams of one connection spread over the
 //!   version's instances and each counts as a request in flight;
 //! - it goes to the instance over h2c: one multiplexed connection per instance, shared by every
-//!   stream to it ([`Pool`]); an instance addressed over HTTP/2 must speak it (gRPC servers do);
+//!   stream to it ([`Pool`]); an instance addressed over HTTP/2 must speak it (gRPC servers do).
+//!   The stream is sent with the `h2` crate from the stream's own task (hyper's client would
+//!   hand each request to its connection task over a channel and spawn a task per response:
+//!   `docs/BENCHMARKS.md` measured that at 12% of the instructions per request);
 //! - bodies and trailers (gRPC's `grpc-status`) are relayed both ways as they come; the slot
 //!   is released when the response body ends, fails, or the client resets the stream;
 //! - an instance that cannot be reached is ejected and another tried (the request was not
@@ -24,18 +27,20 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderValue, HOST, RETRY_AFTER};
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::header::{HeaderName, HeaderValue, HOST, RETRY_AFTER};
 use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use smallvec::SmallVec;
@@ -61,6 +66,18 @@ pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Streams a client may have open at once on one connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// Flow-control window of a connection to an instance, bytes (hyper's default for clients).
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// Flow-control window of a stream to an instance, bytes (hyper's default for clients).
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// Largest response header list taken from an instance, bytes (hyper's default).
+const MAX_RESPONSE_HEADER_LIST: u32 = 16 * 1024;
+/// Bytes of a stream's request body buffered for an instance beyond its window (hyper's
+/// default for clients).
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Whether a connection's first bytes are HTTP/2's preface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,10 +113,16 @@ pub async fn serve(
     limits: ClientLimits,
     shutdown: CancellationToken,
 ) {
-    let ip = client.ip();
+    // The client's address as `X-Forwarded-For` wants it, written once per connection.
+    let client_ip = HeaderValue::from_str(&client.ip().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    // hyper runs each stream as a task holding this future, and moves the task's state whole
+    // when it spawns it and when the future completes: boxed, that is a pointer, not the
+    // whole routing and forwarding state (about 4 KB).
     let service = service_fn(move |request| {
         let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(forward(&proxy, request, ip).await) }
+        let ip = client_ip.clone();
+        Box::pin(async move { Ok::<_, Infallible>(forward(&proxy, request, ip).await) })
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
@@ -128,7 +151,7 @@ pub async fn serve(
 
 /// One stream: the instance's response, or the sidecar's own refusal, written as gRPC's
 /// status to a gRPC call and as text to anything else.
-async fn forward(proxy: &Proxy, request: Request<Incoming>, ip: IpAddr) -> Response<Reply> {
+async fn forward(proxy: &Proxy, request: Request<Incoming>, ip: HeaderValue) -> Response<Reply> {
     let grpc = is_grpc(request.headers());
     match route_and_send(proxy, request, ip).await {
         Ok(response) => response,
@@ -141,7 +164,7 @@ async fn forward(proxy: &Proxy, request: Request<Incoming>, ip: IpAddr) -> Respo
 async fn route_and_send(
     proxy: &Proxy,
     request: Request<Incoming>,
-    ip: IpAddr,
+    ip: HeaderValue,
 ) -> Result<Response<Reply>, Refusal> {
     if request.method() == http::Method::CONNECT {
         let refused = HeadError::Connect;
@@ -242,7 +265,7 @@ async fn route_and_send(
 /// How sending a stream to one instance ended.
 enum Sent {
     /// The instance's response head.
-    Answered(Response<Incoming>),
+    Answered(Response<RecvStream>),
     /// Nothing reached the instance (no connection, or a new one closed at once): why, and
     /// the request, to send elsewhere.
     Unreachable(String, Request<Incoming>),
@@ -253,39 +276,141 @@ enum Sent {
 }
 
 /// Sends `request` to `address` on its pooled connection, or on a new one if that turns out
-/// closed before the request went out.
+/// closed before the request went out. The request's body, if any, is relayed by a task of its
+/// own ([`relay_request_body`]) while the response is awaited, so a stream can go both ways at
+/// once (gRPC's bidirectional streaming); that task is cancelled unless a response comes.
 async fn send(
     pool: &Pool,
     address: SocketAddr,
     limits: &Limits,
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
 ) -> Sent {
-    loop {
-        let (mut sender, fresh) = match pool.sender(address, limits.connect_timeout).await {
+    let mut sender = loop {
+        let (sender, fresh) = match pool.sender(address, limits.connect_timeout).await {
             Ok(sender) => sender,
             Err(reason) => return Sent::Unreachable(reason, request),
         };
-        let sent = tokio::time::timeout(limits.instance_timeout, sender.try_send_request(request));
-        match sent.await {
-            Ok(Ok(response)) => return Sent::Answered(response),
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(unsent) if !fresh => {
-                    debug!(%address, error = %e.error(), "pooled HTTP/2 connection closed; a new one");
-                    pool.forget(address);
-                    request = unsent;
+        // Ready fails when the connection closed or got a GOAWAY: nothing was sent on it.
+        match sender.ready().await {
+            Ok(sender) => break sender,
+            Err(e) if !fresh => {
+                debug!(%address, error = %e, "pooled HTTP/2 connection closed; a new one");
+                pool.forget(address);
+            }
+            Err(e) => {
+                return Sent::Unreachable(format!("HTTP/2 connection to {address}: {e}"), request)
+            }
+        }
+    };
+    let (head, body) = request.into_parts();
+    let end_of_stream = body.is_end_stream();
+    let (response, to_instance) =
+        match sender.send_request(Request::from_parts(head, ()), end_of_stream) {
+            Ok(sent) => sent,
+            Err(e) => return Sent::Failed(e.to_string()),
+        };
+    let relay =
+        (!end_of_stream).then(|| AbortOnDrop(tokio::spawn(relay_request_body(body, to_instance))));
+    match tokio::time::timeout(limits.instance_timeout, response).await {
+        Ok(Ok(response)) => {
+            if let Some(relay) = relay {
+                relay.detach();
+            }
+            Sent::Answered(response)
+        }
+        Ok(Err(e)) => Sent::Failed(e.to_string()),
+        Err(_) => Sent::Timeout,
+    }
+}
+
+/// A task aborted when this is dropped, unless [`AbortOnDrop::detach`]ed.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    fn detach(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Relays a client's request body (data, then trailers) to the instance's stream, as the
+/// instance's flow-control window allows: each chunk waits for send capacity before the next
+/// is read, so a slow instance slows the client rather than filling the sidecar's memory. A
+/// client that resets its stream, or an instance that resets its own, ends the relay; the
+/// other side's stream is reset.
+async fn relay_request_body(mut body: Incoming, mut to: SendStream<Bytes>) {
+    loop {
+        let frame = std::future::poll_fn(|cx| {
+            if to.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Some)
+        })
+        .await;
+        let frame = match frame {
+            // The instance reset its stream: it wants no more.
+            None => return,
+            Some(Some(Ok(frame))) => frame,
+            Some(Some(Err(e))) => {
+                debug!(error = %e, "client request body failed; resetting the instance's stream");
+                to.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+            Some(None) => {
+                let _ = to.send_data(Bytes::new(), true);
+                return;
+            }
+        };
+        let frame = match frame.into_data() {
+            Ok(data) => {
+                let end_of_stream = body.is_end_stream();
+                if !send_when_capacity(&mut to, data, end_of_stream).await || end_of_stream {
+                    return;
                 }
-                Some(unsent) => return Sent::Unreachable(e.into_error().to_string(), unsent),
-                None => return Sent::Failed(e.into_error().to_string()),
-            },
-            Err(_) => return Sent::Timeout,
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(trailers) = frame.into_trailers() {
+            let _ = to.send_trailers(trailers);
+            return;
         }
     }
 }
 
-/// Appends `ip` to the request's `X-Forwarded-For` list (one field, earlier entries first).
-fn append_forwarded_for(headers: &mut http::HeaderMap, ip: IpAddr) {
+/// Sends `data` on `to` once the peer's window has room for some of it (h2 sends the rest as
+/// the window opens); `false` when the stream can take no more (reset or closed).
+async fn send_when_capacity(to: &mut SendStream<Bytes>, data: Bytes, end_of_stream: bool) -> bool {
+    if !data.is_empty() {
+        // A claim of one byte, not the whole chunk: h2 raises it to what is buffered, and a
+        // large claim would hold the connection's window against other streams.
+        to.reserve_capacity(1);
+        loop {
+            match std::future::poll_fn(|cx| to.poll_capacity(cx)).await {
+                Some(Ok(0)) => continue,
+                Some(Ok(_)) => break,
+                Some(Err(_)) | None => return false,
+            }
+        }
+    }
+    to.send_data(data, end_of_stream).is_ok()
+}
+
+/// Appends `ip` (the client's address) to the request's `X-Forwarded-For` list: one field,
+/// earlier entries first. Without earlier entries (the usual case) the field is `ip` itself,
+/// shared, not copied.
+fn append_forwarded_for(headers: &mut http::HeaderMap, ip: HeaderValue) {
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        headers.insert(X_FORWARDED_FOR, ip);
+        return;
+    }
     let mut list = headers
-        .get_all("x-forwarded-for")
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect::<Vec<_>>()
@@ -293,9 +418,9 @@ fn append_forwarded_for(headers: &mut http::HeaderMap, ip: IpAddr) {
     if !list.is_empty() {
         list.push_str(", ");
     }
-    list.push_str(&ip.to_string());
+    list.push_str(ip.to_str().unwrap_or("unknown"));
     if let Ok(value) = HeaderValue::from_str(&list) {
-        headers.insert("x-forwarded-for", value);
+        headers.insert(X_FORWARDED_FOR, value);
     }
 }
 
@@ -394,12 +519,12 @@ pub enum Reply {
 
 impl Body for Reply {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         match self.get_mut() {
             Reply::Text(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
             Reply::Relayed(held) => Pin::new(held).poll_frame(cx),
@@ -417,22 +542,26 @@ impl Body for Reply {
         match self {
             Reply::Text(Some(text)) => SizeHint::with_exact(text.len() as u64),
             Reply::Text(None) => SizeHint::with_exact(0),
-            Reply::Relayed(held) => held.body.size_hint(),
+            Reply::Relayed(_) => SizeHint::default(),
         }
     }
 }
 
-/// An instance's response body that holds its request's reservation: released when the body
-/// ends or fails, or when hyper drops it because the client reset the stream.
+/// An instance's response body (data, then trailers) that holds its request's reservation:
+/// released when the body ends or fails, or when hyper drops it because the client reset the
+/// stream. Each chunk's flow-control capacity is given back to the instance as the chunk is
+/// handed on; hyper then waits for the client's window before it asks for the next.
 pub struct Held {
-    body: Incoming,
+    body: RecvStream,
+    data_done: bool,
     reservation: Option<Reservation>,
 }
 
 impl Held {
-    fn new(body: Incoming, reservation: Reservation) -> Self {
+    fn new(body: RecvStream, reservation: Reservation) -> Self {
         let mut held = Self {
             body,
+            data_done: false,
             reservation: Some(reservation),
         };
         if held.body.is_end_stream() {
@@ -448,17 +577,32 @@ impl Held {
 
 impl Body for Held {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
-        if !matches!(frame, Some(Ok(_))) || self.body.is_end_stream() {
-            self.reservation = None;
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match ready!(this.body.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.body.flow_control().release_capacity(data.len());
+                    if this.body.is_end_stream() {
+                        this.reservation = None;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => {
+                    this.reservation = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => this.data_done = true,
+            }
         }
-        Poll::Ready(frame)
+        let trailers = ready!(this.body.poll_trailers(cx));
+        this.reservation = None;
+        Poll::Ready(trailers.transpose().map(|t| t.map(Frame::trailers)))
     }
 }
 
@@ -473,7 +617,9 @@ pub struct Pool {
 /// A connection's sender and when a stream last started on it.
 #[derive(Debug)]
 struct Pooled {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<Bytes>,
+    /// Set when the connection's task ends (the instance closed it, or it failed).
+    closed: Arc<AtomicBool>,
     used: Instant,
 }
 
@@ -485,32 +631,53 @@ impl Pool {
         &self,
         address: SocketAddr,
         connect_timeout: Duration,
-    ) -> Result<(SendRequest<Incoming>, bool), String> {
+    ) -> Result<(SendRequest<Bytes>, bool), String> {
         if let Some(pooled) = self.lock().get_mut(&address) {
-            if !pooled.sender.is_closed() {
+            if !pooled.closed.load(Ordering::Relaxed) {
                 pooled.used = Instant::now();
                 return Ok((pooled.sender.clone(), false));
             }
         }
-        let upstream = crate::pool::Pool::connect(address, connect_timeout)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(upstream.stream))
-            .await
-            .map_err(|e| format!("HTTP/2 handshake with {address}: {e}"))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(%address, error = %e, "HTTP/2 connection to an instance ended");
-            }
-        });
+        // Boxed: a new connection is rare, and its future would otherwise make every stream's
+        // future larger.
+        let (sender, closed) = Box::pin(Self::connect(address, connect_timeout)).await?;
         let pooled = Pooled {
             sender: sender.clone(),
+            closed,
             used: Instant::now(),
         };
         self.lock().insert(address, pooled);
         Ok((sender, true))
+    }
+
+    /// A new h2c connection to `address`, driven by a task of its own, with the flag that task
+    /// sets when it ends. The windows are hyper's defaults for clients (5 MB per connection,
+    /// 2 MB per stream), so a stream's body is not held to HTTP/2's initial 64 KB.
+    async fn connect(
+        address: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), String> {
+        let upstream = crate::pool::Pool::connect(address, connect_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_RESPONSE_HEADER_LIST)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .enable_push(false)
+            .handshake::<_, Bytes>(upstream.stream)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake with {address}: {e}"))?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%address, error = %e, "HTTP/2 connection to an instance ended");
+            }
+            ended.store(true, Ordering::Relaxed);
+        });
+        Ok((sender, closed))
     }
 
     /// Drops the connection to `address` (it closed); the next stream opens another.
@@ -523,7 +690,8 @@ impl Pool {
     pub fn sweep(&self, now: Instant) -> usize {
         let mut senders = self.lock();
         senders.retain(|_, pooled| {
-            !pooled.sender.is_closed() && now.saturating_duration_since(pooled.used) < IDLE_TIMEOUT
+            !pooled.closed.load(Ordering::Relaxed)
+                && now.saturating_duration_since(pooled.used) < IDLE_TIMEOUT
         });
         senders.len()
     }
@@ -657,10 +825,10 @@ mod tests {
     #[test]
     fn forwarded_for_is_one_field_with_the_client_last() {
         let mut headers = http::HeaderMap::new();
-        append_forwarded_for(&mut headers, "127.0.0.1".parse().unwrap());
+        append_forwarded_for(&mut headers, HeaderValue::from_static("127.0.0.1"));
         assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
         headers.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
-        append_forwarded_for(&mut headers, "::1".parse().unwrap());
+        append_forwarded_for(&mut headers, HeaderValue::from_static("::1"));
         assert_eq!(
             headers
                 .get_all("x-forwarded-for")

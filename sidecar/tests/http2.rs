@@ -119,8 +119,11 @@ async fn the_streams_of_one_connection_are_spread_over_instances_with_their_trai
     assert!(text.starts_with("HTTP/2.0\n"), "{text}");
     assert!(text.contains("x-forwarded-for: 127.0.0.1\n"), "{text}");
 
-    // gRPC's shape: a streamed body echoed, then trailers.
-    let data: Vec<u8> = (0..300_000).map(|i| (i % 251) as u8).collect();
+    // gRPC's shape: a streamed body echoed, then trailers. 6 MB is more than every HTTP/2
+    // window on the way (64 KB initially, the instance's 1 MB per stream, the sidecar's 2 MB
+    // per stream and 5 MB per connection to the instance), so it crosses only if each side
+    // gives its window back as the body moves.
+    let data: Vec<u8> = (0..6_000_000).map(|i| (i % 251) as u8).collect();
     let response = send(
         &h2,
         "POST",
@@ -129,7 +132,10 @@ async fn the_streams_of_one_connection_are_spread_over_instances_with_their_trai
     )
     .await;
     assert_eq!(response.headers()["content-type"], "application/grpc");
-    let collected = response.into_body().collect().await.unwrap();
+    let collected = tokio::time::timeout(WAIT, response.into_body().collect())
+        .await
+        .expect("the body in time: a window not given back stalls it")
+        .unwrap();
     let trailers = collected.trailers().cloned().expect("trailers");
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(collected.to_bytes(), data);
