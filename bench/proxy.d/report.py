@@ -3,7 +3,8 @@
 `<!-- proxy:begin -->` and `<!-- proxy:end -->` markers of docs/BENCHMARKS.md (adding the
 section at the end when the markers are absent; other sections are left as they are).
 
-Input: results.tsv (round, load, target, CPU clock ticks as "user,system" or empty, wrk.lua's JSON summary) and
+Input: results.tsv (round, load, target, CPU clock ticks as "user,system" or empty, the JSON summary
+of wrk.lua, or of h2load.py for the h2c loads `h2` and `h2mux`) and
 rss.tsv (process, `base` or `fleet`, VmRSS in kB). Every figure comes from these files.
 """
 
@@ -23,7 +24,10 @@ LOADS = {
     "sat": "saturation, `-t1 -c32`",
     "one": "one connection, `-t1 -c1`",
     "paced": "paced",
+    "h2": "HTTP/2 (h2c), one stream per connection, `h2load -t1 -c32 -m1`",
+    "h2mux": "HTTP/2 (h2c), multiplexed, `h2load -t1 -c32 -m10`",
 }
+H2_LOADS = ["h2", "h2mux"]
 THROUGHPUT_TARGET = 1.25
 ADDED_LATENCY_TARGET = 0.6
 RSS_TARGET_MB = 15.0
@@ -35,6 +39,7 @@ def parse_args():
         p.add_argument("--" + name, required=True)
     p.add_argument("--instructions", help="instructions.tsv: name, requests, instructions")
     p.add_argument("--instructions-duration", default="")
+    p.add_argument("--h2load", default="", help="h2load's version line")
     for name in ["nproc", "clk-tck", "rounds", "rate", "paced-conns", "paced-delay-ms", "fleet",
                  "default-threads"]:
         p.add_argument("--" + name, required=True, type=int)
@@ -149,34 +154,7 @@ def main():
         user, system = (cpu_us_per_request(load, target, part) for part in (0, 1))
         return "–" if user is None else f"{fmt(user, 1)} / {fmt(system, 1)}"
 
-    instructions = load_instructions(a.instructions)
-    errors = sum(run["errors"] for run in runs.values())
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out = []
-    w = out.append
-    w(f"Measured {date} at commit `{a.commit}` on {a.nproc} CPUs ({a.cpu}), shared with other "
-      "work, so only ratios within this run mean anything. "
-      f"{a.haproxy.split(' - ')[0]}, {a.nginx.replace('nginx version: ', '')}, {a.wrk}. "
-      f"Median of {len(rounds)} rounds of {a.duration} per load and target; the targets "
-      "alternate, their order rotating each round.")
-    w("")
-    w("```sh")
-    w(f"DURATION={a.duration} ROUNDS={a.rounds} RATE={a.rate} FLEET={a.fleet} bench/proxy")
-    w("# per round, per load, per target (usher adds -H 'Host: bench'):")
-    w(f"wrk -t1 -c32 -d{a.duration} --latency -s bench/proxy.d/wrk.lua http://127.0.0.1:PORT/")
-    w(f"wrk -t1 -c1 -d{a.duration} --latency -s bench/proxy.d/wrk.lua http://127.0.0.1:PORT/")
-    w(f"wrk -t1 -c{a.paced_conns} -d{a.duration} --latency -s bench/proxy.d/wrk.lua "
-      f"http://127.0.0.1:PORT/ -- {a.paced_delay_ms}")
-    w("```")
-    w("")
-    w("Backend: nginx, `worker_processes 1`, `access_log off`, a 17-byte body. HAProxy: http "
-      "mode, `nbthread 1`, `http-reuse always`. usher: one directory, one `usher-agent` "
-      "registering nginx (`--concurrency 256`, so no request queues), two sidecars "
-      f"(`--threads 1` and the default, {a.default_threads}). CPU is the proxy process's "
-      "utime+stime (`/proc/PID/stat`) over the rounds divided by the requests it served; "
-      "user / system splits it into the process's own code and the kernel's work for it.")
-    w("")
-    for load in ["sat", "one"]:
+    def throughput_table(load):
         w(f"**{LOADS[load]}**")
         w("")
         w("| target | req/s | p50 µs | p99 µs | req/s vs HAProxy | req/s vs direct "
@@ -191,6 +169,53 @@ def main():
               f"| {fmt(cpu_us_per_request(load, t), 1)} "
               f"| {split(load, t)} |")
         w("")
+
+    instructions = load_instructions(a.instructions)
+    errors = sum(run["errors"] for run in runs.values())
+    h2_errors = sum(run["errors"] for (_, load, _), run in runs.items() if load in H2_LOADS)
+    has_h2 = any(load in H2_LOADS for (_, load, _) in runs)
+    h2load = a.h2load.replace("h2load nghttp2/", "h2load (nghttp2 ") + ")" if a.h2load else ""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = []
+    w = out.append
+    w(f"Measured {date} at commit `{a.commit}` on {a.nproc} CPUs ({a.cpu}), shared with other "
+      "work, so only ratios within this run mean anything. "
+      f"{a.haproxy.split(' - ')[0]}, {a.nginx.replace('nginx version: ', '')}, {a.wrk}"
+      f"{', ' + h2load if has_h2 and h2load else ''}. "
+      f"Median of {len(rounds)} rounds of {a.duration} per load and target; the targets "
+      "alternate, their order rotating each round.")
+    w("")
+    w("```sh")
+    w(f"DURATION={a.duration} ROUNDS={a.rounds} RATE={a.rate} FLEET={a.fleet} bench/proxy")
+    w("# per round, per load, per target (usher adds -H 'Host: bench'):")
+    w(f"wrk -t1 -c32 -d{a.duration} --latency -s bench/proxy.d/wrk.lua http://127.0.0.1:PORT/")
+    w(f"wrk -t1 -c1 -d{a.duration} --latency -s bench/proxy.d/wrk.lua http://127.0.0.1:PORT/")
+    w(f"wrk -t1 -c{a.paced_conns} -d{a.duration} --latency -s bench/proxy.d/wrk.lua "
+      f"http://127.0.0.1:PORT/ -- {a.paced_delay_ms}")
+    if has_h2:
+        w("# h2c: usher gets http://bench-h2/ with --connect-to=127.0.0.1:PORT (its :authority)")
+        w(f"h2load -t1 -c32 -m1 -D {a.duration} --log-file=FILE http://127.0.0.1:PORT/")
+        w(f"h2load -t1 -c32 -m10 -D {a.duration} --log-file=FILE http://127.0.0.1:PORT/")
+    w("```")
+    w("")
+    w("Backend: nginx, `worker_processes 1`, `access_log off`, a 17-byte body. HAProxy: http "
+      "mode, `nbthread 1`, `http-reuse always`. usher: one directory, one `usher-agent` "
+      "registering nginx (`--concurrency 256`, so no request queues), two sidecars "
+      f"(`--threads 1` and the default, {a.default_threads}). "
+      + ("HTTP/2: nginx also listens for h2c (`listen … http2`, prior knowledge, no TLS; "
+         "128 streams at most per connection, its default), HAProxy has a second frontend and "
+         "backend with `proto h2` on both sides (it opens more connections to nginx as "
+         "streams need), and a second `usher-agent` registers that port as service `bench-h2` "
+         "(`--concurrency 256`: of the 320 streams of `-m10`, up to 64 wait in the sidecar's "
+         "queue), which both sidecars route over h2c, one multiplexed connection per "
+         "instance; p50 and p99 come from h2load's `--log-file` (one line per request). "
+         if has_h2 else "")
+      + "CPU is the proxy process's "
+      "utime+stime (`/proc/PID/stat`) over the rounds divided by the requests it served; "
+      "user / system splits it into the process's own code and the kernel's work for it.")
+    w("")
+    for load in ["sat", "one"]:
+        throughput_table(load)
     w(f"**paced, `-t1 -c{a.paced_conns}`, {a.paced_delay_ms} ms before each request "
       f"(~{a.rate:,} req/s)**: added = target minus direct in the same round.")
     w("")
@@ -218,6 +243,9 @@ def main():
         row.append(fmt(cpu_us_per_request("paced", t), 1))
         w(f"| {label[t]} | " + " | ".join(row) + " |")
     w("")
+    for load in H2_LOADS:
+        if any(l == load for (_, l, _) in runs):
+            throughput_table(load)
     w(f"**Memory** (VmRSS, MB = 10⁶ bytes): after the loads above, and with {a.fleet:,} more "
       "instances in the table (service `fleet`, registered by `usher-bench-fleet`: one QUIC "
       "session per instance, heartbeating as an agent does; then 2 s of traffic to `fleet` "
@@ -247,10 +275,14 @@ def main():
                   f"| {fmt(vs, 2, '×')} |")
         w("")
     if errors:
-        w(f"wrk counted {errors:,} errors (connect, read, write, timeout or non-2xx) in all; "
-          "see the raw log (`KEEP=1`).")
+        w(f"wrk counted {errors - h2_errors:,} errors (connect, read, write, timeout or non-2xx) "
+          + (f"and h2load {h2_errors:,} (a client that completed nothing, a stream that failed or "
+             "timed out, or a non-2xx) " if has_h2 else "")
+          + "in all; see the raw log (`KEEP=1`).")
     else:
-        w("No request failed (wrk: no connect, read, write or timeout error, no non-2xx).")
+        w("No request failed (wrk: no connect, read, write or timeout error, no non-2xx"
+          + ("; h2load: no failed, errored or timed-out stream, no non-2xx, every client served"
+             if has_h2 else "") + ").")
     w("")
     w("Targets of issue 5 (ratios in this run):")
     w("")
