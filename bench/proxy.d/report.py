@@ -203,12 +203,11 @@ def main():
       "registering nginx (`--concurrency 256`, so no request queues), two sidecars "
       f"(`--threads 1` and the default, {a.default_threads}). "
       + ("HTTP/2: nginx also listens for h2c (`listen … http2`, prior knowledge, no TLS; "
-         "128 streams at most per connection, its default), HAProxy has a second frontend and "
-         "backend with `proto h2` on both sides (it opens more connections to nginx as "
-         "streams need), and a second `usher-agent` registers that port as service `bench-h2` "
-         "(`--concurrency 256`: of the 320 streams of `-m10`, up to 64 wait in the sidecar's "
-         "queue), which both sidecars route over h2c, one multiplexed connection per "
-         "instance; p50 and p99 come from h2load's `--log-file` (one line per request). "
+         "`http2_max_concurrent_streams 512`), HAProxy has a second frontend and "
+         "backend with `proto h2` on both sides, and a second `usher-agent` registers that "
+         "port as service `bench-h2` (`--concurrency 512`, above the 320 streams of `-m10`, so "
+         "no stream queues), which both sidecars route over h2c, one multiplexed connection "
+         "per instance; p50 and p99 come from h2load's `--log-file` (one line per request). "
          if has_h2 else "")
       + "CPU is the proxy process's "
       "utime+stime (`/proc/PID/stat`) over the rounds divided by the requests it served; "
@@ -261,18 +260,21 @@ def main():
     per_request = {n: i / r for n, (r, i) in instructions.items() if r}
     if per_request:
         w(f"**Instructions per request** (user space, valgrind's callgrind, `wrk -t1 -c8 "
-          f"-d{a.instructions_duration}` after a 1 s warm-up; the count does not drift with the "
-          "machine's other load; the kernel's share, the same four system calls per request for "
-          "both proxies, is not counted):")
+          f"-d{a.instructions_duration}` and then `h2load -t1 -c8 -m1 "
+          f"-D {a.instructions_duration}` against the same process, each after a 1 s warm-up; "
+          "the count does not drift with the machine's other load; the kernel's share, the same "
+          "system calls per request for both proxies, is not counted):")
         w("")
         w("| process | requests | instructions/request | vs HAProxy |")
         w("|---|---|---|---|")
-        for name in ["haproxy", "usher-1t"]:
-            if name in per_request:
-                vs = per_request[name] / per_request["haproxy"] if "haproxy" in per_request \
-                    else None
-                w(f"| {label[name]} | {instructions[name][0]:,} | {fmt(per_request[name])} "
-                  f"| {fmt(vs, 2, '×')} |")
+        for protocol, suffix in [("HTTP/1.1, `wrk -t1 -c8`", ""),
+                                 ("HTTP/2, `h2load -t1 -c8 -m1`", "-h2")]:
+            base = per_request.get("haproxy" + suffix)
+            for name in ["haproxy", "usher-1t"]:
+                if name + suffix in per_request:
+                    vs = per_request[name + suffix] / base if base else None
+                    w(f"| {label[name]}, {protocol} | {instructions[name + suffix][0]:,} "
+                      f"| {fmt(per_request[name + suffix])} | {fmt(vs, 2, '×')} |")
         w("")
     if errors:
         w(f"wrk counted {errors - h2_errors:,} errors (connect, read, write, timeout or non-2xx) "
