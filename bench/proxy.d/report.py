@@ -245,17 +245,25 @@ def main():
     for load in H2_LOADS:
         if any(l == load for (_, l, _) in runs):
             throughput_table(load)
-    w(f"**Memory** (VmRSS, MB = 10⁶ bytes): after the loads above, and with {a.fleet:,} more "
-      "instances in the table (service `fleet`, registered by `usher-bench-fleet`: one QUIC "
+    has_h2_rss = any(when == "h2" for (_, when) in rss)
+    w(f"**Memory** (VmRSS, MB = 10⁶ bytes): after the HTTP/1 loads above, then with {a.fleet:,} "
+      "more instances in the table (service `fleet`, registered by `usher-bench-fleet`: one QUIC "
       "session per instance, heartbeating as an agent does; then 2 s of traffic to `fleet` "
-      "so its reserver exists).")
+      "so its reserver exists)"
+      + (", and last after the HTTP/2 loads (up to 320 streams open at once, whose memory "
+         "the allocator keeps)" if has_h2_rss else "") + ".")
     w("")
-    w(f"| process | RSS MB | RSS MB with {a.fleet:,} instances |")
-    w("|---|---|---|")
+    extra = " | RSS MB after the HTTP/2 loads" if has_h2_rss else ""
+    w(f"| process | RSS MB | RSS MB with {a.fleet:,} instances{extra} |")
+    w("|---|---|---|" + ("---|" if has_h2_rss else ""))
     for name in ["haproxy", "usher-1t", "usher-mt"]:
         base, fleet = rss.get((name, "base")), rss.get((name, "fleet"))
-        w(f"| {label[name]} | {fmt(base and base * 1024 / 1e6, 1)} "
-          f"| {fmt(fleet and fleet * 1024 / 1e6, 1)} |")
+        row = (f"| {label[name]} | {fmt(base and base * 1024 / 1e6, 1)} "
+               f"| {fmt(fleet and fleet * 1024 / 1e6, 1)} |")
+        if has_h2_rss:
+            after = rss.get((name, "h2"))
+            row += f" {fmt(after and after * 1024 / 1e6, 1)} |"
+        w(row)
     w("")
     per_request = {n: i / r for n, (r, i) in instructions.items() if r}
     if per_request:
