@@ -175,10 +175,11 @@ async fn route_and_send(
         ));
     }
     let (mut head, body) = request.into_parts();
-    let authority = head.uri.authority().map(|a| a.as_str().to_owned());
-    let host_field = head.headers.get(HOST).map(|v| v.as_bytes().to_vec());
-    let routed = request_host(authority.as_deref(), host_field.as_deref())
-        .and_then(|host| proxy.replica().route(&host));
+    let routed = request_host(
+        head.uri.authority().map(|a| a.as_str()),
+        head.headers.get(HOST).map(|v| v.as_bytes()),
+    )
+    .and_then(|host| proxy.replica().route(&host));
     let reserver = match routed {
         Ok(reserver) => reserver,
         Err(e) => {
@@ -188,26 +189,18 @@ async fn route_and_send(
         }
     };
     // The instance gets the client's authority (or Host) and path, and the client appended to
-    // `X-Forwarded-For`.
-    let authority = authority.or_else(|| host_field.and_then(|h| String::from_utf8(h).ok()));
-    let target = head
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    head.uri = match Uri::builder()
-        .scheme("http")
-        .authority(authority.unwrap_or_default())
-        .path_and_query(target)
-        .build()
-    {
-        Ok(uri) => uri,
-        Err(e) => {
-            proxy.counters().unrouted(400);
-            let message = format!("bad request target: {e}");
-            return Err(Refusal::new(StatusCode::BAD_REQUEST, message));
-        }
-    };
+    // `X-Forwarded-For`. A request target that is already `http://authority/path` (what h2c
+    // clients send) goes as it is.
+    if head.uri.scheme_str() != Some("http") || head.uri.authority().is_none() {
+        head.uri = match instance_uri(&head) {
+            Ok(uri) => uri,
+            Err(e) => {
+                proxy.counters().unrouted(400);
+                let message = format!("bad request target: {e}");
+                return Err(Refusal::new(StatusCode::BAD_REQUEST, message));
+            }
+        };
+    }
     append_forwarded_for(&mut head.headers, ip);
 
     let limits = proxy.limits();
@@ -260,6 +253,26 @@ async fn route_and_send(
     counters.ended(Outcome::InstanceFailure);
     let message = failure_message(&reserver, last_failure.as_deref());
     Err(Refusal::new(StatusCode::BAD_GATEWAY, message))
+}
+
+/// `http://AUTHORITY/PATH` for a request whose target lacks the scheme or the authority: the
+/// authority from `:authority` or else `Host`, the path as the client sent it.
+fn instance_uri(head: &http::request::Parts) -> Result<Uri, http::Error> {
+    let authority = match head.uri.authority() {
+        Some(authority) => authority.as_str().to_owned(),
+        None => head
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(target)
+        .build()
 }
 
 /// How sending a stream to one instance ended.
@@ -820,6 +833,22 @@ mod tests {
         assert!(!is_grpc(&headers));
         headers.insert("content-type", "application/grpc+proto".parse().unwrap());
         assert!(is_grpc(&headers));
+    }
+
+    #[test]
+    fn a_target_without_scheme_or_authority_gets_them_for_the_instance() {
+        let parts = |request: Request<()>| request.into_parts().0;
+        let head = parts(
+            Request::get("/a?b=1")
+                .header(HOST, "web:80")
+                .body(())
+                .unwrap(),
+        );
+        assert_eq!(instance_uri(&head).unwrap(), "http://web:80/a?b=1");
+        let head = parts(Request::get("https://v2.web/x").body(()).unwrap());
+        assert_eq!(instance_uri(&head).unwrap(), "http://v2.web/x");
+        let head = parts(Request::get("/").body(()).unwrap());
+        assert!(instance_uri(&head).is_err(), "no authority at all");
     }
 
     #[test]
