@@ -7,6 +7,8 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -378,6 +380,117 @@ async fn one_request_per_connection() -> SocketAddr {
         }
     });
     address
+}
+
+/// An h2c instance that allows `streams` open streams per connection and answers each request
+/// only when `answer` is notified; it counts the connections it accepted and the requests it
+/// holds.
+struct Gated {
+    address: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    holding: Arc<AtomicUsize>,
+    answer: Arc<tokio::sync::Notify>,
+}
+
+async fn gated(streams: u32) -> Gated {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gated = Gated {
+        address: listener.local_addr().unwrap(),
+        connections: Arc::default(),
+        holding: Arc::default(),
+        answer: Arc::default(),
+    };
+    let (connections, holding, answer) = (
+        gated.connections.clone(),
+        gated.holding.clone(),
+        gated.answer.clone(),
+    );
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            connections.fetch_add(1, Ordering::SeqCst);
+            let (holding, answer) = (holding.clone(), answer.clone());
+            let service = hyper::service::service_fn(move |_request| {
+                let (holding, answer) = (holding.clone(), answer.clone());
+                async move {
+                    let notified = answer.notified();
+                    holding.fetch_add(1, Ordering::SeqCst);
+                    notified.await;
+                    holding.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+                        b"answered\n",
+                    ))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_concurrent_streams(streams)
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    gated
+}
+
+#[tokio::test]
+async fn an_instance_that_allows_fewer_streams_per_connection_than_slots_gets_more_connections() {
+    let instance = gated(2).await;
+    let s = sidecar(vec![entry("a", instance.address, 8)], WAIT).await;
+    let h2 = client(s.proxy).await;
+    // A first stream opens the connection and learns the instance's limit.
+    let first = tokio::spawn({
+        let h2 = h2.clone();
+        async move { read(send(&h2, "GET", "http://web/", empty()).await).await }
+    });
+    wait_for(|| instance.holding.load(Ordering::SeqCst) == 1).await;
+    instance.answer.notify_waiters();
+    assert_eq!(first.await.unwrap().0, StatusCode::OK);
+    // Six at once, with 8 slots: all six reach the instance, on three connections of two
+    // streams each, rather than four of them waiting in the sidecar for the first two.
+    let six: Vec<_> = (0..6)
+        .map(|_| {
+            let h2 = h2.clone();
+            tokio::spawn(async move { read(send(&h2, "GET", "http://web/", empty()).await).await })
+        })
+        .collect();
+    wait_for(|| instance.holding.load(Ordering::SeqCst) == 6).await;
+    assert_eq!(instance.connections.load(Ordering::SeqCst), 3);
+    instance.answer.notify_waiters();
+    for answer in six {
+        let (status, text, _) = answer.await.unwrap();
+        assert_eq!((status, text.as_str()), (StatusCode::OK, "answered\n"));
+    }
+    s.shutdown.cancel();
+    tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_burst_to_an_instance_without_a_connection_opens_one() {
+    let instance = gated(100).await;
+    let s = sidecar(vec![entry("a", instance.address, 16)], WAIT).await;
+    let h2 = client(s.proxy).await;
+    let burst: Vec<_> = (0..16)
+        .map(|_| {
+            let h2 = h2.clone();
+            tokio::spawn(async move { read(send(&h2, "GET", "http://web/", empty()).await).await })
+        })
+        .collect();
+    wait_for(|| instance.holding.load(Ordering::SeqCst) == 16).await;
+    assert_eq!(instance.connections.load(Ordering::SeqCst), 1);
+    instance.answer.notify_waiters();
+    for answer in burst {
+        assert_eq!(answer.await.unwrap().0, StatusCode::OK);
+    }
+    s.shutdown.cancel();
+    tokio::time::timeout(WAIT, s.task).await.unwrap().unwrap();
+}
+
+/// Waits until `done` holds, or fails the test after [`WAIT`].
+async fn wait_for(done: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "never came to pass");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]

@@ -6,8 +6,9 @@
 //! - the service comes from `:authority` (or `Host`), as [`crate::route`] decides for HTTP/1;
 //! - each stream reserves its own slot, so the streams of one connection spread over the
 //!   version's instances and each counts as a request in flight;
-//! - it goes to the instance over h2c: one multiplexed connection per instance, shared by every
-//!   stream to it ([`Pool`]); an instance addressed over HTTP/2 must speak it (gRPC servers do).
+//! - it goes to the instance over h2c, multiplexed on a connection shared by every stream to
+//!   it, and on more only when the instance allows fewer streams per connection than it has
+//!   slots ([`Pool`]); an instance addressed over HTTP/2 must speak it (gRPC servers do).
 //!   The stream is sent with the `h2` crate from the stream's own task (hyper's client would
 //!   hand each request to its connection task over a channel and spawn a task per response:
 //!   `docs/BENCHMARKS.md` measured that at 12% of the instructions per request);
@@ -24,18 +25,14 @@
 //! At shutdown the connection gets a `GOAWAY`: streams already open finish (within the
 //! sidecar's drain), no new one starts.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::header::{HeaderName, HeaderValue, HOST, RETRY_AFTER};
 use http::{Request, Response, StatusCode, Uri};
@@ -48,9 +45,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use usher_shared::FastHash;
-
-use crate::pool::IDLE_TIMEOUT;
 
 use crate::http1::head::HeadError;
 use crate::metrics::Outcome;
@@ -61,21 +55,16 @@ use crate::reserver::{Reservation, ReserveError};
 use crate::route::request_host;
 use crate::slots::InstanceId;
 
+mod pool;
+
+pub use pool::Pool;
+use pool::{NoConnection, OpenStream};
+
 /// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Streams a client may have open at once on one connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
-
-/// Flow-control window of a connection to an instance, bytes (hyper's default for clients).
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
-/// Flow-control window of a stream to an instance, bytes (hyper's default for clients).
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-/// Largest response header list taken from an instance, bytes (hyper's default).
-const MAX_RESPONSE_HEADER_LIST: u32 = 16 * 1024;
-/// Bytes of a stream's request body buffered for an instance beyond its window (hyper's
-/// default for clients).
-const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -224,10 +213,10 @@ async fn route_and_send(
         tried.push(reservation.id().clone());
         let address = reservation.address();
         match send(proxy.h2c(), address, limits, request).await {
-            Sent::Answered(response) => {
+            Sent::Answered(response, open) => {
                 reservation.succeeded();
                 counters.ended(Outcome::Answered);
-                return Ok(response.map(|body| Reply::Relayed(Held::new(body, reservation))));
+                return Ok(response.map(|body| Reply::Relayed(Held::new(body, reservation, open))));
             }
             Sent::Unreachable(reason, unsent) => {
                 counters.instance_failed();
@@ -277,8 +266,8 @@ fn instance_uri(head: &http::request::Parts) -> Result<Uri, http::Error> {
 
 /// How sending a stream to one instance ended.
 enum Sent {
-    /// The instance's response head.
-    Answered(Response<RecvStream>),
+    /// The instance's response head, and the stream's count on its connection.
+    Answered(Response<RecvStream>, OpenStream),
     /// Nothing reached the instance (no connection, or a new one closed at once): why, and
     /// the request, to send elsewhere.
     Unreachable(String, Request<Incoming>),
@@ -288,7 +277,7 @@ enum Sent {
     Timeout,
 }
 
-/// Sends `request` to `address` on its pooled connection, or on a new one if that turns out
+/// Sends `request` to `address` on a pooled connection, or on a new one if that turns out
 /// closed before the request went out. The request's body, if any, is relayed by a task of its
 /// own ([`relay_request_body`]) while the response is awaited, so a stream can go both ways at
 /// once (gRPC's bidirectional streaming); that task is cancelled unless a response comes.
@@ -298,17 +287,18 @@ async fn send(
     limits: &Limits,
     request: Request<Incoming>,
 ) -> Sent {
-    let mut sender = loop {
-        let (sender, fresh) = match pool.sender(address, limits.connect_timeout).await {
-            Ok(sender) => sender,
-            Err(reason) => return Sent::Unreachable(reason, request),
+    let (mut sender, open) = loop {
+        let stream = match pool.stream(address, limits.connect_timeout).await {
+            Ok(stream) => stream,
+            Err(NoConnection::Unreachable(reason)) => return Sent::Unreachable(reason, request),
+            Err(NoConnection::NotHttp2(reason)) => return Sent::Failed(reason),
         };
         // Ready fails when the connection closed or got a GOAWAY: nothing was sent on it.
-        match sender.ready().await {
-            Ok(sender) => break sender,
-            Err(e) if !fresh => {
+        match stream.sender.ready().await {
+            Ok(sender) => break (sender, stream.open),
+            Err(e) if !stream.fresh => {
                 debug!(%address, error = %e, "pooled HTTP/2 connection closed; a new one");
-                pool.forget(address);
+                pool.forget(address, &stream.open);
             }
             Err(e) => {
                 return Sent::Unreachable(format!("HTTP/2 connection to {address}: {e}"), request)
@@ -329,7 +319,7 @@ async fn send(
             if let Some(relay) = relay {
                 relay.detach();
             }
-            Sent::Answered(response)
+            Sent::Answered(response, open)
         }
         Ok(Err(e)) => Sent::Failed(e.to_string()),
         Err(_) => Sent::Timeout,
@@ -560,25 +550,25 @@ impl Body for Reply {
     }
 }
 
-/// An instance's response body (data, then trailers) that holds its request's reservation:
-/// released when the body ends or fails, or when hyper drops it because the client reset the
-/// stream. Each chunk's flow-control capacity is given back to the instance as the chunk is
+/// An instance's response body (data, then trailers) that holds its request's reservation and
+/// its stream's count on the connection: both released when the body ends or fails, or when
+/// hyper drops it because the client reset the stream. Each chunk's flow-control capacity is given back to the instance as the chunk is
 /// handed on; hyper then waits for the client's window before it asks for the next.
 pub struct Held {
     body: RecvStream,
     data_done: bool,
-    reservation: Option<Reservation>,
+    open: Option<(Reservation, OpenStream)>,
 }
 
 impl Held {
-    fn new(body: RecvStream, reservation: Reservation) -> Self {
+    fn new(body: RecvStream, reservation: Reservation, open: OpenStream) -> Self {
         let mut held = Self {
             body,
             data_done: false,
-            reservation: Some(reservation),
+            open: Some((reservation, open)),
         };
         if held.body.is_end_stream() {
-            held.reservation = None;
+            held.open = None;
         }
         held
     }
@@ -602,115 +592,20 @@ impl Body for Held {
                 Some(Ok(data)) => {
                     let _ = this.body.flow_control().release_capacity(data.len());
                     if this.body.is_end_stream() {
-                        this.reservation = None;
+                        this.open = None;
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(e)) => {
-                    this.reservation = None;
+                    this.open = None;
                     return Poll::Ready(Some(Err(e)));
                 }
                 None => this.data_done = true,
             }
         }
         let trailers = ready!(this.body.poll_trailers(cx));
-        this.reservation = None;
+        this.open = None;
         Poll::Ready(trailers.transpose().map(|t| t.map(Frame::trailers)))
-    }
-}
-
-/// h2c connections to instances, one per address, shared by every stream to it. One that no
-/// new stream used for [`IDLE_TIMEOUT`] is let go at the next sweep (it closes once its open
-/// streams end), so instances that left the table keep no connection open.
-#[derive(Debug, Default)]
-pub struct Pool {
-    senders: Mutex<HashMap<SocketAddr, Pooled, FastHash>>,
-}
-
-/// A connection's sender and when a stream last started on it.
-#[derive(Debug)]
-struct Pooled {
-    sender: SendRequest<Bytes>,
-    /// Set when the connection's task ends (the instance closed it, or it failed).
-    closed: Arc<AtomicBool>,
-    used: Instant,
-}
-
-impl Pool {
-    /// A sender on the open connection to `address`, or on a new one (TCP connect within
-    /// `connect_timeout`, then the HTTP/2 preface); `true` with a new one. Errors: why the
-    /// instance is unreachable.
-    pub async fn sender(
-        &self,
-        address: SocketAddr,
-        connect_timeout: Duration,
-    ) -> Result<(SendRequest<Bytes>, bool), String> {
-        if let Some(pooled) = self.lock().get_mut(&address) {
-            if !pooled.closed.load(Ordering::Relaxed) {
-                pooled.used = Instant::now();
-                return Ok((pooled.sender.clone(), false));
-            }
-        }
-        // Boxed: a new connection is rare, and its future would otherwise make every stream's
-        // future larger.
-        let (sender, closed) = Box::pin(Self::connect(address, connect_timeout)).await?;
-        let pooled = Pooled {
-            sender: sender.clone(),
-            closed,
-            used: Instant::now(),
-        };
-        self.lock().insert(address, pooled);
-        Ok((sender, true))
-    }
-
-    /// A new h2c connection to `address`, driven by a task of its own, with the flag that task
-    /// sets when it ends. The windows are hyper's defaults for clients (5 MB per connection,
-    /// 2 MB per stream), so a stream's body is not held to HTTP/2's initial 64 KB.
-    async fn connect(
-        address: SocketAddr,
-        connect_timeout: Duration,
-    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), String> {
-        let upstream = crate::pool::Pool::connect(address, connect_timeout)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (sender, connection) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_header_list_size(MAX_RESPONSE_HEADER_LIST)
-            .max_send_buffer_size(MAX_SEND_BUFFER)
-            .enable_push(false)
-            .handshake::<_, Bytes>(upstream.stream)
-            .await
-            .map_err(|e| format!("HTTP/2 handshake with {address}: {e}"))?;
-        let closed = Arc::new(AtomicBool::new(false));
-        let ended = closed.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(%address, error = %e, "HTTP/2 connection to an instance ended");
-            }
-            ended.store(true, Ordering::Relaxed);
-        });
-        Ok((sender, closed))
-    }
-
-    /// Drops the connection to `address` (it closed); the next stream opens another.
-    pub fn forget(&self, address: SocketAddr) {
-        self.lock().remove(&address);
-    }
-
-    /// Drops the connections that closed, or that no stream used for [`IDLE_TIMEOUT`] before
-    /// `now`; returns how many stay.
-    pub fn sweep(&self, now: Instant) -> usize {
-        let mut senders = self.lock();
-        senders.retain(|_, pooled| {
-            !pooled.closed.load(Ordering::Relaxed)
-                && now.saturating_duration_since(pooled.used) < IDLE_TIMEOUT
-        });
-        senders.len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Pooled, FastHash>> {
-        self.senders.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -783,28 +678,6 @@ mod tests {
         assert_eq!(preface(b"POST / HTTP/1.1\r\n"), Preface::No);
         assert_eq!(preface(b"GET / HTTP/1.1\r\n"), Preface::No);
         assert_eq!(preface(b"PRI * HTTP/1.1\r\n"), Preface::No);
-    }
-
-    #[tokio::test]
-    async fn a_connection_no_stream_used_for_the_idle_timeout_is_let_go() {
-        let instance = usher_tests::instance::spawn("a").await;
-        let pool = Pool::default();
-        let second = Duration::from_secs(1);
-        let (_, fresh) = pool.sender(instance, second).await.unwrap();
-        assert!(fresh);
-        let (_, fresh) = pool.sender(instance, second).await.unwrap();
-        assert!(!fresh, "the same connection again");
-        let now = Instant::now();
-        assert_eq!(pool.sweep(now), 1);
-        assert_eq!(pool.sweep(now + IDLE_TIMEOUT + second), 0);
-        let (_, fresh) = pool.sender(instance, second).await.unwrap();
-        assert!(fresh, "a new connection after the sweep");
-        // An unreachable instance is an error that says why.
-        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let nobody = closed.local_addr().unwrap();
-        drop(closed);
-        let e = pool.sender(nobody, second).await.unwrap_err();
-        assert!(e.contains(&nobody.to_string()), "{e}");
     }
 
     #[test]
