@@ -10,7 +10,9 @@
 //! - One connection attempt per instance at a time: the streams that find no room while it is
 //!   under way wait for it and share its outcome, so a burst to an instance without a
 //!   connection opens one, not one per stream, and an unreachable instance costs one connect
-//!   timeout, not one per waiting stream.
+//!   timeout, not one per waiting stream. A new connection that can take no stream at all
+//!   (the instance allows none, or closed it at once) makes the instance unreachable rather
+//!   than making way for another connection.
 //! - A connection no new stream used for [`IDLE_TIMEOUT`] is let go at the next sweep (it
 //!   closes once its open streams end), so instances that left the table, and connections a
 //!   burst needed, keep nothing open.
@@ -109,6 +111,19 @@ impl Connection {
         self.state.closed.load(Ordering::Relaxed)
     }
 
+    /// Why this connection can take no stream whatever the others on it do, if so: it closed
+    /// (the instance sent `GOAWAY` as soon as it answered the PING), or the instance's
+    /// SETTINGS allow no streams (`SETTINGS_MAX_CONCURRENT_STREAMS` 0, RFC 9113 §6.5.2).
+    fn takes_no_stream(&self) -> Option<&'static str> {
+        if self.is_closed() {
+            Some("it closed as soon as it opened")
+        } else if self.sender.current_max_send_streams() == 0 {
+            Some("the instance allows no streams (SETTINGS_MAX_CONCURRENT_STREAMS 0)")
+        } else {
+            None
+        }
+    }
+
     /// One more stream on this connection, if it is open and the instance allows one more.
     fn open_stream(&self, fresh: bool) -> Option<Stream> {
         if self.is_closed() {
@@ -188,9 +203,16 @@ impl Pool {
             // Boxed inside `connect`: a new connection is rare, and its state would otherwise
             // make every stream's future larger.
             let connection = attempt.await?;
-            // Full already (the burst that waited for it took its room): open another.
             if let Some(stream) = connection.open_stream(true) {
                 return Ok(stream);
+            }
+            // Full already (the burst that waited for it took its room): open another, unless
+            // it can take no stream at all, which another would not either; looping on it
+            // would open connections without end.
+            if let Some(why) = connection.takes_no_stream() {
+                return Err(NoConnection::Unreachable(format!(
+                    "HTTP/2 connection to {address}: {why}"
+                )));
             }
         }
     }
@@ -356,6 +378,41 @@ mod tests {
         let next = pool.stream(instance, second).await.unwrap();
         assert!(!next.fresh, "the new connection stays pooled");
         assert_eq!(pool.sweep(Instant::now()), 1);
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_allows_no_streams_is_unreachable_after_one_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let instance = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let Ok(mut connection) = h2::server::Builder::new()
+                        .max_concurrent_streams(0)
+                        .handshake::<_, Bytes>(socket)
+                        .await
+                    else {
+                        return;
+                    };
+                    while let Some(Ok(_)) = connection.accept().await {}
+                });
+            }
+        });
+        let pool = Pool::default();
+        let second = Duration::from_secs(1);
+        let refused = tokio::time::timeout(5 * second, pool.stream(instance, second)).await;
+        match refused.expect("an answer, not connections opened without end") {
+            Err(NoConnection::Unreachable(e)) => assert!(e.contains("allows no streams"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            1,
+            "one connection, not a loop"
+        );
     }
 
     #[tokio::test]
