@@ -160,14 +160,6 @@ pub struct Stream {
 #[derive(Debug)]
 pub struct OpenStream(Arc<ConnectionState>);
 
-impl OpenStream {
-    /// Marks the stream's connection closed, so no new stream is sent on it: it refused this
-    /// one (it closed, or the instance sent `GOAWAY`).
-    pub fn connection_refused(&self) {
-        self.0.closed.store(true, Ordering::Relaxed);
-    }
-}
-
 impl Drop for OpenStream {
     fn drop(&mut self) {
         self.0.streams.fetch_sub(1, Ordering::AcqRel);
@@ -210,6 +202,7 @@ impl Pool {
             // it can take no stream at all, which another would not either; looping on it
             // would open connections without end.
             if let Some(why) = connection.takes_no_stream() {
+                self.drop_connection(address, &connection.state);
                 return Err(NoConnection::Unreachable(format!(
                     "HTTP/2 connection to {address}: {why}"
                 )));
@@ -249,11 +242,17 @@ impl Pool {
     /// Drops the connection `stream` went on (it refused the stream); the connections opened
     /// after it stay.
     pub fn forget(&self, address: SocketAddr, stream: &OpenStream) {
-        stream.connection_refused();
+        self.drop_connection(address, &stream.0);
+    }
+
+    /// Marks the connection whose state is `state` closed and takes it out of the pool (the
+    /// others to `address` stay); it closes once its open streams end.
+    fn drop_connection(&self, address: SocketAddr, state: &Arc<ConnectionState>) {
+        state.closed.store(true, Ordering::Relaxed);
         if let Some(instance) = self.lock().get_mut(&address) {
             instance
                 .open
-                .retain(|pooled| !Arc::ptr_eq(&pooled.connection.state, &stream.0));
+                .retain(|pooled| !Arc::ptr_eq(&pooled.connection.state, state));
         }
     }
 
@@ -370,7 +369,7 @@ mod tests {
         let second = Duration::from_secs(1);
         let old = pool.stream(instance, second).await.unwrap();
         // Another stream found the old connection refusing and opened a new one...
-        old.open.connection_refused();
+        old.open.0.closed.store(true, Ordering::Relaxed);
         let new = pool.stream(instance, second).await.unwrap();
         assert!(new.fresh);
         // ...before this one, which was sent on the old connection too, forgets it.
@@ -413,6 +412,7 @@ mod tests {
             1,
             "one connection, not a loop"
         );
+        assert_eq!(pool.sweep(Instant::now()), 0, "and it is not kept");
     }
 
     #[tokio::test]
