@@ -45,6 +45,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
 use usher_shared::enrolment::EnrolError;
 use usher_shared::identity::NodeIdentity;
+use usher_shared::quic::Liveness;
 use usher_shared::routes::{Instance, InstanceState};
 use usher_shared::session::{node_endpoint, EndpointError};
 
@@ -112,7 +113,7 @@ pub async fn run(
         &config.state_dir,
     );
     let credentials = usher_shared::enrolment::obtain(&tls).await?;
-    let endpoint = node_endpoint(&credentials)?;
+    let endpoint = node_endpoint(&credentials, Liveness::Heartbeats)?;
 
     let address: SocketAddr = match config.address {
         AddressSpec::Fixed(address) => address,

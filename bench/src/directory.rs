@@ -16,9 +16,13 @@
 //! the fleet's return.
 //!
 //! ```text
-//! usher-bench-directory [--sizes 1000,10000,30000] [--sidecars 1000] [--changes 100]
-//!                       [--seconds 20] [--arrivals 200] [--restarts]
+//! usher-bench-directory [--sizes 1000,10000,30000] [--sidecars 1000] [--heartbeats 1s]
+//!                       [--changes 100] [--seconds 20] [--arrivals 200] [--restarts]
 //! ```
+//!
+//! `--heartbeats` is the interval the directory dictates, one for every run or one per size
+//! (the targets of issue 5 are at 1 s; a longer one lets a fleet that does not fit beside
+//! this generator at 1 s be measured at all, its rows saying so).
 //!
 //! Run from the repository root after `cargo build --release` (it starts
 //! `target/release/usher-directory`); `bench/directory` does both. The figures are printed and
@@ -41,6 +45,7 @@ use usher_shared::enrolment::{self, Credentials, TlsFlags};
 use usher_shared::identity::NodeIdentity;
 use usher_shared::metrics::sample;
 use usher_shared::protocol::{DirectoryMessage, NodeMessage, Registration, Role, FEED_FORMAT};
+use usher_shared::quic::Liveness;
 use usher_shared::routes::{Change, Instance, InstanceState};
 use usher_shared::session::{node_endpoint, open};
 use usher_tests::{admin_json, admin_metrics, wait_until, Mesh};
@@ -64,6 +69,10 @@ struct Args {
     /// Subscribed sidecars: one number for every run, or one per size.
     #[arg(long, value_delimiter = ',', default_values_t = [1_000usize])]
     sidecars: Vec<usize>,
+    /// The heartbeat interval the directory dictates (`--heartbeat-interval`), such as `1s`:
+    /// one for every run, or one per size.
+    #[arg(long, value_delimiter = ',', default_value = "1s", value_parser = humantime::parse_duration)]
+    heartbeats: Vec<Duration>,
     /// Instance changes per second during the steady window.
     #[arg(long, default_value_t = 100)]
     changes: u32,
@@ -85,6 +94,7 @@ struct Args {
 struct Figures {
     instances: usize,
     sidecars: usize,
+    heartbeat: Duration,
     changes_per_s: u32,
     setup: Duration,
     directory_cpu: f64,
@@ -270,6 +280,12 @@ fn main() -> Result<()> {
     if args.sidecars.len() != 1 && args.sidecars.len() != args.sizes.len() {
         bail!("--sidecars takes one number, or one per size");
     }
+    if args.heartbeats.len() != 1 && args.heartbeats.len() != args.sizes.len() {
+        bail!("--heartbeats takes one interval, or one per size");
+    }
+    if args.heartbeats.iter().any(|h| h.is_zero()) {
+        bail!("--heartbeats must be positive");
+    }
     if args.changes == 0 || args.seconds == 0 || args.arrivals == 0 {
         bail!("--changes, --seconds and --arrivals must be positive");
     }
@@ -286,11 +302,13 @@ fn main() -> Result<()> {
         let mut all = Vec::new();
         for (i, &n) in args.sizes.iter().enumerate() {
             let m = args.sidecars[i.min(args.sidecars.len() - 1)];
+            let heartbeat = args.heartbeats[i.min(args.heartbeats.len() - 1)];
             eprintln!(
-                "usher-bench-directory: {n} instances, {m} sidecars, {} changes/s",
-                args.changes
+                "usher-bench-directory: {n} instances, {m} sidecars, {} changes/s, heartbeat {}",
+                args.changes,
+                humantime::format_duration(heartbeat)
             );
-            let measured = run(n, m, &args).await?;
+            let measured = run(n, m, heartbeat, &args).await?;
             match &measured {
                 Measured::Steady(figures) => eprintln!("{}", row(figures)),
                 Measured::Restarts { returns, .. } => {
@@ -320,12 +338,12 @@ fn main() -> Result<()> {
     })
 }
 
-async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
+async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Measured> {
     let (k, seconds) = (args.changes, args.seconds);
     let setup_started = Instant::now();
     let mesh = Mesh::new()?;
     let drops_at_start = DropCounters::read(mesh.directory.quic_port)?;
-    let mut directory = mesh.start_directory("directory").await?;
+    let mut directory = start_directory(&mesh, "directory", heartbeat).await?;
     let agent = credentials(&mesh, "agent", Some(SERVICE)).await?;
     let sidecar = credentials(&mesh, "sidecar", None).await?;
     let addr = mesh.directory.quic();
@@ -335,7 +353,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
     let changes: Changes = Arc::default();
     let observed = Arc::new(Observed::default());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sidecar_endpoints = endpoints(&sidecar, m)?;
+    let sidecar_endpoints = endpoints(&sidecar, m, Liveness::KeepAlive)?;
     let mut sidecars = Vec::with_capacity(m);
     for i in 0..m {
         let endpoint = sidecar_endpoints[i / CONNECTIONS_PER_ENDPOINT].clone();
@@ -351,7 +369,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
         }
     }
 
-    let agent_endpoints = endpoints(&agent, n + 1)?;
+    let agent_endpoints = endpoints(&agent, n + 1, Liveness::Heartbeats)?;
     // The silent agent first, before the fleet's handshakes crowd the directory.
     let silent = silent_agent(&agent_endpoints[n / CONNECTIONS_PER_ENDPOINT], &addr).await?;
     let mut states = Vec::with_capacity(CHURNED.min(n));
@@ -411,7 +429,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
         let mut returns = Vec::new();
         for nth in 1..=RESTARTS {
             let back;
-            (directory, back) = restart(&mesh, directory, nth, n, m, &observed).await?;
+            (directory, back) = restart(&mesh, directory, heartbeat, nth, n, m, &observed).await?;
             returns.push(back);
         }
         stop_fleet(&stop_tx, sidecars, agents).await;
@@ -524,6 +542,7 @@ async fn run(n: usize, m: usize, args: &Args) -> Result<Measured> {
     Ok(Measured::Steady(Box::new(Figures {
         instances: n,
         sidecars: m,
+        heartbeat,
         changes_per_s: k,
         setup,
         directory_cpu,
@@ -593,12 +612,23 @@ async fn stop_fleet(
     }
 }
 
+/// Starts `mesh`'s directory dictating a heartbeat every `heartbeat`.
+async fn start_directory(
+    mesh: &Mesh,
+    name: &str,
+    heartbeat: Duration,
+) -> Result<usher_tests::Process> {
+    let interval = humantime::format_duration(heartbeat).to_string();
+    mesh.start_directory_heartbeating(name, &interval).await
+}
+
 /// Kills `directory`, starts it again and waits for the `n` agents to register and the `m`
 /// sidecars to read a full table again; returns the new directory and how the fleet came
 /// back (restart number `nth`).
 async fn restart(
     mesh: &Mesh,
     mut directory: usher_tests::Process,
+    heartbeat: Duration,
     nth: usize,
     n: usize,
     m: usize,
@@ -607,9 +637,7 @@ async fn restart(
     let tables_before = observed.tables.load(Ordering::Acquire);
     directory.kill();
     let killed = Instant::now();
-    let directory = mesh
-        .start_directory(&format!("directory-restart-{nth}"))
-        .await?;
+    let directory = start_directory(mesh, &format!("directory-restart-{nth}"), heartbeat).await?;
     let (cpu_before, started) = (cpu_ticks(directory.pid())?, Instant::now());
     let admin = mesh.directory.admin();
     let timeout = Duration::from_secs(60 + n as u64 / 100);
@@ -675,10 +703,15 @@ async fn credentials(mesh: &Mesh, role: &str, service: Option<&str>) -> Result<C
         .with_context(|| format!("no {role} certificate"))
 }
 
-/// Enough QUIC endpoints for `connections`, [`CONNECTIONS_PER_ENDPOINT`] each.
-fn endpoints(credentials: &Credentials, connections: usize) -> Result<Vec<quinn::Endpoint>> {
+/// Enough QUIC endpoints for `connections`, [`CONNECTIONS_PER_ENDPOINT`] each, whose
+/// connections stay alive as a real node's of that role do (`liveness`).
+fn endpoints(
+    credentials: &Credentials,
+    connections: usize,
+    liveness: Liveness,
+) -> Result<Vec<quinn::Endpoint>> {
     (0..connections.div_ceil(CONNECTIONS_PER_ENDPOINT))
-        .map(|_| node_endpoint(credentials).context("cannot open a QUIC endpoint"))
+        .map(|_| node_endpoint(credentials, liveness).context("cannot open a QUIC endpoint"))
         .collect()
 }
 
@@ -928,13 +961,14 @@ fn row(f: &Figures) -> String {
         format!("{:.2}", d.as_secs_f64())
     });
     format!(
-        "| {} ({} registered, {} expired) | {} ({} subscribed, {} again) | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
+        "| {} ({} registered, {} expired) | {} ({} subscribed, {} again) | {} | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
         fmt_int(f.instances),
         fmt_int(f.registered),
         fmt_int(f.expired as usize),
         fmt_int(f.sidecars),
         fmt_int(f.subscribed),
         fmt_int(f.resubscribed),
+        humantime::format_duration(f.heartbeat),
         f.changes_per_s,
         f.directory_cpu,
         f.generator_cpu,
@@ -1029,23 +1063,24 @@ fn report(all: &[Figures], args: &Args) -> String {
     let mut out = format!(
         "Measured {} on {cpus} CPUs shared by the directory and this generator (and whatever \
          else runs), so CPU shares compete: the generator's own share is shown beside the \
-         directory's. {}\n\n```sh\nSIZES={} SIDECARS={} CHANGES={} SECONDS_={} ARRIVALS={} \
+         directory's. {}\n\n```sh\nSIZES={} SIDECARS={}{} CHANGES={} SECONDS_={} ARRIVALS={} \
          bench/directory\n```\n\n",
         date.trim(),
         buffer_note(),
         sizes.join(","),
         sidecars.join(","),
+        heartbeats_env(args),
         args.changes,
         args.seconds,
         args.arrivals
     );
     out.push_str(
-        "| instances | sidecars | changes/s | directory CPU (cores) | generator CPU (cores) \
+        "| instances | sidecars | heartbeat | changes/s | directory CPU (cores) | generator CPU (cores) \
          | UDP datagrams/s | directory RSS MB | RSS high-water MB | propagation p50 ms | p99 ms | max ms \
          | deliveries | silent agent withdrawn everywhere, s | real sidecar CPU (cores) \
          | its disk writes MB/s | its RSS MB | setup s |\n",
     );
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for f in all {
         out.push_str(&row(f));
         out.push('\n');
@@ -1057,8 +1092,11 @@ fn report(all: &[Figures], args: &Args) -> String {
          started; a sidecar whose connection failed subscribes again, as a real one does, and \
          `again` counts those). `expired`: instances the directory withdrew in the window \
          because their TTL lapsed (its `/metrics`), none unless heartbeats fell behind; \
-         each comes back at its agent's next registration. Heartbeat interval 1 s (the \
-         default), so the silent agent is due to be withdrawn after its TTL. UDP datagrams/s: \
+         each comes back at its agent's next registration. `heartbeat`: the interval the \
+         directory dictates (1 s, the default, is the interval of issue 5's targets); the \
+         silent agent is due to be withdrawn after its TTL of 3 intervals, and heartbeats \
+         arrive N ÷ interval a second, so a row with a longer interval carries its N \
+         instances' memory and table at fewer heartbeats a second. UDP datagrams/s: \
          the host's `Udp InDatagrams` (`/proc/net/snmp`) over the window, so every datagram \
          between the directory and the generator once, in either direction; unlike CPU it does \
          not depend on the machine's speed. `dropped D + G (setup D + G)`: datagrams the kernel \
@@ -1092,7 +1130,8 @@ fn report(all: &[Figures], args: &Args) -> String {
             a.routes_bytes as f64 / 1e6,
         ));
     }
-    if let Some(f) = all.iter().find(|f| f.instances == 10_000) {
+    let at_target = |f: &&Figures| f.instances == 10_000 && f.heartbeat == Duration::from_secs(1);
+    if let Some(f) = all.iter().find(at_target) {
         out.push_str("\nTargets of issue 5 at 10,000 instances:\n\n");
         out.push_str(&format!(
             "- directory CPU {:.2} cores, target ≤ 0.5 — {}\n",
@@ -1126,6 +1165,19 @@ fn report(all: &[Figures], args: &Args) -> String {
     out
 }
 
+/// ` HEARTBEATS=…` for the command line of a report, or nothing at the default (1 s).
+fn heartbeats_env(args: &Args) -> String {
+    if args.heartbeats == [Duration::from_secs(1)] {
+        return String::new();
+    }
+    let intervals: Vec<String> = args
+        .heartbeats
+        .iter()
+        .map(|h| humantime::format_duration(*h).to_string())
+        .collect();
+    format!(" HEARTBEATS={}", intervals.join(","))
+}
+
 /// The `directory-restart` section: how the fleet came back after each restart.
 fn restart_report(all: &[Measured], args: &Args) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -1133,7 +1185,7 @@ fn restart_report(all: &[Measured], args: &Args) -> String {
     let sidecars: Vec<String> = args.sidecars.iter().map(usize::to_string).collect();
     let mut out = format!(
         "Measured {} on {cpus} CPUs shared by the directory and this generator. {}\n\n```sh\n\
-         RESTARTS=1 SIZES={} SIDECARS={} ARRIVALS={} bench/directory\n```\n\n\
+         RESTARTS=1 SIZES={} SIDECARS={}{} ARRIVALS={} bench/directory\n```\n\n\
          Once the fleet is up, the directory is killed (SIGKILL) and started again on the same \
          addresses and state, {RESTARTS} times in a row; every agent and sidecar reconnects \
          after its jittered backoff. Times from the kill; CPU is the new directory's from its start \
@@ -1145,6 +1197,7 @@ fn restart_report(all: &[Measured], args: &Args) -> String {
         buffer_note(),
         sizes.join(","),
         sidecars.join(","),
+        heartbeats_env(args),
         args.arrivals,
     );
     for measured in all {

@@ -29,6 +29,7 @@ use tokio::sync::{oneshot, watch};
 use usher_agent::session::{self, SessionContext};
 use usher_shared::enrolment::TlsFlags;
 use usher_shared::identity::NodeIdentity;
+use usher_shared::quic::Liveness;
 use usher_shared::routes::{Instance, InstanceState};
 use usher_shared::session::{node_endpoint, node_name};
 
@@ -104,7 +105,8 @@ async fn run(args: Args) -> Result<()> {
     let credentials = usher_shared::enrolment::obtain(&tls)
         .await
         .context("no agent certificate")?;
-    let endpoint = node_endpoint(&credentials).context("cannot open the QUIC endpoint")?;
+    let endpoint = node_endpoint(&credentials, Liveness::Heartbeats)
+        .context("cannot open the QUIC endpoint")?;
     let shutdown = usher_shared::signals::shutdown_token();
     let node = node_name();
     let started_at_ms = usher_shared::unix_millis();

@@ -243,6 +243,16 @@ impl Config {
         self.heartbeat_interval * TTL_INTERVALS
     }
 
+    /// How long a QUIC connection may stay silent before the directory drops it (sidecars
+    /// ask for less and get it): [`usher_shared::quic::IDLE_TIMEOUT`], or the TTL plus one
+    /// heartbeat interval if that is longer. Agents send no keep-alives and advertise no idle
+    /// timeout, so this must outlast the longest gap between their heartbeats (an interval
+    /// plus 10% jitter, plus the 3 s an agent waits for an acknowledgement it asked for); the
+    /// TTL withdraws a silent agent's instance before its connection times out.
+    pub fn connection_idle_timeout(&self) -> Duration {
+        usher_shared::quic::IDLE_TIMEOUT.max(self.ttl() + self.heartbeat_interval)
+    }
+
     /// A configuration for tests: loopback port 0 everywhere, state in `state_dir`, a fast
     /// heartbeat.
     pub fn for_tests(state_dir: &Path, heartbeat_interval: Duration) -> Self {

@@ -127,6 +127,7 @@ pub async fn run_with_reloads(
         credentials.chain_pem.as_bytes(),
         credentials.key_pem.as_bytes(),
         credentials.ca_pem.as_bytes(),
+        config.connection_idle_timeout(),
     )
     .map_err(tls_error)?;
     let join_config = usher_shared::quic::join_server_config(

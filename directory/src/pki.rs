@@ -351,6 +351,7 @@ mod tests {
             second.chain_pem.as_bytes(),
             second.key_pem.as_bytes(),
             second.ca_pem.as_bytes(),
+            usher_shared::quic::IDLE_TIMEOUT,
         )
         .unwrap();
         assert_eq!(first.authority.fingerprint, second.authority.fingerprint);

@@ -14,7 +14,7 @@ use usher_shared::identity::NodeIdentity;
 use usher_shared::protocol::{
     DirectoryMessage, ErrorCode, Hello, NodeMessage, Registration, Role, FEED_FORMAT,
 };
-use usher_shared::quic::{client_config, NodeCert};
+use usher_shared::quic::{client_config, Liveness, NodeCert};
 use usher_shared::routes::{Change, Instance, InstanceState, RouteTable};
 use usher_shared::session::{client_endpoint, open, Session};
 
@@ -43,11 +43,21 @@ fn endpoint_as(
         .issue_node(identity, Duration::from_secs(3600))
         .unwrap();
     let cert = std::sync::Arc::new(NodeCert::from_pem(cert.as_bytes(), key.as_bytes()).unwrap());
-    client_endpoint(client_config(authority.ca_pem.as_bytes(), cert).unwrap()).unwrap()
+    // Each role's connections stay alive as that node's do.
+    let liveness = match identity {
+        NodeIdentity::Agent { .. } => Liveness::Heartbeats,
+        _ => Liveness::KeepAlive,
+    };
+    client_endpoint(client_config(authority.ca_pem.as_bytes(), cert, liveness).unwrap()).unwrap()
 }
 
 async fn start(state_dir: &Path) -> Running {
-    let config = Config::for_tests(state_dir, HEARTBEAT);
+    start_heartbeating(state_dir, HEARTBEAT).await
+}
+
+/// A directory that dictates a heartbeat every `interval`.
+async fn start_heartbeating(state_dir: &Path, interval: Duration) -> Running {
+    let config = Config::for_tests(state_dir, interval);
     let quic = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let join = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -158,6 +168,53 @@ async fn register(running: &Running, i: Instance) -> Session {
         other => panic!("expected registered, got {other:?}"),
     }
     agent
+}
+
+/// An agent sends no keep-alives (its heartbeats keep its connection alive) and the directory's
+/// idle timeout follows its heartbeat interval: an agent connection silent for longer than
+/// the 5 s idle timeout of a sidecar's, but within its TTL, lives on, and heartbeats again.
+#[tokio::test]
+async fn an_agent_connection_lives_on_its_heartbeats_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let interval = Duration::from_secs(2);
+    let d = start_heartbeating(dir.path(), interval).await;
+    let mut agent = d.session(Role::Agent).await;
+    agent
+        .send(&NodeMessage::Register(Registration {
+            instance: instance("a", InstanceState::Up),
+        }))
+        .await
+        .unwrap();
+    match recv(&mut agent).await {
+        DirectoryMessage::Registered { ttl_ms, .. } => assert_eq!(ttl_ms, 6_000),
+        other => panic!("expected registered, got {other:?}"),
+    }
+    // Longer than a heartbeat interval and than IDLE_TIMEOUT, shorter than the TTL.
+    let silence = usher_shared::quic::IDLE_TIMEOUT + Duration::from_millis(500);
+    tokio::time::sleep(silence).await;
+    assert!(
+        agent.connection.close_reason().is_none(),
+        "closed after {silence:?} of silence: {:?}",
+        agent.connection.close_reason()
+    );
+    agent
+        .send(&NodeMessage::Heartbeat {
+            state: InstanceState::Up,
+            ack: true,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        recv(&mut agent).await,
+        DirectoryMessage::HeartbeatAck { .. }
+    ));
+    // Every PING the agent sent probed the path MTU; none was a keep-alive.
+    let stats = agent.connection.stats();
+    assert_eq!(
+        stats.frame_tx.ping, stats.path.sent_plpmtud_probes,
+        "the agent sent keep-alives: {stats:?}"
+    );
+    d.stop().await;
 }
 
 /// Reads frames into `table` until `done` holds.
@@ -620,6 +677,7 @@ async fn certificates_decide_what_a_node_may_do() {
             std::sync::Arc::new(
                 NodeCert::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).unwrap(),
             ),
+            Liveness::KeepAlive,
         )
         .unwrap(),
     )
@@ -686,7 +744,9 @@ async fn a_certificate_due_for_renewal_is_renewed_with_itself() {
     assert_eq!(security["certificates_issued"], 1, "{security}");
     assert_eq!(security["joins_refused"], 0, "{security}");
     // The renewed certificate is accepted on the control plane.
-    let endpoint = usher_shared::session::node_endpoint(&creds).unwrap();
+    let endpoint =
+        usher_shared::session::node_endpoint(&creds, usher_shared::quic::Liveness::KeepAlive)
+            .unwrap();
     open(&endpoint, &d.quic, Role::Sidecar, "renewed/1")
         .await
         .unwrap();

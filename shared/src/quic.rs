@@ -25,15 +25,20 @@ pub const JOIN_ALPN: &[u8] = b"usher-join/1";
 /// The DNS name in the directory's certificate; nodes verify the directory against it.
 pub const SERVER_NAME: &str = "usher-directory";
 
-/// A connection with no packets for this long is dead (both ends; the smaller wins).
+/// A connection with no packets for this long is dead (both ends; the smaller of the two
+/// advertised wins, RFC 9000 §10.1). Sidecars and joining nodes advertise it; agents advertise
+/// none, so the directory's [`server_config`] idle timeout, sized to its heartbeat interval,
+/// is the one their connections keep.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Nodes send a keep-alive after this long without a packet from the directory, so a silent
-/// directory is noticed within the idle timeout. Longer than the default heartbeat interval
-/// (1 s, up to 1.1 s with jitter), so an agent's heartbeats and their acknowledgements keep
-/// the connection alive without extra packets (at 1 s, about every other heartbeat of 10,000
-/// agents came with a PING and its ACK); below half the idle timeout, so one lost keep-alive
-/// does not end a connection.
+/// Sidecars send a keep-alive after this long without a packet from the directory, so a
+/// silent directory is noticed within the idle timeout (a quiet route table sends nothing);
+/// below half the idle timeout, so one lost keep-alive does not end a connection. Agents send
+/// none: their heartbeats, at the interval the directory dictates, keep the connection alive.
+/// (With a keep-alive, an agent told to heartbeat every 3 s sent a PING 2 s after each
+/// heartbeat, and the PING and its ACK doubled the directory's datagrams: 42,384 a second at
+/// 30,000 agents in `bench/directory`, where the heartbeats and their acknowledgements make
+/// about 22,000.)
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 /// UDP socket buffers (receive and send, bytes) the directory and nodes ask for. A burst of
@@ -96,30 +101,48 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Which end a transport configuration is for: its receive windows differ.
+/// How a node's connection to the directory stays alive while it has nothing to say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// A keep-alive after [`KEEP_ALIVE`] of silence, and [`IDLE_TIMEOUT`]: a sidecar, whose
+    /// subscription may carry nothing for a long time.
+    KeepAlive,
+    /// Its own messages at the interval the directory dictates: an agent's heartbeats. No
+    /// keep-alive and no idle timeout of its own, so the directory's applies (see
+    /// [`server_config`]).
+    Heartbeats,
+    /// Neither: a short exchange (joining, renewing), ended by [`IDLE_TIMEOUT`] if the
+    /// directory falls silent.
+    Exchange,
+}
+
+/// Which end a transport configuration is for: its receive windows and liveness differ.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum End {
-    /// A node: receives route tables, sends keep-alives.
-    Node { keep_alive: bool },
-    /// The directory (control plane and join endpoint): receives small node messages.
-    Directory,
+    /// A node: receives route tables.
+    Node(Liveness),
+    /// The directory (control plane and join endpoint): receives small node messages; a
+    /// connection silent for `idle_timeout` is dead.
+    Directory { idle_timeout: Duration },
 }
 
 fn transport(end: End) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(
-        IDLE_TIMEOUT
-            .try_into()
-            .expect("IDLE_TIMEOUT is a small constant"),
-    ));
+    let idle_timeout = match end {
+        End::Node(Liveness::Heartbeats) => None,
+        End::Node(_) => Some(IDLE_TIMEOUT),
+        End::Directory { idle_timeout } => Some(idle_timeout),
+    };
+    // QUIC's limit is 2^62 ms; a longer timeout (none asked for here) would mean none.
+    t.max_idle_timeout(idle_timeout.and_then(|d| d.try_into().ok()));
     let (stream_window, connection_window) = match end {
-        End::Node { keep_alive } => {
-            if keep_alive {
+        End::Node(liveness) => {
+            if liveness == Liveness::KeepAlive {
                 t.keep_alive_interval(Some(KEEP_ALIVE));
             }
             (NODE_STREAM_WINDOW, NODE_CONNECTION_WINDOW)
         }
-        End::Directory => {
+        End::Directory { .. } => {
             // One datagram per send: with segmentation offload every connection keeps a
             // transmit buffer of ten datagrams (13 KiB; 130 MB at 10,000 agents), which
             // heartbeat acknowledgements and batches of deltas never fill.
@@ -215,21 +238,25 @@ fn roots(ca_pem: &[u8]) -> Result<Arc<rustls::RootCertStore>, TlsError> {
 fn quic_client(
     mut tls: rustls::ClientConfig,
     alpn: &[u8],
-    keep_alive: bool,
+    liveness: Liveness,
 ) -> Result<quinn::ClientConfig, TlsError> {
     tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport(End::Node { keep_alive }));
+    config.transport_config(transport(End::Node(liveness)));
     Ok(config)
 }
 
 /// A node's QUIC client configuration: trusts only the CA in `ca_pem`, presents `cert`
-/// (mutual TLS), speaks ALPN `usher/1`, TLS 1.3 with the `ring` provider, a keep-alive after
-/// [`KEEP_ALIVE`] without a packet from the directory.
-pub fn client_config(ca_pem: &[u8], cert: Arc<NodeCert>) -> Result<quinn::ClientConfig, TlsError> {
-    node_client(ca_pem, cert, ALPN, true)
+/// (mutual TLS), speaks ALPN `usher/1`, TLS 1.3 with the `ring` provider, and stays alive as
+/// `liveness` says (a sidecar [`Liveness::KeepAlive`], an agent [`Liveness::Heartbeats`]).
+pub fn client_config(
+    ca_pem: &[u8],
+    cert: Arc<NodeCert>,
+    liveness: Liveness,
+) -> Result<quinn::ClientConfig, TlsError> {
+    node_client(ca_pem, cert, ALPN, liveness)
 }
 
 /// A node's configuration for renewing over the join endpoint: trusts the CA in `ca_pem`,
@@ -238,20 +265,20 @@ pub fn renew_client_config(
     ca_pem: &[u8],
     cert: Arc<NodeCert>,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    node_client(ca_pem, cert, JOIN_ALPN, false)
+    node_client(ca_pem, cert, JOIN_ALPN, Liveness::Exchange)
 }
 
 fn node_client(
     ca_pem: &[u8],
     cert: Arc<NodeCert>,
     alpn: &[u8],
-    keep_alive: bool,
+    liveness: Liveness,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(ca_pem)?)
         .with_client_cert_resolver(cert);
-    quic_client(tls, alpn, keep_alive)
+    quic_client(tls, alpn, liveness)
 }
 
 /// A joining node's configuration: it has no CA yet, so it accepts the directory's
@@ -268,7 +295,7 @@ pub fn join_client_config(ca_digest: &str) -> Result<quinn::ClientConfig, TlsErr
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    quic_client(tls, JOIN_ALPN, false)
+    quic_client(tls, JOIN_ALPN, Liveness::Exchange)
 }
 
 /// Verifies a server against the CA in its own chain whose fingerprint is pinned.
@@ -354,6 +381,7 @@ fn quic_server(
     client_ca_pem: &[u8],
     client_auth: ClientAuth,
     alpn: &[u8],
+    idle_timeout: Duration,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         roots(client_ca_pem)?,
@@ -377,19 +405,31 @@ fn quic_server(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport(End::Directory));
+    config.transport_config(transport(End::Directory { idle_timeout }));
     Ok(config)
 }
 
 /// The directory's QUIC server configuration from its certificate chain and private key
 /// (PEM): ALPN `usher/1`, and every client must present a certificate chaining to the CA in
-/// `client_ca_pem` (rustls `WebPkiClientVerifier`), or the handshake fails.
+/// `client_ca_pem` (rustls `WebPkiClientVerifier`), or the handshake fails. A connection
+/// silent for `idle_timeout` is dead: agents advertise no idle timeout of their own, so theirs
+/// is this one, which must exceed the longest gap between two heartbeats (see
+/// `usher-directory`'s `Config::connection_idle_timeout`); sidecars advertise
+/// [`IDLE_TIMEOUT`], and the smaller wins.
 pub fn server_config(
     cert_pem: &[u8],
     key_pem: &[u8],
     client_ca_pem: &[u8],
+    idle_timeout: Duration,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    quic_server(cert_pem, key_pem, client_ca_pem, ClientAuth::Required, ALPN)
+    quic_server(
+        cert_pem,
+        key_pem,
+        client_ca_pem,
+        ClientAuth::Required,
+        ALPN,
+        idle_timeout,
+    )
 }
 
 /// The directory's join endpoint: ALPN `usher-join/1`; a client certificate is optional
@@ -405,6 +445,7 @@ pub fn join_server_config(
         client_ca_pem,
         ClientAuth::Optional,
         JOIN_ALPN,
+        IDLE_TIMEOUT,
     )
 }
 

@@ -7,7 +7,7 @@ use thiserror::Error;
 
 use crate::codec::{read_frame, write_frame, FrameError, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
 use crate::protocol::{DirectoryMessage, Hello, NodeMessage, Role, PROTOCOL_VERSION};
-use crate::quic::SERVER_NAME;
+use crate::quic::{Liveness, SERVER_NAME};
 
 /// Why a session with the directory could not be opened or went away.
 #[derive(Debug, Error)]
@@ -144,13 +144,16 @@ pub enum EndpointError {
 }
 
 /// A node's client endpoint on an ephemeral UDP port: trusts the CA of `creds` and presents
-/// its certificate (swapped in place when it is renewed).
+/// its certificate (swapped in place when it is renewed); its connections stay alive as
+/// `liveness` says (an agent: [`Liveness::Heartbeats`], a sidecar: [`Liveness::KeepAlive`]).
 pub fn node_endpoint(
     creds: &crate::enrolment::Credentials,
+    liveness: Liveness,
 ) -> Result<quinn::Endpoint, EndpointError> {
     client_endpoint(crate::quic::client_config(
         &creds.ca_pem,
         creds.cert.clone(),
+        liveness,
     )?)
 }
 

@@ -48,6 +48,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
 use usher_shared::enrolment::EnrolError;
 use usher_shared::identity::NodeIdentity;
+use usher_shared::quic::Liveness;
 use usher_shared::session::{node_endpoint, EndpointError};
 
 pub use crate::config::{Config, ConfigError};
@@ -84,7 +85,7 @@ pub async fn run(
         .tls
         .for_node(NodeIdentity::Sidecar, &config.state_dir);
     let credentials = usher_shared::enrolment::obtain(&tls).await?;
-    let endpoint = node_endpoint(&credentials)?;
+    let endpoint = node_endpoint(&credentials, Liveness::KeepAlive)?;
     let replica = Arc::new(Replica::new(Arc::default()));
     replica.load_from_disk(&config.state_dir);
     let proxy = Arc::new(Proxy::new(

@@ -349,7 +349,17 @@ impl Mesh {
     /// Starts the directory and waits until its admin port answers `/healthz` and `ca.pem`
     /// exists.
     pub async fn start_directory(&self, name: &str) -> Result<Process> {
-        self.start_directory_with(name, &[]).await
+        self.start_directory_with(name, HEARTBEAT, &[]).await
+    }
+
+    /// Starts the directory as [`Mesh::start_directory`] does, but dictating a heartbeat every
+    /// `interval` (a duration such as `"3s"`) instead of [`HEARTBEAT`].
+    pub async fn start_directory_heartbeating(
+        &self,
+        name: &str,
+        interval: &str,
+    ) -> Result<Process> {
+        self.start_directory_with(name, interval, &[]).await
     }
 
     /// Starts the directory with a TOML file holding `toml` (for example `[[services]]`
@@ -357,11 +367,16 @@ impl Mesh {
     pub async fn start_directory_with_config(&self, name: &str, toml: &str) -> Result<Process> {
         let path = self.dir().join(format!("{name}.toml"));
         std::fs::write(&path, toml)?;
-        self.start_directory_with(name, &["--config".into(), path.display().to_string()])
-            .await
+        let extra = ["--config".into(), path.display().to_string()];
+        self.start_directory_with(name, HEARTBEAT, &extra).await
     }
 
-    async fn start_directory_with(&self, name: &str, extra: &[String]) -> Result<Process> {
+    async fn start_directory_with(
+        &self,
+        name: &str,
+        heartbeat: &str,
+        extra: &[String],
+    ) -> Result<Process> {
         let d = &self.directory;
         let mut args = vec![
             "--listen".into(),
@@ -373,7 +388,7 @@ impl Mesh {
             "--state-dir".into(),
             d.state_dir.display().to_string(),
             "--heartbeat-interval".into(),
-            HEARTBEAT.into(),
+            heartbeat.into(),
         ];
         args.extend(extra.iter().cloned());
         let process = Process::start(name, self.dir(), &bin("usher-directory"), &args)?;

@@ -538,7 +538,9 @@ async fn hostile_frames_are_refused_and_the_directory_keeps_serving() {
         state_dir: m.sidecar_addrs.state_dir.clone(),
     };
     let creds = usher_shared::enrolment::obtain(&node_tls).await.unwrap();
-    let endpoint = usher_shared::session::node_endpoint(&creds).unwrap();
+    let endpoint =
+        usher_shared::session::node_endpoint(&creds, usher_shared::quic::Liveness::KeepAlive)
+            .unwrap();
     let conn = endpoint
         .connect(quic.parse().unwrap(), usher_shared::quic::SERVER_NAME)
         .unwrap()
