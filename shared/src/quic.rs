@@ -140,6 +140,11 @@ fn transport(end: End) -> Arc<quinn::TransportConfig> {
             if liveness == Liveness::KeepAlive {
                 t.keep_alive_interval(Some(KEEP_ALIVE));
             }
+            // No path MTU discovery: what a node sends (hello, registration, heartbeats,
+            // subscription, load reports) is small, so probing for larger datagrams gains
+            // nothing, and it cost every connection 4 probes and their 4 acknowledgements
+            // after its handshake, then one more every 10 minutes, at the directory.
+            t.mtu_discovery_config(None);
             (NODE_STREAM_WINDOW, NODE_CONNECTION_WINDOW)
         }
         End::Directory { .. } => {
