@@ -510,7 +510,7 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
     observed.silenced.store(true, Ordering::Release);
     let _ = silent.send(());
     let silent_withdrawn = wait_until(
-        Duration::from_secs(20),
+        silent_wait(heartbeat),
         "the silent instance withdrawn at every sidecar",
         || async {
             observed.silent_withdrawn.load(Ordering::Acquire)
@@ -610,6 +610,12 @@ async fn stop_fleet(
         drop(stop);
         task.abort();
     }
+}
+
+/// How long to wait for the silent agent's withdrawal at every sidecar: 20 s, or two TTLs
+/// (6 intervals) when that is longer.
+fn silent_wait(heartbeat: Duration) -> Duration {
+    Duration::from_secs(20).max(heartbeat * 6)
 }
 
 /// Starts `mesh`'s directory dictating a heartbeat every `heartbeat`.
@@ -957,9 +963,12 @@ fn memory_mb(pid: u32) -> Result<(f64, f64)> {
 }
 
 fn row(f: &Figures) -> String {
-    let silent = f.silent_withdrawn.map_or("not within 20 s".into(), |d| {
-        format!("{:.2}", d.as_secs_f64())
-    });
+    let within = humantime::format_duration(silent_wait(f.heartbeat));
+    let silent = f
+        .silent_withdrawn
+        .map_or(format!("not within {within}"), |d| {
+            format!("{:.2}", d.as_secs_f64())
+        });
     format!(
         "| {} ({} registered, {} expired) | {} ({} subscribed, {} again) | {} | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
         fmt_int(f.instances),
@@ -1154,11 +1163,13 @@ fn report(all: &[Figures], args: &Args) -> String {
             .is_some_and(|d| d <= Duration::from_millis(3500));
         out.push_str(&format!(
             "- silent agent withdrawn everywhere in {}, target ≤ 3.5 s — {}\n",
-            f.silent_withdrawn
-                .map_or("more than 20 s".into(), |d| format!(
-                    "{:.2} s",
-                    d.as_secs_f64()
-                )),
+            f.silent_withdrawn.map_or(
+                format!(
+                    "more than {}",
+                    humantime::format_duration(silent_wait(f.heartbeat))
+                ),
+                |d| format!("{:.2} s", d.as_secs_f64())
+            ),
             verdict(silent_ok)
         ));
     }

@@ -149,25 +149,43 @@ async fn recv(session: &mut Session) -> DirectoryMessage {
 }
 
 async fn register(running: &Running, i: Instance) -> Session {
+    register_heartbeating(running, i, HEARTBEAT).await
+}
+
+/// Registers `i` with a directory that dictates a heartbeat every `interval`: the reply
+/// carries that interval (±10% jitter) and a TTL of 3 intervals.
+async fn register_heartbeating(running: &Running, i: Instance, interval: Duration) -> Session {
     let mut agent = running.session(Role::Agent).await;
     agent
         .send(&NodeMessage::Register(Registration { instance: i }))
         .await
         .unwrap();
+    let ms = interval.as_millis() as u64;
     match recv(&mut agent).await {
         DirectoryMessage::Registered {
             next_heartbeat_ms,
             ttl_ms,
         } => {
             assert!(
-                (90..=110).contains(&next_heartbeat_ms),
+                (ms * 9 / 10..=ms * 11 / 10).contains(&next_heartbeat_ms),
                 "{next_heartbeat_ms}"
             );
-            assert_eq!(ttl_ms, 300);
+            assert_eq!(ttl_ms, 3 * ms);
         }
         other => panic!("expected registered, got {other:?}"),
     }
     agent
+}
+
+/// Sends a heartbeat of an `up` instance; `ack`: ask for an acknowledgement.
+async fn heartbeat(agent: &mut Session, ack: bool) {
+    agent
+        .send(&NodeMessage::Heartbeat {
+            state: InstanceState::Up,
+            ack,
+        })
+        .await
+        .unwrap();
 }
 
 /// An agent sends no keep-alives (its heartbeats keep its connection alive) and the directory's
@@ -179,17 +197,7 @@ async fn an_agent_connection_lives_on_its_heartbeats_alone() {
     let dir = tempfile::tempdir().unwrap();
     let interval = Duration::from_secs(2);
     let d = start_heartbeating(dir.path(), interval).await;
-    let mut agent = d.session(Role::Agent).await;
-    agent
-        .send(&NodeMessage::Register(Registration {
-            instance: instance("a", InstanceState::Up),
-        }))
-        .await
-        .unwrap();
-    match recv(&mut agent).await {
-        DirectoryMessage::Registered { ttl_ms, .. } => assert_eq!(ttl_ms, 6_000),
-        other => panic!("expected registered, got {other:?}"),
-    }
+    let mut agent = register_heartbeating(&d, instance("a", InstanceState::Up), interval).await;
     // Longer than a heartbeat interval and than IDLE_TIMEOUT, shorter than the TTL.
     let silence = usher_shared::quic::IDLE_TIMEOUT + Duration::from_millis(500);
     tokio::time::sleep(silence).await;
@@ -198,13 +206,7 @@ async fn an_agent_connection_lives_on_its_heartbeats_alone() {
         "closed after {silence:?} of silence: {:?}",
         agent.connection.close_reason()
     );
-    agent
-        .send(&NodeMessage::Heartbeat {
-            state: InstanceState::Up,
-            ack: true,
-        })
-        .await
-        .unwrap();
+    heartbeat(&mut agent, true).await;
     assert!(matches!(
         recv(&mut agent).await,
         DirectoryMessage::HeartbeatAck { .. }
@@ -267,13 +269,7 @@ async fn agents_register_sidecars_follow_and_silence_expires() {
     // A health change reaches the sidecar as a delta. Only the heartbeat that asks for an
     // acknowledgement gets one.
     for ack in [false, true] {
-        agent
-            .send(&NodeMessage::Heartbeat {
-                state: InstanceState::Up,
-                ack,
-            })
-            .await
-            .unwrap();
+        heartbeat(&mut agent, ack).await;
     }
     assert!(matches!(
         recv(&mut agent).await,
@@ -305,13 +301,7 @@ async fn agents_register_sidecars_follow_and_silence_expires() {
         started.elapsed()
     );
     // Its heartbeat is now refused: it must register again.
-    agent
-        .send(&NodeMessage::Heartbeat {
-            state: InstanceState::Up,
-            ack: true,
-        })
-        .await
-        .unwrap();
+    heartbeat(&mut agent, true).await;
     assert!(agent.recv().await.is_err());
     d.stop().await;
 }
