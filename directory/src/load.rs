@@ -6,6 +6,7 @@
 //! after [`REPORT_MAX_AGE`], and at once when its stream ends. Time is a parameter.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ struct Report {
 #[derive(Debug, Default)]
 pub struct LoadBoard {
     reports: Mutex<HashMap<SessionId, Report>>,
+    /// Reports recorded since the directory started (`GET /metrics` `load_reports_total`).
+    recorded: AtomicU64,
     /// Told when a report shows queued requests, so a version at zero starts at once.
     demand: tokio::sync::Notify,
 }
@@ -71,10 +74,18 @@ impl LoadBoard {
         check_load_report(&versions)?;
         let queued = versions.iter().any(|v| v.queued > 0);
         self.lock().insert(session, Report { at: now, versions });
+        self.recorded.fetch_add(1, Ordering::Relaxed);
         if queued {
             self.demand.notify_one();
         }
         Ok(())
+    }
+
+    /// Reports recorded since the directory started. Sidecars report every
+    /// [`REPORT_INTERVAL`] while they have requests in flight or queued, once more when they
+    /// have none left, and not at all while idle.
+    pub fn recorded(&self) -> u64 {
+        self.recorded.load(Ordering::Relaxed)
     }
 
     /// Resolves when a report shows queued requests (cold-start demand).
@@ -177,6 +188,7 @@ mod tests {
         board.forget(1);
         assert!(board.totals(t0 + REPORT_INTERVAL).contains_key(&key("web")));
         assert!(board.totals(later).is_empty());
+        assert_eq!(board.recorded(), 3);
     }
 
     #[test]
@@ -206,5 +218,6 @@ mod tests {
             .collect();
         assert!(board.report(1, t0, huge).is_err());
         assert_eq!(board.totals(t0)[&key("web")].outstanding(), 1);
+        assert_eq!(board.recorded(), 1, "a refused report is not counted");
     }
 }

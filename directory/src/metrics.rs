@@ -4,7 +4,8 @@
 //! - the route table: `epoch`, `route_table_revision`, `published_revision` (the last batch
 //!   sent to sidecars), `in_grace_period` (0/1), `subscriptions{encoding}` (open sidecar
 //!   subscriptions by feed encoding, `named`|`compact`), `instances_expired_total` (withdrawn
-//!   because their TTL lapsed: hosts that died, or agents cut off);
+//!   because their TTL lapsed: hosts that died, or agents cut off), `load_reports_total`
+//!   (load reports received from sidecars);
 //! - per `{service,version}`, as `GET /v1/services`: `instances`, `routable_instances`
 //!   (`up`), the sidecars' load reports `in_flight_requests`, `queued_requests`,
 //!   `outstanding_requests` (in flight + queued, the autoscaler's signal; WSO2) and
@@ -87,6 +88,11 @@ pub fn scrape(ctx: &AdminContext, now: Instant) -> AdminResponse {
         "instances_expired",
         "Instances withdrawn because their TTL lapsed",
         one(counts.expired),
+    );
+    m.counter(
+        "load_reports",
+        "Load reports received from sidecars (every second from each sidecar with requests in flight or queued, one more when it has none left)",
+        one(registry.load().recorded()),
     );
 
     let versions = services(registry, now).services;
@@ -246,6 +252,7 @@ mod tests {
             r#"usher_directory_subscriptions{encoding="compact"} 1"#.to_string(),
             r#"usher_directory_subscriptions{encoding="named"} 0"#.to_string(),
             "usher_directory_instances_expired_total 1".to_string(),
+            "usher_directory_load_reports_total 0".to_string(),
             format!("usher_directory_instances{web} 2"),
             format!("usher_directory_routable_instances{web} 1"),
             format!("usher_directory_outstanding_requests{web} 0"),

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use usher_shared::backoff::Backoff;
 use usher_shared::codec::{read_frame_owned, write_frame, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
-use usher_shared::protocol::{DirectoryMessage, NodeMessage, Role, FEED_FORMAT};
+use usher_shared::protocol::{DirectoryMessage, NodeMessage, Role, VersionLoad, FEED_FORMAT};
 use usher_shared::routes::{Change, DeltaError, Instance, RouteTable, ServiceVersion};
 use usher_shared::session::{open, Session, SessionError};
 
@@ -126,6 +126,7 @@ async fn follow(session: Session, replica: &Replica) -> LinkError {
     let mut reader = pin!(read_frame_owned(recv, MAX_DIRECTORY_FRAME));
     let mut report = tokio::time::interval(REPORT_INTERVAL);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reporting = LoadReporting::default();
     let mut snapshot = SnapshotBuilder::default();
     loop {
         tokio::select! {
@@ -144,13 +145,18 @@ async fn follow(session: Session, replica: &Replica) -> LinkError {
                 reader.set(read_frame_owned(recv, MAX_DIRECTORY_FRAME));
             }
             _ = report.tick() => {
-                if let Err(e) = send_load(&mut send, replica).await {
-                    return e;
+                let versions = replica.reservers().loads();
+                if reporting.due(&versions) {
+                    if let Err(e) = send_load(&mut send, versions).await {
+                        return e;
+                    }
                 }
             }
             _ = replica.reservers().demand() => {
                 debug!("a request waits for a version with no instance; reporting at once");
-                if let Err(e) = send_load(&mut send, replica).await {
+                let versions = replica.reservers().loads();
+                reporting.due(&versions);
+                if let Err(e) = send_load(&mut send, versions).await {
                     return e;
                 }
             }
@@ -158,11 +164,36 @@ async fn follow(session: Session, replica: &Replica) -> LinkError {
     }
 }
 
-/// Sends the current load, bounded by [`WRITE_TIMEOUT`].
-async fn send_load(send: &mut quinn::SendStream, replica: &Replica) -> Result<(), LinkError> {
-    let report = NodeMessage::LoadReport {
-        versions: replica.reservers().loads(),
-    };
+/// Which periodic load reports are worth sending. A sidecar with requests in flight or queued
+/// reports every [`REPORT_INTERVAL`], and once more, empty, when it has none left, so the
+/// directory stops counting them at once rather than when the last report ages out. An idle
+/// sidecar sends nothing: the directory counts a sidecar without a current report as no load,
+/// so an empty report every second would only cost it a datagram in and an ACK out per
+/// sidecar (2,000 a second for 1,000 idle sidecars).
+#[derive(Debug, Default)]
+struct LoadReporting {
+    /// The last report sent named some load (false before the first on this subscription:
+    /// the directory holds no report for it yet).
+    last_had_load: bool,
+}
+
+impl LoadReporting {
+    /// Whether a report of `versions` (the versions with load, as
+    /// [`crate::reserver::Reservers::loads`] gives them) is due, taking it as sent.
+    fn due(&mut self, versions: &[VersionLoad]) -> bool {
+        let has_load = !versions.is_empty();
+        let due = has_load || self.last_had_load;
+        self.last_had_load = has_load;
+        due
+    }
+}
+
+/// Sends a load report of `versions`, bounded by [`WRITE_TIMEOUT`].
+async fn send_load(
+    send: &mut quinn::SendStream,
+    versions: Vec<VersionLoad>,
+) -> Result<(), LinkError> {
+    let report = NodeMessage::LoadReport { versions };
     match tokio::time::timeout(WRITE_TIMEOUT, write_frame(send, &report, MAX_NODE_FRAME)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(SessionError::from(e).into()),
@@ -270,6 +301,27 @@ mod tests {
             started_at_ms: 5,
             labels: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn load_is_reported_while_there_is_some_and_once_more_when_it_ends() {
+        let busy = vec![VersionLoad {
+            service: "web".into(),
+            version: "v1".into(),
+            in_flight: 1,
+            queued: 0,
+            instances: vec![],
+        }];
+        let mut reporting = LoadReporting::default();
+        let sent: Vec<bool> = [&[][..], &[], &busy, &busy, &[], &[], &busy, &[]]
+            .into_iter()
+            .map(|versions| reporting.due(versions))
+            .collect();
+        assert_eq!(
+            sent,
+            [false, false, true, true, true, false, true, true],
+            "idle: nothing; busy: every period; the first idle period after load: one empty report"
+        );
     }
 
     #[test]

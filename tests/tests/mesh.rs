@@ -353,15 +353,7 @@ async fn unknown_service_404_and_abandoned_response_leaks_no_slot() {
 
     let admin = m.sidecar_addrs.admin();
     // Start a long streaming response, read its first bytes, then hang up.
-    let mut stream = tokio::net::TcpStream::connect(&proxy).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream
-        .write_all(b"GET /stream?chunks=200&ms=50 HTTP/1.1\r\nHost: web\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 256];
-    let n = stream.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let stream = held_streaming_request(&proxy).await;
     let routes = admin_json(&admin, "/v1/routes").await.unwrap();
     assert_eq!(in_flight(&routes), 1, "the streaming request holds a slot");
     directory_sees_in_flight(&m, 1).await;
@@ -370,6 +362,61 @@ async fn unknown_service_404_and_abandoned_response_leaks_no_slot() {
     // The slot is usable again: with concurrency 1, a leak would make this wait and 503.
     let r = http::get(&proxy, "web", "/").await.unwrap();
     assert_eq!(r.status, 200);
+}
+
+/// 6a. The sidecar reports its load to the directory every second while it has requests in
+///     flight, once more (empty) when they end, and nothing while it is idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_is_reported_while_requests_are_in_flight_and_not_while_idle() {
+    let m = mesh_with(1).await;
+    let dir_admin = m.mesh.directory.admin();
+    let reports = || async {
+        let text = admin_metrics(&dir_admin).await.unwrap();
+        sample(&text, "usher_directory_load_reports_total").expect("the counter is exported")
+    };
+    // No report for over two periods.
+    let no_reports = |why: &'static str| async move {
+        let before = reports().await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(reports().await, before, "{why}");
+    };
+    // Idle (past any report the setup's requests caused).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    no_reports("an idle sidecar sends no load reports").await;
+
+    // A request in flight for 10 s: a report every second.
+    let stream = held_streaming_request(&m.sidecar_addrs.proxy()).await;
+    directory_sees_in_flight(&m, 1).await;
+    let busy = reports().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let later = reports().await;
+    assert!(
+        later >= busy + 2.0,
+        "a busy sidecar reports every second: {busy} then {later} after 2.5 s"
+    );
+
+    // The request ends: an empty report within a period clears it (the unit test of
+    // `LoadReporting` pins that one down), then nothing.
+    drop(stream);
+    slots_released(&m).await;
+    directory_sees_in_flight(&m, 0).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    no_reports("no report after the one that cleared the load").await;
+}
+
+/// A request to `web` through the sidecar at `proxy` for a 10 s streaming body, its response
+/// head read: the connection holds one slot until it is dropped.
+async fn held_streaming_request(proxy: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    stream
+        .write_all(b"GET /stream?chunks=200&ms=50 HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    stream
 }
 
 /// The sidecar's reserved slots over its instances, from its `GET /v1/routes`.
