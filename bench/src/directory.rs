@@ -1,7 +1,8 @@
 //! The control plane at fleet scale (issue 5): one real `usher-directory` process and, in this
 //! process, N agents heartbeating at the dictated interval (the agent's own session code, one
 //! QUIC connection each), M subscribed sidecars (one QUIC connection each, reading the route
-//! table stream) and K instance changes per second (instances flipping between `up` and
+//! table stream and, by default, reporting load every second as a sidecar with requests in
+//! flight does) and K instance changes per second (instances flipping between `up` and
 //! `draining`, sent at once by their agent as a real agent does).
 //!
 //! Per size it reports the directory's CPU (share of one core, `/proc/PID/stat` utime+stime over
@@ -18,6 +19,7 @@
 //! ```text
 //! usher-bench-directory [--sizes 1000,10000,30000] [--sidecars 1000] [--heartbeats 1s]
 //!                       [--changes 100] [--seconds 20] [--arrivals 200] [--restarts]
+//!                       [--load-reports busy|idle]
 //! ```
 //!
 //! `--heartbeats` is the interval the directory dictates, one for every run or one per size
@@ -35,19 +37,24 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 use usher_agent::session::{self as agent_session, SessionContext};
 use usher_bench::docs;
 use usher_shared::backoff::Backoff;
+use usher_shared::codec::{write_frame, MAX_NODE_FRAME};
 use usher_shared::enrolment::{self, Credentials, TlsFlags};
 use usher_shared::identity::NodeIdentity;
 use usher_shared::metrics::sample;
-use usher_shared::protocol::{DirectoryMessage, NodeMessage, Registration, Role, FEED_FORMAT};
+use usher_shared::protocol::{
+    DirectoryMessage, InstanceLoad, NodeMessage, Registration, Role, VersionLoad, FEED_FORMAT,
+};
 use usher_shared::quic::Liveness;
 use usher_shared::routes::{Change, Instance, InstanceState};
-use usher_shared::session::{node_endpoint, open};
+use usher_shared::session::{node_endpoint, open, recv_message, Session};
+use usher_sidecar::subscription::REPORT_INTERVAL;
 use usher_tests::{admin_json, admin_metrics, wait_until, Mesh};
 
 /// The service every simulated instance belongs to.
@@ -88,6 +95,18 @@ struct Args {
     /// `directory-restart` section.
     #[arg(long)]
     restarts: bool,
+    /// What the simulated sidecars report about their load: `busy`, a report every second
+    /// naming one request in flight (a sidecar serving traffic; the heavier case for the
+    /// directory), or `idle`, none (a sidecar without requests sends none).
+    #[arg(long, value_enum, default_value_t = LoadReports::Busy)]
+    load_reports: LoadReports,
+}
+
+/// What the simulated sidecars report about their load (`--load-reports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LoadReports {
+    Busy,
+    Idle,
 }
 
 /// One run's figures.
@@ -121,6 +140,9 @@ struct Figures {
     /// (`usher_directory_instances_expired_total` of its `/metrics`): none, unless agents'
     /// heartbeats stopped arriving in time (the directory or the generator fell behind).
     expired: u64,
+    /// Load reports the directory recorded per second in the window
+    /// (`usher_directory_load_reports_total`).
+    load_reports_per_s: f64,
     /// Sidecars subscribed when the window started, and subscriptions made again in the run.
     subscribed: usize,
     resubscribed: usize,
@@ -357,9 +379,11 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
     let mut sidecars = Vec::with_capacity(m);
     for i in 0..m {
         let endpoint = sidecar_endpoints[i / CONNECTIONS_PER_ENDPOINT].clone();
+        let load = (args.load_reports == LoadReports::Busy).then(|| busy_sidecar(i, n));
         sidecars.push(tokio::spawn(subscribe(
             endpoint,
             addr.clone(),
+            load,
             changes.clone(),
             observed.clone(),
             stop_rx.clone(),
@@ -458,7 +482,13 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
     let window_subscribed = observed.subscribed.load(Ordering::Acquire);
     let pid = directory.pid();
     let drops_at_window = DropCounters::read(mesh.directory.quic_port)?;
-    let expired_at_window = instances_expired(&admin).await?;
+    let counters = || async {
+        Ok::<_, anyhow::Error>((
+            directory_counter(&admin, "usher_directory_instances_expired_total").await?,
+            directory_counter(&admin, "usher_directory_load_reports_total").await?,
+        ))
+    };
+    let (expired_at_window, reports_at_window) = counters().await?;
     let (dir_before, own_before, udp_before, window_started) = (
         cpu_ticks(pid)?,
         cpu_ticks_self()?,
@@ -491,9 +521,9 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
     let generator_cpu = (cpu_ticks_self()? - own_before) as f64 / clk_tck / window;
     let datagrams_per_s = udp_counter("InDatagrams")?.saturating_sub(udp_before) as f64 / window;
     let drops_at_end = DropCounters::read(mesh.directory.quic_port)?;
-    let expired = instances_expired(&admin)
-        .await?
-        .saturating_sub(expired_at_window);
+    let (expired_at_end, reports_at_end) = counters().await?;
+    let expired = expired_at_end.saturating_sub(expired_at_window);
+    let load_reports_per_s = reports_at_end.saturating_sub(reports_at_window) as f64 / window;
     let (rss_mb, hwm_mb) = memory_mb(pid)?;
     let sidecar = RealSidecar {
         cpu: (cpu_ticks(real.pid())? - real_cpu_before) as f64 / clk_tck / window,
@@ -560,6 +590,7 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
         silent_withdrawn,
         registered,
         expired,
+        load_reports_per_s,
         subscribed: window_subscribed,
         sidecar,
         resubscribed: observed.resubscribed.load(Ordering::Acquire),
@@ -578,11 +609,12 @@ fn bytes_written(pid: u32) -> Result<u64> {
 
 /// The directory's count of instances withdrawn because their TTL lapsed, from its
 /// `/metrics`.
-async fn instances_expired(admin: &str) -> Result<u64> {
+/// A counter of the directory's `/metrics`, such as `usher_directory_instances_expired_total`.
+async fn directory_counter(admin: &str, name: &str) -> Result<u64> {
     let metrics = admin_metrics(admin).await?;
-    sample(&metrics, "usher_directory_instances_expired_total")
+    sample(&metrics, name)
         .map(|count| count as u64)
-        .context("no usher_directory_instances_expired_total in the directory's /metrics")
+        .with_context(|| format!("no {name} in the directory's /metrics"))
 }
 
 /// Instances in the table at admin port `admin` (a directory's or a sidecar's; 0 if it does
@@ -721,13 +753,62 @@ fn endpoints(
         .collect()
 }
 
-/// One sidecar: subscribes and records, for every change of a churned instance, the delay
-/// since the change was made; counts the silent instance's withdrawal. Like a real sidecar it
-/// subscribes again after its connection fails (a fleet starting at once overruns the
-/// directory's handshakes for a moment).
+/// What the `index`th of the simulated sidecars reports while busy: one request in flight on
+/// one of the `instances` (each sidecar on another, as a fleet's clients spread), and when in
+/// each [`REPORT_INTERVAL`] it reports, spread evenly over a thousand sidecars so that the
+/// fleet's reports arrive as a steady stream, as independent sidecars' do.
+fn busy_sidecar(index: usize, instances: usize) -> BusySidecar {
+    let id = format!("i-{:05}", index % instances.max(1));
+    BusySidecar {
+        report: NodeMessage::LoadReport {
+            versions: vec![VersionLoad {
+                service: SERVICE.into(),
+                version: "v1".into(),
+                in_flight: 1,
+                queued: 0,
+                instances: vec![InstanceLoad { id, in_flight: 1 }],
+            }],
+        },
+        offset: REPORT_INTERVAL.mul_f64((index % 1000) as f64 / 1000.0),
+    }
+}
+
+/// A simulated sidecar's load report and its place in the reporting period.
+#[derive(Clone)]
+struct BusySidecar {
+    report: NodeMessage,
+    offset: Duration,
+}
+
+/// Sends `load`'s report every [`REPORT_INTERVAL`] from `offset` on, as a sidecar with
+/// requests in flight does, until the stream fails; with no `load` (idle sidecars) sends
+/// nothing but holds the stream open (its end would end the subscription).
+async fn report_load(mut send: quinn::SendStream, load: Option<BusySidecar>) {
+    let Some(load) = load else {
+        return std::future::pending().await;
+    };
+    let start = tokio::time::Instant::now() + load.offset;
+    let mut tick = tokio::time::interval_at(start, REPORT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if write_frame(&mut send, &load.report, MAX_NODE_FRAME)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// One sidecar: subscribes, reports `load` (see [`report_load`]) and records, for every change
+/// of a churned instance, the delay since the change was made; counts the silent instance's
+/// withdrawal. Like a real sidecar it subscribes again after its connection fails (a fleet
+/// starting at once overruns the directory's handshakes for a moment).
 async fn subscribe(
     endpoint: quinn::Endpoint,
     addr: String,
+    load: Option<BusySidecar>,
     changes: Changes,
     observed: Arc<Observed>,
     mut stop: watch::Receiver<bool>,
@@ -748,7 +829,7 @@ async fn subscribe(
             session.send(&subscribe).await?;
             Ok::<_, usher_shared::session::SessionError>(session)
         };
-        let mut session = match opened.await {
+        let session = match opened.await {
             Ok(session) => session,
             Err(e) => {
                 failures += 1;
@@ -762,13 +843,20 @@ async fn subscribe(
                 }
             }
         };
+        let Session {
+            connection,
+            send,
+            mut recv,
+            ..
+        } = session;
+        let _reporter = AbortOnDropHandle::new(tokio::spawn(report_load(send, load.clone())));
         loop {
             let message = tokio::select! {
                 _ = stop.changed() => {
-                    session.close("benchmark over");
+                    connection.close(0u32.into(), b"benchmark over");
                     break 'connect;
                 }
-                message = session.recv() => message,
+                message = recv_message(&mut recv) => message,
             };
             let batch = match message {
                 Ok(DirectoryMessage::Deltas { changes, .. }) => changes,
@@ -970,13 +1058,14 @@ fn row(f: &Figures) -> String {
             format!("{:.2}", d.as_secs_f64())
         });
     format!(
-        "| {} ({} registered, {} expired) | {} ({} subscribed, {} again) | {} | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
+        "| {} ({} registered, {} expired) | {} ({} subscribed, {} again, {} load reports/s) | {} | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
         fmt_int(f.instances),
         fmt_int(f.registered),
         fmt_int(f.expired as usize),
         fmt_int(f.sidecars),
         fmt_int(f.subscribed),
         fmt_int(f.resubscribed),
+        fmt_int(f.load_reports_per_s.round() as usize),
         humantime::format_duration(f.heartbeat),
         f.changes_per_s,
         f.directory_cpu,
@@ -1073,7 +1162,7 @@ fn report(all: &[Figures], args: &Args) -> String {
         "Measured {} on {cpus} CPUs shared by the directory and this generator (and whatever \
          else runs), so CPU shares compete: the generator's own share is shown beside the \
          directory's. {}\n\n```sh\nSIZES={} SIDECARS={}{} CHANGES={} SECONDS_={} ARRIVALS={} \
-         bench/directory\n```\n\n",
+         LOAD_REPORTS={} bench/directory\n```\n\n",
         date.trim(),
         buffer_note(),
         sizes.join(","),
@@ -1081,7 +1170,8 @@ fn report(all: &[Figures], args: &Args) -> String {
         heartbeats_env(args),
         args.changes,
         args.seconds,
-        args.arrivals
+        args.arrivals,
+        load_reports_env(args.load_reports),
     );
     out.push_str(
         "| instances | sidecars | heartbeat | changes/s | directory CPU (cores) | generator CPU (cores) \
@@ -1112,7 +1202,11 @@ fn report(all: &[Figures], args: &Args) -> String {
          dropped because a socket's receive buffer was full, at the directory's socket \
          (`/proc/net/udp`) + at the generator's (the rest of the host's `Udp RcvbufErrors`), \
          in the window and in the setup before it; QUIC sends them again, and many mean that \
-         side fell behind. Real sidecar: one `usher-sidecar` process \
+         side fell behind. Load reports: with `LOAD_REPORTS=busy` (the default) every simulated \
+         sidecar reports one request in flight every second, as a sidecar serving traffic \
+         does, the reports spread evenly over the second; with `idle` they send none, as idle \
+         sidecars do; `load reports/s` is what the directory recorded in the window (its \
+         `usher_directory_load_reports_total`). Real sidecar: one `usher-sidecar` process \
          subscribed beside the simulated ones, following every change; its CPU and the bytes \
          it wrote to storage (`/proc/PID/io`, its persisted `routes.json`) over the window, \
          its RSS at the end.\n",
@@ -1177,6 +1271,14 @@ fn report(all: &[Figures], args: &Args) -> String {
 }
 
 /// ` HEARTBEATS=…` for the command line of a report, or nothing at the default (1 s).
+/// `--load-reports` as `bench/directory`'s `LOAD_REPORTS` takes it.
+fn load_reports_env(load_reports: LoadReports) -> &'static str {
+    match load_reports {
+        LoadReports::Busy => "busy",
+        LoadReports::Idle => "idle",
+    }
+}
+
 fn heartbeats_env(args: &Args) -> String {
     if args.heartbeats == [Duration::from_secs(1)] {
         return String::new();

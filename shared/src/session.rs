@@ -45,6 +45,19 @@ impl SessionError {
     }
 }
 
+/// Reads the directory's next frame from a session's receive stream (for a caller that took
+/// the [`Session`] apart to send and receive at once); `Closed` at end of stream, `Refused`
+/// for an error frame.
+pub async fn recv_message(recv: &mut quinn::RecvStream) -> Result<DirectoryMessage, SessionError> {
+    match read_frame(recv, MAX_DIRECTORY_FRAME).await? {
+        None => Err(SessionError::Closed),
+        Some(DirectoryMessage::Error { code, message }) => {
+            Err(SessionError::Refused(format!("{code:?}: {message}")))
+        }
+        Some(msg) => Ok(msg),
+    }
+}
+
 /// An open conversation with the directory: one QUIC connection and one bidirectional stream.
 pub struct Session {
     pub connection: quinn::Connection,
@@ -61,15 +74,9 @@ impl Session {
         Ok(())
     }
 
-    /// Reads the directory's next frame; `Closed` at end of stream, `Refused` for an error frame.
+    /// Reads the directory's next frame, as [`recv_message`].
     pub async fn recv(&mut self) -> Result<DirectoryMessage, SessionError> {
-        match read_frame(&mut self.recv, MAX_DIRECTORY_FRAME).await? {
-            None => Err(SessionError::Closed),
-            Some(DirectoryMessage::Error { code, message }) => {
-                Err(SessionError::Refused(format!("{code:?}: {message}")))
-            }
-            Some(msg) => Ok(msg),
-        }
+        recv_message(&mut self.recv).await
     }
 
     /// Closes the connection with a reason the directory logs.
