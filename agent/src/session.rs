@@ -2,7 +2,12 @@
 //! the rate the directory dictates (SwarmKit; an acknowledgement asked for every
 //! [`HEARTBEATS_PER_ACK`]-th heartbeat), send health changes at once, and deregister on
 //! request. Reconnects forever with [`Backoff::reconnect`] (Baker: retry indefinitely;
-//! SwarmKit: exponential backoff with full jitter).
+//! SwarmKit: exponential backoff with full jitter). A conversation that ends while its QUIC
+//! connection stays open (the instance's TTL lapsed and a heartbeat was refused, the
+//! directory dropped a silent stream, an acknowledgement came late) registers again over that
+//! connection, on a new stream, without a new handshake (SwarmKit: a node whose session
+//! ended registers again over its connection): a directory that fell behind is not handed a
+//! mutual-TLS handshake per agent on top of the heartbeats it is late with.
 //!
 //! One task runs [`run`]; the agent asks it to deregister by sending a close reason on a
 //! oneshot channel, and reads whether it is connected from an [`AtomicBool`].
@@ -24,7 +29,7 @@ use usher_shared::protocol::{
     DirectoryMessage, NodeMessage, Registration, Role, HEARTBEATS_PER_ACK,
 };
 use usher_shared::routes::{Instance, InstanceState};
-use usher_shared::session::{open, Session, SessionError};
+use usher_shared::session::{open, open_on, Session, SessionError};
 
 /// A heartbeat that asked for an acknowledgement (every
 /// [`HEARTBEATS_PER_ACK`]-th) and got none within this time means the conversation is dead.
@@ -84,12 +89,14 @@ pub struct SessionContext {
 pub async fn run(mut ctx: SessionContext, mut stop: oneshot::Receiver<&'static str>) -> bool {
     let mut backoff = Backoff::reconnect();
     let mut link_log = LinkLog::default();
+    // The connection of the last conversation, while it is still open.
+    let mut open_connection = None;
     loop {
         debug!(attempt = backoff.attempts(), "connecting to the directory");
         let attempt = tokio::select! {
             biased;
             _ = &mut stop => return false,
-            attempt = connect(&mut ctx) => attempt,
+            attempt = connect(&mut ctx, open_connection.take()) => attempt,
         };
         let error = match attempt {
             Ok((session, interval)) => {
@@ -100,12 +107,15 @@ pub async fn run(mut ctx: SessionContext, mut stop: oneshot::Receiver<&'static s
                 ctx.connected.store(false, Ordering::Relaxed);
                 match end {
                     Ok(deregistered) => return deregistered,
-                    Err(e) => e,
+                    Err(Ended { error, connection }) => {
+                        open_connection = connection;
+                        error
+                    }
                 }
             }
             Err(e) => e,
         };
-        link_log.failed(&error);
+        link_log.failed(&error, open_connection.is_some());
         let delay = backoff.next_delay();
         tokio::select! {
             biased;
@@ -128,8 +138,13 @@ impl LinkLog {
         self.connected = Some(true);
     }
 
-    fn failed(&mut self, error: &LinkError) {
+    /// A conversation failed; `connection_open`: its connection did not, and the next
+    /// registration goes over it.
+    fn failed(&mut self, error: &LinkError, connection_open: bool) {
         match self.connected {
+            Some(true) if connection_open => {
+                warn!(error = %error, "the conversation with the directory ended; registering again")
+            }
             Some(true) => warn!(error = %error, "lost the directory; reconnecting"),
             None => warn!(error = %error, "cannot reach the directory; retrying"),
             Some(false) => debug!(error = %error, "directory still unreachable"),
@@ -153,17 +168,28 @@ fn clamp_interval(ms: u64) -> Duration {
     Duration::from_millis(ms).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT)
 }
 
-/// Connects, says hello, registers; returns the session and the first heartbeat interval.
-async fn connect(ctx: &mut SessionContext) -> Result<(Session, Duration), LinkError> {
-    let mut session = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        open(&ctx.endpoint, &ctx.directory, Role::Agent, &ctx.node),
-    )
-    .await
-    .map_err(|_| LinkError::Timeout {
-        what: "welcome",
-        after: CONNECT_TIMEOUT,
-    })??;
+/// Connects (or opens a new stream on `open_connection`, the last conversation's connection,
+/// while it is still open), says hello, registers; returns the session and the first
+/// heartbeat interval.
+async fn connect(
+    ctx: &mut SessionContext,
+    open_connection: Option<quinn::Connection>,
+) -> Result<(Session, Duration), LinkError> {
+    let opening = async {
+        match open_connection.filter(|c| c.close_reason().is_none()) {
+            Some(connection) => {
+                debug!("registering again over the open connection");
+                open_on(connection, Role::Agent, &ctx.node).await
+            }
+            None => open(&ctx.endpoint, &ctx.directory, Role::Agent, &ctx.node).await,
+        }
+    };
+    let mut session = tokio::time::timeout(CONNECT_TIMEOUT, opening)
+        .await
+        .map_err(|_| LinkError::Timeout {
+            what: "welcome",
+            after: CONNECT_TIMEOUT,
+        })??;
     let mut instance = ctx.instance.clone();
     instance.state = *ctx.state.borrow_and_update();
     let registered = async {
@@ -201,13 +227,21 @@ async fn connect(ctx: &mut SessionContext) -> Result<(Session, Duration), LinkEr
     }
 }
 
-/// Heartbeats until the connection fails (`Err`) or `stop` says to leave (`Ok(deregistered)`).
+/// How a conversation ended without being asked to.
+struct Ended {
+    error: LinkError,
+    /// Its connection, if still open: the next registration goes over it.
+    connection: Option<quinn::Connection>,
+}
+
+/// Heartbeats until the conversation fails (`Err`) or `stop` says to leave
+/// (`Ok(deregistered)`).
 async fn heartbeat(
     session: Session,
     first_interval: Duration,
     ctx: &mut SessionContext,
     stop: &mut oneshot::Receiver<&'static str>,
-) -> Result<bool, LinkError> {
+) -> Result<bool, Ended> {
     let Session {
         connection,
         send: send_stream,
@@ -272,13 +306,31 @@ async fn heartbeat(
             }
         }
     };
-    debug!(epoch, "closing the directory connection");
-    let result = result.map_err(|e| match e {
-        LinkError::Session(e) => LinkError::Session(e.with_cause(&connection)),
-        e => e,
-    });
-    connection.close(0u32.into(), b"agent reconnecting");
-    result
+    // The conversation's stream ends here (quinn finishes a dropped send stream); the
+    // connection too, unless the conversation failed while it stayed open.
+    drop(writer);
+    match result {
+        Err(error) if connection.close_reason().is_none() => {
+            debug!(epoch, error = %error, "conversation over; the connection stays open");
+            Err(Ended {
+                error,
+                connection: Some(connection),
+            })
+        }
+        result => {
+            // The cause is read before closing, which would become it.
+            let result = result.map_err(|e| Ended {
+                error: match e {
+                    LinkError::Session(e) => LinkError::Session(e.with_cause(&connection)),
+                    e => e,
+                },
+                connection: None,
+            });
+            debug!(epoch, "closing the directory connection");
+            connection.close(0u32.into(), b"agent reconnecting");
+            result
+        }
+    }
 }
 
 /// When the agent heartbeats and which heartbeats ask for an acknowledgement: every

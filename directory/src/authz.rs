@@ -18,6 +18,9 @@ use usher_shared::protocol::Role;
 /// Counters of security decisions since the directory started (`GET /v1/security`).
 #[derive(Debug, Default)]
 pub struct Security {
+    /// QUIC handshakes completed: node connections opened. A count that climbs with a
+    /// steady fleet means nodes reconnecting, each a mutual-TLS handshake.
+    pub handshakes_completed: AtomicU64,
     /// QUIC handshakes that failed: no client certificate, one from another CA, expired...
     pub handshakes_refused: AtomicU64,
     /// Connections whose verified certificate carries no usable `usher://` identity.
@@ -35,6 +38,7 @@ pub struct Security {
 /// The JSON body of `GET /v1/security`.
 #[derive(Debug, Clone, Serialize)]
 pub struct SecurityReport {
+    pub handshakes_completed: u64,
     pub handshakes_refused: u64,
     pub identities_refused: u64,
     pub messages_refused: u64,
@@ -48,6 +52,7 @@ impl Security {
     pub fn report(&self) -> SecurityReport {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         SecurityReport {
+            handshakes_completed: get(&self.handshakes_completed),
             handshakes_refused: get(&self.handshakes_refused),
             identities_refused: get(&self.identities_refused),
             messages_refused: get(&self.messages_refused),

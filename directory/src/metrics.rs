@@ -12,7 +12,8 @@
 //!   `reporting_sidecars`, and for versions the directory scales `target_instances`,
 //!   `ideal_instances`, `started_instances`, `scale_ups_total`, `scale_downs_total` (target
 //!   changes) and `scheduler_errors_total` (cycles whose scheduler call failed);
-//! - the refusals and issuances of `GET /v1/security`: `handshakes_refused_total`,
+//! - the handshakes, refusals and issuances of `GET /v1/security`:
+//!   `handshakes_completed_total`, `handshakes_refused_total`,
 //!   `identities_refused_total`, `messages_refused_total`, `certificates_issued_total`,
 //!   `joins_refused_total`, `admin_refused_total`.
 
@@ -161,6 +162,11 @@ pub fn scrape(ctx: &AdminContext, now: Instant) -> AdminResponse {
 
     let security = ctx.security.report();
     for (name, help, value) in [
+        (
+            "handshakes_completed",
+            "QUIC handshakes completed (node connections opened; a climb with a steady fleet is nodes reconnecting)",
+            security.handshakes_completed,
+        ),
         (
             "handshakes_refused",
             "QUIC handshakes refused (no client certificate, another CA, expired)",

@@ -123,7 +123,12 @@ async fn handshake(
 ) -> Option<(quinn::Connection, NodeIdentity)> {
     let address = incoming.remote_address();
     let connection = match incoming.await {
-        Ok(connection) => connection,
+        Ok(connection) => {
+            security
+                .handshakes_completed
+                .fetch_add(1, Ordering::Relaxed);
+            connection
+        }
         Err(e) => {
             security.handshake_refused(address, &e);
             return None;

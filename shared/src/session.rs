@@ -107,6 +107,17 @@ pub async fn open(
 ) -> Result<Session, SessionError> {
     let target = resolve(addr).await?;
     let connection = endpoint.connect(target, SERVER_NAME)?.await?;
+    open_on(connection, role, node).await
+}
+
+/// Opens a stream on an established `connection` and exchanges hello/welcome: a new
+/// conversation without a new handshake (SwarmKit: a node whose session ended registers again
+/// over the connection it has).
+pub async fn open_on(
+    connection: quinn::Connection,
+    role: Role,
+    node: &str,
+) -> Result<Session, SessionError> {
     let (send, recv) = connection.open_bi().await?;
     let mut session = Session {
         connection,

@@ -185,6 +185,63 @@ async fn killed_agent_is_withdrawn_within_four_seconds() {
     assert_eq!(r.status, 200);
 }
 
+/// 3a. An agent paused past its TTL (SIGSTOP: a hung host) is withdrawn; resumed, its
+///     heartbeat is refused ("not registered") and it registers again over the QUIC
+///     connection it has, without a new handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_ttl_lapsed_registers_again_over_its_connection() {
+    let m = mesh_with(1).await;
+    let dir_admin = m.mesh.directory.admin();
+    let handshakes = || async {
+        let text = admin_metrics(&dir_admin).await.unwrap();
+        sample(&text, "usher_directory_handshakes_completed_total")
+            .expect("the counter is exported")
+    };
+    let up = || async {
+        admin_json(&dir_admin, "/v1/routes")
+            .await
+            .map(|r| instances_in(&r, "web", "up").len())
+            .unwrap_or(0)
+    };
+    let before = handshakes().await;
+    m.agents[0].signal(Signal::SIGSTOP);
+    // Resumed as soon as the TTL (3 heartbeats of 1 s) has withdrawn the instance, before the
+    // connection's idle timeout (5 s) would close it.
+    let withdrawn = wait_until(
+        Duration::from_secs(5),
+        "the paused agent's instance to expire",
+        || async { up().await == 0 },
+    )
+    .await;
+    m.agents[0].signal(Signal::SIGCONT);
+    withdrawn.unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "the agent to register again",
+        || async { up().await == 1 },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        handshakes().await,
+        before,
+        "the agent registered again over its open connection, with no new handshake"
+    );
+    sidecar_serves_web(&m, 1, Duration::from_secs(5)).await;
+}
+
+/// Waits up to `within` for the sidecar's table to hold `n` instances of `web` up, then a
+/// request through it must be answered.
+async fn sidecar_serves_web(m: &Running, n: usize, within: Duration) {
+    wait_for_up(&m.sidecar_addrs.admin(), "web", n, within)
+        .await
+        .unwrap();
+    let r = http::get(&m.sidecar_addrs.proxy(), "web", "/")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
+
 /// Waits until the `n` agents of `web` are up in the restarted directory's table and the
 /// sidecar follows that directory (connected, a table from it, an epoch other than
 /// `old_epoch`).
@@ -641,12 +698,6 @@ async fn hostile_frames_are_refused_and_the_directory_keeps_serving() {
         .unwrap();
     assert_eq!(r.status, 200);
     let _second = m.mesh.start_agent("web-2", "web", &[]).unwrap();
-    wait_for_up(&m.sidecar_addrs.admin(), "web", 2, Duration::from_secs(15))
-        .await
-        .unwrap();
-    let r = http::get(&m.sidecar_addrs.proxy(), "web", "/")
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200);
+    sidecar_serves_web(&m, 2, Duration::from_secs(15)).await;
     let _ = m.directory.pid();
 }
