@@ -140,6 +140,10 @@ struct Figures {
     /// (`usher_directory_instances_expired_total` of its `/metrics`): none, unless agents'
     /// heartbeats stopped arriving in time (the directory or the generator fell behind).
     expired: u64,
+    /// QUIC handshakes the directory completed in the window
+    /// (`usher_directory_handshakes_completed_total`): nodes reconnecting; none in a steady
+    /// fleet.
+    handshakes: u64,
     /// Load reports the directory recorded per second in the window
     /// (`usher_directory_load_reports_total`).
     load_reports_per_s: f64,
@@ -486,9 +490,10 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
         Ok::<_, anyhow::Error>((
             directory_counter(&admin, "usher_directory_instances_expired_total").await?,
             directory_counter(&admin, "usher_directory_load_reports_total").await?,
+            directory_counter(&admin, "usher_directory_handshakes_completed_total").await?,
         ))
     };
-    let (expired_at_window, reports_at_window) = counters().await?;
+    let (expired_at_window, reports_at_window, handshakes_at_window) = counters().await?;
     let (dir_before, own_before, udp_before, window_started) = (
         cpu_ticks(pid)?,
         cpu_ticks_self()?,
@@ -521,8 +526,9 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
     let generator_cpu = (cpu_ticks_self()? - own_before) as f64 / clk_tck / window;
     let datagrams_per_s = udp_counter("InDatagrams")?.saturating_sub(udp_before) as f64 / window;
     let drops_at_end = DropCounters::read(mesh.directory.quic_port)?;
-    let (expired_at_end, reports_at_end) = counters().await?;
+    let (expired_at_end, reports_at_end, handshakes_at_end) = counters().await?;
     let expired = expired_at_end.saturating_sub(expired_at_window);
+    let handshakes = handshakes_at_end.saturating_sub(handshakes_at_window);
     let load_reports_per_s = reports_at_end.saturating_sub(reports_at_window) as f64 / window;
     let (rss_mb, hwm_mb) = memory_mb(pid)?;
     let sidecar = RealSidecar {
@@ -590,6 +596,7 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
         silent_withdrawn,
         registered,
         expired,
+        handshakes,
         load_reports_per_s,
         subscribed: window_subscribed,
         sidecar,
@@ -1058,10 +1065,11 @@ fn row(f: &Figures) -> String {
             format!("{:.2}", d.as_secs_f64())
         });
     format!(
-        "| {} ({} registered, {} expired) | {} ({} subscribed, {} again, {} load reports/s) | {} | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
+        "| {} ({} registered, {} expired, {} handshakes) | {} ({} subscribed, {} again, {} load reports/s) | {} | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
         fmt_int(f.instances),
         fmt_int(f.registered),
         fmt_int(f.expired as usize),
+        fmt_int(f.handshakes as usize),
         fmt_int(f.sidecars),
         fmt_int(f.subscribed),
         fmt_int(f.resubscribed),
@@ -1191,7 +1199,10 @@ fn report(all: &[Figures], args: &Args) -> String {
          started; a sidecar whose connection failed subscribes again, as a real one does, and \
          `again` counts those). `expired`: instances the directory withdrew in the window \
          because their TTL lapsed (its `/metrics`), none unless heartbeats fell behind; \
-         each comes back at its agent's next registration. `heartbeat`: the interval the \
+         each comes back at its agent's next registration (over its open connection, or \
+         after a new handshake if that connection was lost). `handshakes`: QUIC handshakes \
+         the directory completed in the window (its `/metrics`), none unless nodes \
+         reconnected. `heartbeat`: the interval the \
          directory dictates (1 s, the default, is the interval of issue 5's targets); the \
          silent agent is due to be withdrawn after its TTL of 3 intervals, and heartbeats \
          arrive N ÷ interval a second, so a row with a longer interval carries its N \
