@@ -47,7 +47,6 @@ use usher_shared::backoff::Backoff;
 use usher_shared::codec::{write_frame, MAX_NODE_FRAME};
 use usher_shared::enrolment::{self, Credentials, TlsFlags};
 use usher_shared::identity::NodeIdentity;
-use usher_shared::metrics::sample;
 use usher_shared::protocol::{
     DirectoryMessage, InstanceLoad, NodeMessage, Registration, Role, VersionLoad, FEED_FORMAT,
 };
@@ -55,7 +54,7 @@ use usher_shared::quic::Liveness;
 use usher_shared::routes::{Change, Instance, InstanceState};
 use usher_shared::session::{node_endpoint, open, recv_message, Session};
 use usher_sidecar::subscription::REPORT_INTERVAL;
-use usher_tests::{admin_json, admin_metrics, wait_until, Mesh};
+use usher_tests::{admin_json, admin_metric, wait_until, Mesh};
 
 /// The service every simulated instance belongs to.
 const SERVICE: &str = "fleet";
@@ -614,14 +613,9 @@ fn bytes_written(pid: u32) -> Result<u64> {
         .context("no write_bytes in /proc/PID/io")
 }
 
-/// The directory's count of instances withdrawn because their TTL lapsed, from its
-/// `/metrics`.
 /// A counter of the directory's `/metrics`, such as `usher_directory_instances_expired_total`.
 async fn directory_counter(admin: &str, name: &str) -> Result<u64> {
-    let metrics = admin_metrics(admin).await?;
-    sample(&metrics, name)
-        .map(|count| count as u64)
-        .with_context(|| format!("no {name} in the directory's /metrics"))
+    Ok(admin_metric(admin, name).await? as u64)
 }
 
 /// Instances in the table at admin port `admin` (a directory's or a sidecar's; 0 if it does
@@ -1281,15 +1275,15 @@ fn report(all: &[Figures], args: &Args) -> String {
     out
 }
 
-/// ` HEARTBEATS=…` for the command line of a report, or nothing at the default (1 s).
-/// `--load-reports` as `bench/directory`'s `LOAD_REPORTS` takes it.
-fn load_reports_env(load_reports: LoadReports) -> &'static str {
-    match load_reports {
-        LoadReports::Busy => "busy",
-        LoadReports::Idle => "idle",
-    }
+/// `--load-reports` as `bench/directory`'s `LOAD_REPORTS` takes it (clap's value name).
+fn load_reports_env(load_reports: LoadReports) -> String {
+    load_reports
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
 }
 
+/// ` HEARTBEATS=…` for the command line of a report, or nothing at the default (1 s).
 fn heartbeats_env(args: &Args) -> String {
     if args.heartbeats == [Duration::from_secs(1)] {
         return String::new();

@@ -572,6 +572,14 @@ pub async fn admin_metrics(admin: &str) -> Result<String> {
     Ok(String::from_utf8(resp.body.to_vec())?)
 }
 
+/// One sample of the `/metrics` at admin port `admin`, by series name (such as
+/// `usher_directory_load_reports_total`); an error if it is not exported.
+pub async fn admin_metric(admin: &str, name: &str) -> Result<f64> {
+    let text = admin_metrics(admin).await?;
+    usher_shared::metrics::sample(&text, name)
+        .with_context(|| format!("no {name} in the /metrics of {admin}"))
+}
+
 /// The instances in a `/v1/routes` document for `service` whose state is `state`, by id.
 pub fn instances_in(routes: &Value, service: &str, state: &str) -> Vec<String> {
     let mut ids: Vec<String> = routes["instances"]

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use usher_shared::metrics::sample;
 use usher_tests::{
-    admin_json, admin_metrics, http, instances_in, wait_for_up, wait_until, Load, Mesh, Process,
+    admin_json, admin_metric, admin_metrics, http, instances_in, wait_for_up, wait_until, Load,
+    Mesh, Process,
 };
 
 /// A mesh with a directory, `n` agents of `web` (instances `web-1`..`web-n`) and one sidecar.
@@ -193,9 +194,9 @@ async fn an_agent_whose_ttl_lapsed_registers_again_over_its_connection() {
     let m = mesh_with(1).await;
     let dir_admin = m.mesh.directory.admin();
     let handshakes = || async {
-        let text = admin_metrics(&dir_admin).await.unwrap();
-        sample(&text, "usher_directory_handshakes_completed_total")
-            .expect("the counter is exported")
+        admin_metric(&dir_admin, "usher_directory_handshakes_completed_total")
+            .await
+            .unwrap()
     };
     let up = || async {
         admin_json(&dir_admin, "/v1/routes")
@@ -428,8 +429,9 @@ async fn load_is_reported_while_requests_are_in_flight_and_not_while_idle() {
     let m = mesh_with(1).await;
     let dir_admin = m.mesh.directory.admin();
     let reports = || async {
-        let text = admin_metrics(&dir_admin).await.unwrap();
-        sample(&text, "usher_directory_load_reports_total").expect("the counter is exported")
+        admin_metric(&dir_admin, "usher_directory_load_reports_total")
+            .await
+            .unwrap()
     };
     // No report for over two periods.
     let no_reports = |why: &'static str| async move {
