@@ -287,18 +287,26 @@ pub fn handler(ctx: Arc<AdminContext>) -> AdminHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::preservation::PreservationSettings;
     use crate::registry::Settings;
     use std::time::Duration;
 
+    /// A registry of epoch 5 in its grace period, heartbeat 1 s.
+    fn registry() -> Registry {
+        let interval = Duration::from_secs(1);
+        Registry::new(Settings {
+            epoch: 5,
+            heartbeat_interval: interval,
+            ttl: interval * 3,
+            grace_period: interval * 6,
+            started: Instant::now(),
+            preservation: PreservationSettings::off(),
+        })
+    }
+
     #[test]
     fn endpoints() {
-        let registry = Registry::new(Settings {
-            epoch: 5,
-            heartbeat_interval: Duration::from_secs(1),
-            ttl: Duration::from_secs(3),
-            grace_period: Duration::from_secs(6),
-            started: Instant::now(),
-        });
+        let registry = registry();
         let ok = respond(&registry, &Method::GET, "/healthz");
         assert_eq!((ok.status, &ok.body[..]), (StatusCode::OK, &b"ok\n"[..]));
         let routes = respond(&registry, &Method::GET, "/v1/routes");
@@ -318,13 +326,7 @@ mod tests {
 
     fn context(dir: &std::path::Path, protect_reads: bool) -> AdminContext {
         AdminContext {
-            registry: Arc::new(Registry::new(Settings {
-                epoch: 5,
-                heartbeat_interval: Duration::from_secs(1),
-                ttl: Duration::from_secs(3),
-                grace_period: Duration::from_secs(6),
-                started: Instant::now(),
-            })),
+            registry: Arc::new(registry()),
             security: Arc::default(),
             tokens: Arc::new(TokenStore::open(dir, &"a".repeat(64)).unwrap()),
             admin_token: "s3cret".into(),

@@ -5,6 +5,7 @@
 //! usher-directory [--config FILE] [--listen ADDR] [--join-listen ADDR] [--admin ADDR]
 //!                 [--admin-token-file FILE] [--state-dir DIR] [--node-cert-validity DURATION]
 //!                 [--heartbeat-interval DURATION] [--grace-period DURATION]
+//!                 [--self-preservation PERCENT] [--self-preservation-min-instances N]
 //! usher-directory scale TARGET N|release
 //! usher-directory token create --role agent|sidecar [--service NAME] [--ttl DURATION]
 //! usher-directory token list
@@ -21,6 +22,7 @@ use clap::Parser;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::preservation::{PreservationSettings, DEFAULT_MIN_INSTANCES, DEFAULT_THRESHOLD_PERCENT};
 use crate::services::{ServiceEntry, ServiceError, ServiceSpec};
 
 /// Default QUIC address (DESIGN.md: udp 0.0.0.0:7400).
@@ -55,7 +57,8 @@ pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 )]
 pub struct Args {
     /// TOML file with the keys `listen`, `admin`, `state_dir`, `heartbeat_interval`,
-    /// `grace_period`, `threads`, `[[services]]`; flags and environment variables win over it.
+    /// `grace_period`, `self_preservation`, `self_preservation_min_instances`, `threads`,
+    /// `[[services]]`; flags and environment variables win over it.
     #[arg(long, env = "USHER_DIRECTORY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -110,6 +113,21 @@ pub struct Args {
     /// rejoin first [default: 2 × TTL].
     #[arg(long, env = "USHER_DIRECTORY_GRACE_PERIOD", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub grace_period: Option<Duration>,
+
+    /// Hold withdrawals by TTL while more than PERCENT of the instances are silent at once
+    /// (1.5 heartbeat intervals unheard): the directory or its network is then the likely
+    /// fault. A hold ends when the share falls back, or after 10 TTLs. 0 turns it off
+    /// [default: 15].
+    #[arg(long, env = "USHER_DIRECTORY_SELF_PRESERVATION", value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub self_preservation: Option<u8>,
+
+    /// Fleets smaller than N instances are never held by --self-preservation [default: 50].
+    #[arg(
+        long,
+        env = "USHER_DIRECTORY_SELF_PRESERVATION_MIN_INSTANCES",
+        value_name = "N"
+    )]
+    pub self_preservation_min_instances: Option<usize>,
 
     /// Worker threads: 1 runs the directory on one thread, the cheapest per heartbeat (about
     /// half the CPU of two workers); raise it when a fleet needs more than one core
@@ -178,6 +196,8 @@ pub struct FileConfig {
     pub heartbeat_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub grace_period: Option<Duration>,
+    pub self_preservation: Option<u8>,
+    pub self_preservation_min_instances: Option<usize>,
     pub threads: Option<usize>,
     /// The `usher-agent` the `process` scheduler starts (default: beside this binary, else
     /// from `PATH`).
@@ -203,6 +223,11 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// How long sidecars that hold another epoch's table wait for their first update.
     pub grace_period: Duration,
+    /// Share of silent instances, in percent, above which withdrawals by TTL are held
+    /// (0: never held; [`crate::preservation`]).
+    pub self_preservation_percent: u8,
+    /// Fleets smaller than this are never held.
+    pub self_preservation_min_instances: usize,
     /// Runtime worker threads, 1..=[`usher_shared::runtime::MAX_THREADS`]; 1 means a
     /// current-thread runtime.
     pub threads: usize,
@@ -253,6 +278,16 @@ impl Config {
         usher_shared::quic::IDLE_TIMEOUT.max(self.ttl() + self.heartbeat_interval)
     }
 
+    /// When withdrawals by TTL are held ([`crate::preservation`]).
+    pub fn preservation(&self) -> PreservationSettings {
+        PreservationSettings::new(
+            self.self_preservation_percent,
+            self.self_preservation_min_instances,
+            self.heartbeat_interval,
+            self.ttl(),
+        )
+    }
+
     /// A configuration for tests: loopback port 0 everywhere, state in `state_dir`, a fast
     /// heartbeat.
     pub fn for_tests(state_dir: &Path, heartbeat_interval: Duration) -> Self {
@@ -265,6 +300,8 @@ impl Config {
             node_cert_validity: DEFAULT_NODE_CERT_VALIDITY,
             heartbeat_interval,
             grace_period: heartbeat_interval * TTL_INTERVALS * 2,
+            self_preservation_percent: DEFAULT_THRESHOLD_PERCENT,
+            self_preservation_min_instances: DEFAULT_MIN_INSTANCES,
             threads: 1,
             agent_binary: None,
             services: Vec::new(),
@@ -292,8 +329,9 @@ impl Config {
 
     /// Merges flags over the file over defaults and validates the result. Pure.
     ///
-    /// Errors: a heartbeat interval outside 50ms..=60s, or a grace period shorter than one
-    /// TTL (a restart would then withdraw instances whose agents had no time to rejoin).
+    /// Errors: a heartbeat interval outside 50ms..=60s, a grace period shorter than one
+    /// TTL (a restart would then withdraw instances whose agents had no time to rejoin), or a
+    /// self-preservation share over 100%.
     pub fn resolve(args: Args, file: FileConfig) -> Result<Self, ConfigError> {
         let heartbeat_interval = args
             .heartbeat_interval
@@ -316,6 +354,17 @@ impl Config {
                     "must be at least one TTL ({})",
                     humantime::format_duration(ttl)
                 ),
+            });
+        }
+        let self_preservation_percent = args
+            .self_preservation
+            .or(file.self_preservation)
+            .unwrap_or(DEFAULT_THRESHOLD_PERCENT);
+        if self_preservation_percent > 100 {
+            return Err(ConfigError::Invalid {
+                flag: "self-preservation",
+                value: self_preservation_percent.to_string(),
+                reason: "must be a percentage, 0 to 100".into(),
             });
         }
         let node_cert_validity = args
@@ -381,6 +430,11 @@ impl Config {
             node_cert_validity,
             heartbeat_interval,
             grace_period,
+            self_preservation_percent,
+            self_preservation_min_instances: args
+                .self_preservation_min_instances
+                .or(file.self_preservation_min_instances)
+                .unwrap_or(DEFAULT_MIN_INSTANCES),
             threads,
             agent_binary: file.agent_binary,
             services: crate::services::validate(&file.services)?,
@@ -412,21 +466,40 @@ mod tests {
         assert_eq!(c.ttl(), Duration::from_secs(3));
         assert_eq!(c.grace_period, Duration::from_secs(6));
         assert_eq!(c.threads, 1);
+        let p = c.preservation();
+        assert_eq!((p.threshold, p.min_instances), (0.15, 50));
+        assert_eq!(p.silent_after, Duration::from_millis(1500));
+        assert_eq!(p.max_hold, Duration::from_secs(30));
     }
 
     #[test]
     fn flags_win_over_the_file() {
         let file: FileConfig = toml::from_str(
-            "listen = \"127.0.0.1:9000\"\nadmin = \"127.0.0.1:9001\"\nheartbeat_interval = \"2s\"\nthreads = 2\n",
+            "listen = \"127.0.0.1:9000\"\nadmin = \"127.0.0.1:9001\"\nheartbeat_interval = \"2s\"\nthreads = 2\nself_preservation = 40\nself_preservation_min_instances = 7\n",
         )
         .unwrap();
-        let args = parse(&["--listen", "127.0.0.1:8000", "--grace-period", "10s"]).unwrap();
+        let args = parse(&[
+            "--listen",
+            "127.0.0.1:8000",
+            "--grace-period",
+            "10s",
+            "--self-preservation",
+            "0",
+        ])
+        .unwrap();
         let c = Config::resolve(args, file).unwrap();
         assert_eq!(c.listen, "127.0.0.1:8000".parse().unwrap());
         assert_eq!(c.admin, "127.0.0.1:9001".parse().unwrap());
         assert_eq!(c.heartbeat_interval, Duration::from_secs(2));
         assert_eq!(c.grace_period, Duration::from_secs(10));
         assert_eq!(c.threads, 2);
+        assert_eq!(
+            (
+                c.self_preservation_percent,
+                c.self_preservation_min_instances
+            ),
+            (0, 7)
+        );
     }
 
     #[test]
@@ -463,6 +536,13 @@ mod tests {
             .unwrap_err();
             assert!(e.to_string().contains("--threads"), "{e}");
         }
+        let e = parse(&["--self-preservation", "101"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--self-preservation"), "{e}");
+        let file: FileConfig = toml::from_str("self_preservation = 150").unwrap();
+        let e = Config::resolve(Args::default(), file).unwrap_err();
+        assert!(e.to_string().contains("--self-preservation 150"), "{e}");
         let e = parse(&["--listen", "nowhere"]).unwrap_err().to_string();
         assert!(e.contains("--listen"), "{e}");
         let e = parse(&["--heartbeat-interval", "soon"])

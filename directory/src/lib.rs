@@ -41,6 +41,7 @@ pub mod load;
 pub mod metrics;
 pub mod pki;
 pub mod presence;
+pub mod preservation;
 mod registration;
 pub mod registry;
 pub mod scheduler;
@@ -190,6 +191,7 @@ pub async fn run_with_reloads(
         ttl: config.ttl(),
         grace_period: config.grace_period,
         started: Instant::now(),
+        preservation: config.preservation(),
     }));
     let tracker = TaskTracker::new();
     let tasks = CancellationToken::new();
@@ -267,6 +269,7 @@ pub async fn run_with_reloads(
         heartbeat_interval = ?config.heartbeat_interval,
         ttl = ?config.ttl(),
         grace_period = ?config.grace_period,
+        self_preservation_percent = config.self_preservation_percent,
         "usher-directory serving"
     );
     notify_systemd(sd_notify::NotifyState::Ready);

@@ -4,7 +4,9 @@
 //! - the route table: `epoch`, `route_table_revision`, `published_revision` (the last batch
 //!   sent to sidecars), `in_grace_period` (0/1), `subscriptions{encoding}` (open sidecar
 //!   subscriptions by feed encoding, `named`|`compact`), `instances_expired_total` (withdrawn
-//!   because their TTL lapsed: hosts that died, or agents cut off), `load_reports_total`
+//!   because their TTL lapsed: hosts that died, or agents cut off), `withdrawals_held`
+//!   (lapsed instances self-preservation keeps in the table now) and
+//!   `self_preservation_holds_total` (times it began holding), `load_reports_total`
 //!   (load reports received from sidecars);
 //! - per `{service,version}`, as `GET /v1/services`: `instances`, `routable_instances`
 //!   (`up`), the sidecars' load reports `in_flight_requests`, `queued_requests`,
@@ -89,6 +91,16 @@ pub fn scrape(ctx: &AdminContext, now: Instant) -> AdminResponse {
         "instances_expired",
         "Instances withdrawn because their TTL lapsed",
         one(counts.expired),
+    );
+    m.gauge(
+        "withdrawals_held",
+        "Instances whose TTL lapsed but which self-preservation keeps in the table, because too many instances fell silent at once",
+        one(gauge_value(counts.held)),
+    );
+    m.counter(
+        "self_preservation_holds",
+        "Times self-preservation began holding withdrawals by TTL",
+        one(counts.preservation_holds),
     );
     m.counter(
         "load_reports",
@@ -258,6 +270,8 @@ mod tests {
             r#"usher_directory_subscriptions{encoding="compact"} 1"#.to_string(),
             r#"usher_directory_subscriptions{encoding="named"} 0"#.to_string(),
             "usher_directory_instances_expired_total 1".to_string(),
+            "usher_directory_withdrawals_held 0".to_string(),
+            "usher_directory_self_preservation_holds_total 0".to_string(),
             "usher_directory_load_reports_total 0".to_string(),
             format!("usher_directory_instances{web} 2"),
             format!("usher_directory_routable_instances{web} 1"),

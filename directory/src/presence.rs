@@ -61,6 +61,20 @@ impl Presence {
         self.entries.get(key).map(|e| e.last_seen)
     }
 
+    /// Whether `key` is tracked: registered and not lapsed (or heard from since it lapsed).
+    pub fn contains(&self, key: &InstanceKey) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// How many tracked keys were last heard from before `before`. O(keys): called only when
+    /// an instance lapses or withdrawals are held (`crate::preservation`).
+    pub fn silent_since(&self, before: Instant) -> usize {
+        self.entries
+            .values()
+            .filter(|e| e.last_seen < before)
+            .count()
+    }
+
     /// Removes and returns every key whose deadline is at or before `now`.
     pub fn expire(&mut self, now: Instant) -> Vec<InstanceKey> {
         let mut expired = Vec::new();
@@ -136,6 +150,21 @@ mod tests {
         assert!(p.expire(t0 + Duration::from_secs(11)).is_empty());
         assert_eq!(p.last_seen(&key("a")), Some(t0 + Duration::from_secs(9)));
         assert_eq!(p.expire(t0 + Duration::from_secs(12)), vec![key("a")]);
+    }
+
+    #[test]
+    fn silent_keys_are_counted_by_when_they_were_last_heard_from() {
+        let mut p = Presence::default();
+        let t0 = Instant::now();
+        p.touch(&key("a"), t0, TTL);
+        p.touch(&key("b"), t0 + Duration::from_secs(1), TTL);
+        p.touch(&key("c"), t0 + Duration::from_secs(2), TTL);
+        assert_eq!(p.silent_since(t0), 0);
+        assert_eq!(p.silent_since(t0 + Duration::from_millis(1500)), 2);
+        assert!(p.contains(&key("a")));
+        assert_eq!(p.expire(t0 + TTL), vec![key("a")]);
+        assert!(!p.contains(&key("a")), "a lapsed key is no longer tracked");
+        assert_eq!(p.silent_since(t0 + Duration::from_secs(3)), 2);
     }
 
     #[test]

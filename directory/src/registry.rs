@@ -34,6 +34,7 @@ use crate::feed::{
 };
 use crate::load::LoadBoard;
 use crate::presence::Presence;
+use crate::preservation::{PreservationSettings, SelfPreservation};
 
 /// Changes the log remembers, so a sidecar that reconnects within this many changes gets only
 /// deltas (Baker: catch up, then updates).
@@ -80,6 +81,8 @@ pub struct Settings {
     pub grace_period: Duration,
     /// When this run started (the grace period counts from here).
     pub started: Instant,
+    /// When withdrawals by TTL are held ([`crate::preservation`]).
+    pub preservation: PreservationSettings,
 }
 
 /// The session that registered an instance and the state its agent last reported (the state
@@ -105,6 +108,8 @@ struct Inner {
     subscribers: ByEncoding<u64>,
     /// Instances withdrawn because their TTL lapsed, since the directory started.
     expired: u64,
+    /// Lapsed instances whose withdrawal is held while too many are silent at once.
+    preservation: SelfPreservation,
 }
 
 /// The directory's shared state.
@@ -151,6 +156,10 @@ pub struct RegistryCounts {
     pub subscribers: ByEncoding<u64>,
     /// Instances withdrawn because their TTL lapsed, since the directory started.
     pub expired: u64,
+    /// Instances whose TTL lapsed and whose withdrawal is held now (self-preservation).
+    pub held: u64,
+    /// Times self-preservation began holding withdrawals, since the directory started.
+    pub preservation_holds: u64,
 }
 
 /// One service version's instances in the table ([`Registry::version_counts`]).
@@ -190,6 +199,7 @@ impl Registry {
                 feed: Feed::default(),
                 subscribers: ByEncoding::default(),
                 expired: 0,
+                preservation: SelfPreservation::new(settings.preservation),
             }),
             published: watch::channel(0).0,
             changed: Notify::new(),
@@ -320,15 +330,31 @@ impl Registry {
         }
     }
 
-    /// Withdraws every instance whose TTL lapsed by `now`; returns their keys.
+    /// Withdraws every instance whose TTL lapsed by `now`, unless self-preservation holds
+    /// them ([`crate::preservation`]: too many silent at once); returns the withdrawn keys.
     pub fn expire(&self, now: Instant) -> Vec<InstanceKey> {
-        let mut inner = self.lock();
-        let expired = inner.presence.expire(now);
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let lapsed = inner.presence.expire(now);
+        if lapsed.is_empty() && !inner.preservation.holding() {
+            return lapsed;
+        }
+        // A held instance heard from again is tracked again; one deregistered or withdrawn
+        // meanwhile has no owner.
+        let (presence, owners) = (&inner.presence, &inner.owners);
+        inner
+            .preservation
+            .retain(|key| !presence.contains(key) && owners.contains_key(key));
+        let expired = inner
+            .preservation
+            .decide(now, lapsed, owners.len(), |before| {
+                presence.silent_since(before)
+            });
         inner.expired += expired.len() as u64;
         for key in &expired {
             info!(service = %key.service, version = %key.version, id = %key.id,
                   ttl = ?self.settings.ttl, "instance TTL lapsed; withdrawn");
-            self.withdraw(&mut inner, key, now);
+            self.withdraw(inner, key, now);
         }
         expired
     }
@@ -437,6 +463,8 @@ impl Registry {
             published: inner.published,
             subscribers: inner.subscribers.clone(),
             expired: inner.expired,
+            held: inner.preservation.held() as u64,
+            preservation_holds: inner.preservation.holds(),
         }
     }
 
@@ -680,6 +708,12 @@ pub(crate) mod tests {
             ttl: HB * 3,
             grace_period: HB * 6,
             started: t0,
+            preservation: PreservationSettings::new(
+                crate::preservation::DEFAULT_THRESHOLD_PERCENT,
+                crate::preservation::DEFAULT_MIN_INSTANCES,
+                HB,
+                HB * 3,
+            ),
         })
     }
 
@@ -753,6 +787,63 @@ pub(crate) mod tests {
             r.heartbeat(1, &a.key(), InstanceState::Up, t0 + HB * 5),
             Err(RegistryError::NotRegistered { .. })
         ));
+    }
+
+    #[test]
+    fn a_fleet_falling_silent_at_once_is_held_not_withdrawn() {
+        let t0 = Instant::now();
+        let r = registry(t0);
+        let keys: Vec<InstanceKey> = (0..60)
+            .map(|i| {
+                let a = instance(&format!("i{i}"), InstanceState::Up);
+                r.register(i, a.clone(), t0).unwrap();
+                a.key()
+            })
+            .collect();
+        let beat = |range: std::ops::Range<usize>, at: Instant| {
+            for i in range {
+                r.heartbeat(i as u64, &keys[i], InstanceState::Up, at)
+                    .unwrap();
+            }
+        };
+        // One falls silent among 60: withdrawn at its TTL as ever.
+        beat(1..60, t0 + HB * 2);
+        assert_eq!(r.expire(t0 + HB * 3), vec![keys[0].clone()]);
+        // 20 of the other 59 fall silent at once (a third): their TTLs lapse, nothing goes.
+        beat(21..60, t0 + HB * 4);
+        assert!(r.expire(t0 + HB * 5).is_empty());
+        assert_eq!(r.table().len(), 59);
+        let counts = r.counts();
+        assert_eq!(
+            (counts.held, counts.preservation_holds, counts.expired),
+            (20, 1, 1)
+        );
+        // A held instance's heartbeat is accepted: it never left.
+        beat(1..3, t0 + HB * 5);
+        r.deregister(3, &keys[3], t0 + HB * 5).unwrap();
+        beat(21..60, t0 + HB * 5);
+        assert!(r
+            .expire(t0 + HB * 5 + Duration::from_millis(100))
+            .is_empty());
+        assert_eq!(
+            r.counts().held,
+            17,
+            "heard from again or deregistered: no longer held"
+        );
+        // The other 17 stay silent (29%): they go after the longest hold, 10 TTLs from t0 + 5 s.
+        let mut at = t0 + HB * 5;
+        while at < t0 + HB * 34 {
+            at += HB;
+            beat(1..3, at);
+            beat(21..60, at);
+            assert!(r.expire(at).is_empty(), "held at {:?}", at - t0);
+        }
+        at += HB;
+        beat(1..3, at);
+        beat(21..60, at);
+        assert_eq!(r.expire(at).len(), 17);
+        assert_eq!(r.table().len(), 41);
+        assert_eq!(r.counts().expired, 18);
     }
 
     #[test]

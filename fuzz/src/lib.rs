@@ -9,6 +9,9 @@ use tokio::time::Instant;
 
 use bytes::BytesMut;
 use usher_directory::authz::{check_hello, check_register};
+use usher_directory::preservation::{
+    PreservationSettings, DEFAULT_MIN_INSTANCES, DEFAULT_THRESHOLD_PERCENT,
+};
 use usher_directory::registry::{Registry, Settings};
 use usher_shared::codec::{decode_frame, encode_frame, Encoding, FrameError};
 use usher_shared::codec::{MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
@@ -84,6 +87,13 @@ pub fn directory_message(data: &[u8]) {
         ttl: Duration::from_secs(3),
         grace_period: Duration::ZERO,
         started: start,
+        // Held withdrawals take over 50 instances; one session registers one.
+        preservation: PreservationSettings::new(
+            DEFAULT_THRESHOLD_PERCENT,
+            DEFAULT_MIN_INSTANCES,
+            Duration::from_secs(1),
+            Duration::from_secs(3),
+        ),
     });
     let mut registered: Option<InstanceKey> = None;
     let mut now = start;

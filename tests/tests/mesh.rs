@@ -22,8 +22,17 @@ struct Running {
 }
 
 async fn mesh_with(n: usize) -> Running {
+    mesh_configured(n, None).await
+}
+
+/// As [`mesh_with`], the directory started with a TOML file holding `directory_toml`, if any.
+async fn mesh_configured(n: usize, directory_toml: Option<&str>) -> Running {
     let mesh = Mesh::new().unwrap();
-    let directory = mesh.start_directory("directory").await.unwrap();
+    let directory = match directory_toml {
+        Some(toml) => mesh.start_directory_with_config("directory", toml).await,
+        None => mesh.start_directory("directory").await,
+    }
+    .unwrap();
     let agents = (1..=n)
         .map(|i| mesh.start_agent(&format!("web-{i}"), "web", &[]).unwrap())
         .collect();
@@ -229,6 +238,74 @@ async fn an_agent_whose_ttl_lapsed_registers_again_over_its_connection() {
         "the agent registered again over its open connection, with no new handshake"
     );
     sidecar_serves_web(&m, 1, Duration::from_secs(5)).await;
+}
+
+/// 3b. Self-preservation: 3 of 5 agents paused at once (60% silent, above the directory's
+///     30%) are not withdrawn when their TTLs lapse, but held; resumed, they carry on with
+///     nothing withdrawn. One agent paused alone (20%) is withdrawn at its TTL, as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_falling_silent_at_once_is_held_and_one_dead_host_is_withdrawn() {
+    let toml = "self_preservation = 30\nself_preservation_min_instances = 5\n";
+    let m = mesh_configured(5, Some(toml)).await;
+    let dir_admin = m.mesh.directory.admin();
+    let metric = |name: &'static str| {
+        let admin = dir_admin.clone();
+        async move { admin_metric(&admin, name).await.unwrap() }
+    };
+    let up = || async {
+        admin_json(&dir_admin, "/v1/routes")
+            .await
+            .map(|r| instances_in(&r, "web", "up").len())
+            .unwrap_or(0)
+    };
+    for agent in &m.agents[..3] {
+        agent.signal(Signal::SIGSTOP);
+    }
+    // Their TTLs (3 heartbeats of 1 s) lapse within about 4 s; resumed at once after, before
+    // their connections' idle timeout (5 s).
+    let held = wait_until(
+        Duration::from_secs(6),
+        "the paused agents' instances to be held",
+        || async { metric("usher_directory_withdrawals_held").await == 3.0 },
+    )
+    .await;
+    let up_while_held = up().await;
+    for agent in &m.agents[..3] {
+        agent.signal(Signal::SIGCONT);
+    }
+    held.unwrap();
+    assert_eq!(up_while_held, 5, "held instances stay in the table");
+    wait_until(
+        Duration::from_secs(5),
+        "the resumed agents to be heard from again",
+        || async { metric("usher_directory_withdrawals_held").await == 0.0 },
+    )
+    .await
+    .unwrap();
+    assert_eq!(metric("usher_directory_instances_expired_total").await, 0.0);
+    assert_eq!(
+        metric("usher_directory_self_preservation_holds_total").await,
+        1.0
+    );
+    assert_eq!(up().await, 5);
+    sidecar_serves_web(&m, 5, Duration::from_secs(5)).await;
+
+    // One host alone: withdrawn at its TTL.
+    m.agents[4].signal(Signal::SIGSTOP);
+    let withdrawn = wait_until(
+        Duration::from_secs(6),
+        "the paused agent's instance to expire",
+        || async { up().await == 4 },
+    )
+    .await;
+    m.agents[4].signal(Signal::SIGCONT);
+    withdrawn.unwrap();
+    assert_eq!(metric("usher_directory_instances_expired_total").await, 1.0);
+    assert_eq!(
+        metric("usher_directory_self_preservation_holds_total").await,
+        1.0
+    );
+    sidecar_serves_web(&m, 5, Duration::from_secs(10)).await;
 }
 
 /// Waits up to `within` for the sidecar's table to hold `n` instances of `web` up, then a

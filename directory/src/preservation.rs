@@ -1,0 +1,309 @@
+//! Self-preservation: withdrawals by TTL are held while too much of the fleet is silent at once.
+//!
+//! An instance whose TTL lapses is withdrawn from every sidecar's table (DESIGN.md: Presence).
+//! That is right when a host dies, and wrong when the directory itself fell behind (its one
+//! thread starved, heartbeats dropped in its socket) or lost its network: then a whole fleet's
+//! TTLs lapse together, every sidecar loses its instances, and every agent registers again,
+//! each change fanned out to every sidecar while the directory is already behind. So when, at a
+//! withdrawal, more than a threshold share of the registered instances has been silent for
+//! 1.5 heartbeat intervals ([`silent_after`]), the directory suspects itself and holds the
+//! withdrawals: the instances stay in the table, and each comes back to life when its agent's
+//! next heartbeat arrives. The hold ends when the silent share falls back under the threshold
+//! (the held instances still silent are withdrawn then) or after at most `max_hold`, when the
+//! silence is taken for real (Eureka's self-preservation: renewals under 85% of those expected
+//! stop expiries; Kubernetes' node lifecycle controller stops evictions in a fully disrupted
+//! zone). Meanwhile a sidecar that cannot connect to a held instance ejects it and retries the
+//! request elsewhere, as for any instance failure.
+//!
+//! Fleets under `min_instances` are never held: there one dead host is a large share.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{info, warn};
+use usher_shared::routes::InstanceKey;
+
+/// How long unheard an instance counts as silent: one and a half heartbeat intervals, so it
+/// missed a heartbeat (they come every interval, ±10%); its TTL lapses at three. Instances
+/// that stopped together (their last heartbeats up to an interval apart) all count as silent
+/// when the first of them lapses.
+pub fn silent_after(interval: Duration) -> Duration {
+    interval * 3 / 2
+}
+
+/// Default share of silent instances above which withdrawals are held, in percent (Eureka:
+/// renewals under 85% of those expected).
+pub const DEFAULT_THRESHOLD_PERCENT: u8 = 15;
+
+/// Default fleet size under which withdrawals are never held (Kubernetes'
+/// `--large-cluster-size-threshold`).
+pub const DEFAULT_MIN_INSTANCES: usize = 50;
+
+/// A hold lasts at most this many TTLs (30 s at the default 1 s heartbeat interval).
+pub const MAX_HOLD_TTLS: u32 = 10;
+
+/// How self-preservation is configured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PreservationSettings {
+    /// Share of registered instances, 0.0..=1.0, that must be silent for withdrawals to be
+    /// held; 0 turns self-preservation off.
+    pub threshold: f64,
+    /// Fleets smaller than this are never held.
+    pub min_instances: usize,
+    /// How long since it was last heard from an instance counts as silent.
+    pub silent_after: Duration,
+    /// The longest a hold lasts.
+    pub max_hold: Duration,
+}
+
+impl PreservationSettings {
+    /// The defaults for a heartbeat interval and its TTL.
+    pub fn new(
+        threshold_percent: u8,
+        min_instances: usize,
+        interval: Duration,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            threshold: f64::from(threshold_percent.min(100)) / 100.0,
+            min_instances,
+            silent_after: silent_after(interval),
+            max_hold: ttl * MAX_HOLD_TTLS,
+        }
+    }
+
+    /// Self-preservation off: every lapsed instance is withdrawn at once.
+    pub fn off() -> Self {
+        Self {
+            threshold: 0.0,
+            min_instances: usize::MAX,
+            silent_after: Duration::MAX,
+            max_hold: Duration::ZERO,
+        }
+    }
+}
+
+/// The instances whose withdrawal is held, and since when.
+#[derive(Debug)]
+pub struct SelfPreservation {
+    settings: PreservationSettings,
+    /// Lapsed instances not withdrawn yet.
+    held: Vec<InstanceKey>,
+    /// When the current hold began, while the silent share is above the threshold (also after
+    /// `max_hold`, when withdrawals go on regardless, until the share falls back).
+    since: Option<Instant>,
+    /// The current hold has lasted `max_hold`: withdrawals go on regardless.
+    exhausted: bool,
+    /// Holds begun since the directory started.
+    holds: u64,
+}
+
+impl SelfPreservation {
+    pub fn new(settings: PreservationSettings) -> Self {
+        Self {
+            settings,
+            held: Vec::new(),
+            since: None,
+            exhausted: false,
+            holds: 0,
+        }
+    }
+
+    pub fn settings(&self) -> &PreservationSettings {
+        &self.settings
+    }
+
+    /// Lapsed instances whose withdrawal is held now.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether withdrawals are held now.
+    pub fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Holds begun since the directory started.
+    pub fn holds(&self) -> u64 {
+        self.holds
+    }
+
+    /// Keeps held only the instances `still_lapsed` says are: an instance heard from again, or
+    /// withdrawn some other way (deregistered, registered by another session), leaves the hold.
+    pub fn retain(&mut self, still_lapsed: impl FnMut(&InstanceKey) -> bool) {
+        self.held.retain(still_lapsed);
+    }
+
+    /// Decides on the instances that lapsed at `now` and those already held; returns the ones
+    /// to withdraw now. `registered` counts every instance not withdrawn (held and `lapsed`
+    /// ones included); `silent_elsewhere` counts the registered ones, neither held nor lapsed,
+    /// last heard from before `now - silent_after` (called only when the fleet is large
+    /// enough to hold).
+    pub fn decide(
+        &mut self,
+        now: Instant,
+        lapsed: Vec<InstanceKey>,
+        registered: usize,
+        silent_elsewhere: impl FnOnce(Instant) -> usize,
+    ) -> Vec<InstanceKey> {
+        self.held.extend(lapsed);
+        if self.held.is_empty() {
+            return Vec::new();
+        }
+        let s = self.settings;
+        let eligible = s.threshold > 0.0 && registered >= s.min_instances.max(1);
+        let silent = if eligible {
+            let before = now.checked_sub(s.silent_after).unwrap_or(now);
+            self.held.len() + silent_elsewhere(before)
+        } else {
+            0
+        };
+        let share = silent as f64 / registered.max(1) as f64;
+        if !eligible || share <= s.threshold {
+            self.exhausted = false;
+            if let Some(since) = self.since.take() {
+                info!(
+                    held_for = ?now.saturating_duration_since(since),
+                    withdrawn = self.held.len(),
+                    silent_percent = format!("{:.1}", share * 100.0),
+                    "self-preservation ended: the silent share is back under the threshold; withdrawing the held instances still silent"
+                );
+            }
+            return std::mem::take(&mut self.held);
+        }
+        let since = *self.since.get_or_insert_with(|| {
+            self.holds += 1;
+            warn!(
+                silent,
+                registered,
+                silent_percent = format!("{:.1}", share * 100.0),
+                threshold_percent = format!("{:.0}", s.threshold * 100.0),
+                max_hold = ?s.max_hold,
+                "self-preservation: too many instances are silent at once, so the directory or its network is likely at fault; holding TTL withdrawals"
+            );
+            now
+        });
+        let held_for = now.saturating_duration_since(since);
+        if held_for < s.max_hold {
+            return Vec::new();
+        }
+        if !self.exhausted {
+            self.exhausted = true;
+            warn!(
+                withdrawn = self.held.len(),
+                held_for = ?held_for,
+                "self-preservation: the longest hold is over; the silent instances are withdrawn, and those that lapse next too, until the silent share falls back under the threshold"
+            );
+        }
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INTERVAL: Duration = Duration::from_secs(1);
+    const TTL: Duration = Duration::from_secs(3);
+
+    fn keys(n: usize, prefix: &str) -> Vec<InstanceKey> {
+        (0..n)
+            .map(|i| InstanceKey {
+                service: "svc".into(),
+                version: "v1".into(),
+                id: format!("{prefix}-{i}"),
+            })
+            .collect()
+    }
+
+    fn guard() -> SelfPreservation {
+        SelfPreservation::new(PreservationSettings::new(15, 50, INTERVAL, TTL))
+    }
+
+    #[test]
+    fn one_silent_instance_in_a_large_fleet_is_withdrawn_at_once() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        let withdrawn = g.decide(t0, keys(1, "dead"), 1_000, |_| 3);
+        assert_eq!(withdrawn.len(), 1);
+        assert!(!g.holding());
+        assert_eq!(g.holds(), 0);
+    }
+
+    #[test]
+    fn a_small_fleet_is_never_held() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        let withdrawn = g.decide(t0, keys(10, "dead"), 20, |_| 10);
+        assert_eq!(
+            withdrawn.len(),
+            10,
+            "half of 20 silent, but under 50 instances"
+        );
+        assert!(!g.holding());
+    }
+
+    #[test]
+    fn off_withdraws_everything_at_once() {
+        let mut g = SelfPreservation::new(PreservationSettings::off());
+        let withdrawn = g.decide(Instant::now(), keys(900, "dead"), 1_000, |_| 100);
+        assert_eq!(withdrawn.len(), 900);
+    }
+
+    #[test]
+    fn a_silent_share_above_the_threshold_holds_until_heard_from_again() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        // 100 lapse now, 100 more are silent: 20% of 1,000.
+        let mut asked = None;
+        let withdrawn = g.decide(t0, keys(100, "a"), 1_000, |before| {
+            asked = Some(before);
+            100
+        });
+        assert!(withdrawn.is_empty());
+        assert_eq!(asked, Some(t0 - Duration::from_millis(1500)));
+        assert_eq!((g.held(), g.holds()), (100, 1));
+        // More lapse: still held, still one hold.
+        let withdrawn = g.decide(t0 + INTERVAL, keys(100, "b"), 1_000, |_| 0);
+        assert!(withdrawn.is_empty());
+        assert_eq!((g.held(), g.holds()), (200, 1));
+        // The agents' heartbeats arrive: all but 5 of the held are heard from again.
+        let mut n = 0;
+        g.retain(|_| {
+            n += 1;
+            n <= 5
+        });
+        let withdrawn = g.decide(t0 + INTERVAL * 2, Vec::new(), 1_000, |_| 0);
+        assert_eq!(
+            withdrawn.len(),
+            5,
+            "the still silent ones go when the hold ends"
+        );
+        assert!(!g.holding());
+        // A later single death is withdrawn at once, and a new mass silence is a new hold.
+        assert_eq!(
+            g.decide(t0 + INTERVAL * 3, keys(1, "c"), 1_000, |_| 0)
+                .len(),
+            1
+        );
+        assert!(g
+            .decide(t0 + INTERVAL * 4, keys(300, "d"), 1_000, |_| 0)
+            .is_empty());
+        assert_eq!(g.holds(), 2);
+    }
+
+    #[test]
+    fn a_hold_ends_after_the_longest_hold() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        assert!(g.decide(t0, keys(500, "a"), 1_000, |_| 0).is_empty());
+        let just_before = t0 + TTL * MAX_HOLD_TTLS - Duration::from_millis(1);
+        assert!(g.decide(just_before, Vec::new(), 1_000, |_| 0).is_empty());
+        let withdrawn = g.decide(t0 + TTL * MAX_HOLD_TTLS, Vec::new(), 1_000, |_| 0);
+        assert_eq!(withdrawn.len(), 500);
+        // Still above the threshold: later lapses go at once, no new hold begins.
+        let withdrawn = g.decide(t0 + TTL * 11, keys(10, "b"), 500, |_| 200);
+        assert_eq!(withdrawn.len(), 10);
+        assert_eq!(g.holds(), 1);
+    }
+}
