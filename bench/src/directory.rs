@@ -19,8 +19,12 @@
 //! ```text
 //! usher-bench-directory [--sizes 1000,10000,30000] [--sidecars 1000] [--heartbeats 1s]
 //!                       [--changes 100] [--seconds 20] [--arrivals 200] [--restarts]
-//!                       [--load-reports busy|idle]
+//!                       [--load-reports busy|idle] [--stall DURATION]
 //! ```
+//!
+//! With `--stall` the directory is paused (SIGSTOP) for that long in the middle of the steady
+//! window and resumed (SIGCONT), as a host that froze it would, and the figures go to the
+//! `directory-stall` section: what a directory that fell behind does to its fleet.
 //!
 //! `--heartbeats` is the interval the directory dictates, one for every run or one per size
 //! (the targets of issue 5 are at 1 s; a longer one lets a fleet that does not fit beside
@@ -99,6 +103,10 @@ struct Args {
     /// directory), or `idle`, none (a sidecar without requests sends none).
     #[arg(long, value_enum, default_value_t = LoadReports::Busy)]
     load_reports: LoadReports,
+    /// Pause the directory (SIGSTOP) for this long in the middle of the steady window, then
+    /// resume it; written to the `directory-stall` section.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    stall: Option<Duration>,
 }
 
 /// What the simulated sidecars report about their load (`--load-reports`).
@@ -139,6 +147,9 @@ struct Figures {
     /// (`usher_directory_instances_expired_total` of its `/metrics`): none, unless agents'
     /// heartbeats stopped arriving in time (the directory or the generator fell behind).
     expired: u64,
+    /// Times the directory's self-preservation began holding withdrawals in the window
+    /// (`usher_directory_self_preservation_holds_total`): too many instances silent at once.
+    holds: u64,
     /// QUIC handshakes the directory completed in the window
     /// (`usher_directory_handshakes_completed_total`): nodes reconnecting; none in a steady
     /// fleet.
@@ -344,6 +355,9 @@ fn main() -> Result<()> {
             }
             all.push(measured);
         }
+        if args.restarts && args.stall.is_some() {
+            bail!("--restarts and --stall are separate runs");
+        }
         if args.restarts {
             let report = restart_report(&all, &args);
             println!("{report}");
@@ -358,7 +372,11 @@ fn main() -> Result<()> {
                 .collect();
             let report = report(&figures, &args);
             println!("{report}");
-            docs::write_section(&docs::path(), "directory", &report)
+            let section = match args.stall {
+                Some(_) => "directory-stall",
+                None => "directory",
+            };
+            docs::write_section(&docs::path(), section, &report)
         }
     })
 }
@@ -488,11 +506,13 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
     let counters = || async {
         Ok::<_, anyhow::Error>((
             directory_counter(&admin, "usher_directory_instances_expired_total").await?,
+            directory_counter(&admin, "usher_directory_self_preservation_holds_total").await?,
             directory_counter(&admin, "usher_directory_load_reports_total").await?,
             directory_counter(&admin, "usher_directory_handshakes_completed_total").await?,
         ))
     };
-    let (expired_at_window, reports_at_window, handshakes_at_window) = counters().await?;
+    let (expired_at_window, holds_at_window, reports_at_window, handshakes_at_window) =
+        counters().await?;
     let (dir_before, own_before, udp_before, window_started) = (
         cpu_ticks(pid)?,
         cpu_ticks_self()?,
@@ -501,6 +521,17 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
     );
     let (real_cpu_before, real_writes_before) =
         (cpu_ticks(real.pid())?, bytes_written(real.pid())?);
+    let stall = args.stall.map(|pause| {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        tokio::spawn(async move {
+            use nix::sys::signal::{kill, Signal};
+            tokio::time::sleep(Duration::from_secs(seconds) / 2).await;
+            eprintln!("usher-bench-directory: pausing the directory for {pause:?}");
+            let _ = kill(pid, Signal::SIGSTOP);
+            tokio::time::sleep(pause).await;
+            let _ = kill(pid, Signal::SIGCONT);
+        })
+    });
     let mut made = 0usize;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(k)));
     while window_started.elapsed() < Duration::from_secs(seconds) {
@@ -517,6 +548,9 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
         let _ = state_tx.send(next);
         made += 1;
     }
+    if let Some(stall) = stall {
+        stall.await.context("the stall task")?;
+    }
     // The last changes arrive.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let window = window_started.elapsed().as_secs_f64();
@@ -525,8 +559,9 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
     let generator_cpu = (cpu_ticks_self()? - own_before) as f64 / clk_tck / window;
     let datagrams_per_s = udp_counter("InDatagrams")?.saturating_sub(udp_before) as f64 / window;
     let drops_at_end = DropCounters::read(mesh.directory.quic_port)?;
-    let (expired_at_end, reports_at_end, handshakes_at_end) = counters().await?;
+    let (expired_at_end, holds_at_end, reports_at_end, handshakes_at_end) = counters().await?;
     let expired = expired_at_end.saturating_sub(expired_at_window);
+    let holds = holds_at_end.saturating_sub(holds_at_window);
     let handshakes = handshakes_at_end.saturating_sub(handshakes_at_window);
     let load_reports_per_s = reports_at_end.saturating_sub(reports_at_window) as f64 / window;
     let (rss_mb, hwm_mb) = memory_mb(pid)?;
@@ -595,6 +630,7 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
         silent_withdrawn,
         registered,
         expired,
+        holds,
         handshakes,
         load_reports_per_s,
         subscribed: window_subscribed,
@@ -1059,10 +1095,11 @@ fn row(f: &Figures) -> String {
             format!("{:.2}", d.as_secs_f64())
         });
     format!(
-        "| {} ({} registered, {} expired, {} handshakes) | {} ({} subscribed, {} again, {} load reports/s) | {} | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
+        "| {} ({} registered, {} expired, {} holds, {} handshakes) | {} ({} subscribed, {} again, {} load reports/s) | {} | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
         fmt_int(f.instances),
         fmt_int(f.registered),
         fmt_int(f.expired as usize),
+        fmt_int(f.holds as usize),
         fmt_int(f.handshakes as usize),
         fmt_int(f.sidecars),
         fmt_int(f.subscribed),
@@ -1163,10 +1200,12 @@ fn report(all: &[Figures], args: &Args) -> String {
     let mut out = format!(
         "Measured {} on {cpus} CPUs shared by the directory and this generator (and whatever \
          else runs), so CPU shares compete: the generator's own share is shown beside the \
-         directory's. {}\n\n```sh\nSIZES={} SIDECARS={}{} CHANGES={} SECONDS_={} ARRIVALS={} \
-         LOAD_REPORTS={} bench/directory\n```\n\n",
+         directory's. {}{}\n\n```sh\n{}SIZES={} SIDECARS={}{} CHANGES={} SECONDS_={} ARRIVALS={} \
+         LOAD_REPORTS={}{} bench/directory\n```\n\n",
         date.trim(),
         buffer_note(),
+        stall_note(args),
+        preservation_env(),
         sizes.join(","),
         sidecars.join(","),
         heartbeats_env(args),
@@ -1174,6 +1213,9 @@ fn report(all: &[Figures], args: &Args) -> String {
         args.seconds,
         args.arrivals,
         load_reports_env(args.load_reports),
+        args.stall
+            .map(|d| format!(" STALL={}", humantime::format_duration(d)))
+            .unwrap_or_default(),
     );
     out.push_str(
         "| instances | sidecars | heartbeat | changes/s | directory CPU (cores) | generator CPU (cores) \
@@ -1194,7 +1236,10 @@ fn report(all: &[Figures], args: &Args) -> String {
          `again` counts those). `expired`: instances the directory withdrew in the window \
          because their TTL lapsed (its `/metrics`), none unless heartbeats fell behind; \
          each comes back at its agent's next registration (over its open connection, or \
-         after a new handshake if that connection was lost). `handshakes`: QUIC handshakes \
+         after a new handshake if that connection was lost). `holds`: times the directory's \
+         self-preservation began holding withdrawals in the window because more than 15% of \
+         the instances were silent at once (its `/metrics`); the instances it held are not \
+         counted as expired unless the hold outlasted 10 TTLs. `handshakes`: QUIC handshakes \
          the directory completed in the window (its `/metrics`), none unless nodes \
          reconnected. `heartbeat`: the interval the \
          directory dictates (1 s, the default, is the interval of issue 5's targets); the \
@@ -1284,6 +1329,26 @@ fn load_reports_env(load_reports: LoadReports) -> String {
 }
 
 /// ` HEARTBEATS=…` for the command line of a report, or nothing at the default (1 s).
+/// What `--stall` did, for the report.
+fn stall_note(args: &Args) -> String {
+    args.stall.map_or(String::new(), |d| {
+        format!(
+            " In the middle of the window the directory was paused (SIGSTOP) for {} and then \
+             resumed, as a host that froze it would; its CPU share counts the pause as idle. \
+             The silent agent's column does not apply: this generator's silent agent does not \
+             reconnect, so a pause that cuts its session silences it before its turn.",
+            humantime::format_duration(d)
+        )
+    })
+}
+
+/// `USHER_DIRECTORY_SELF_PRESERVATION=…` when set (the directory reads it), for the command.
+fn preservation_env() -> String {
+    std::env::var("USHER_DIRECTORY_SELF_PRESERVATION")
+        .map(|v| format!("USHER_DIRECTORY_SELF_PRESERVATION={v} "))
+        .unwrap_or_default()
+}
+
 fn heartbeats_env(args: &Args) -> String {
     if args.heartbeats == [Duration::from_secs(1)] {
         return String::new();

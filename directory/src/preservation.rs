@@ -8,11 +8,12 @@
 //! withdrawal, more than a threshold share of the registered instances has been silent for
 //! 1.5 heartbeat intervals ([`silent_after`]), the directory suspects itself and holds the
 //! withdrawals: the instances stay in the table, and each comes back to life when its agent's
-//! next heartbeat arrives. The hold ends when the silent share falls back under the threshold
-//! (the held instances still silent are withdrawn then) or after at most `max_hold`, when the
-//! silence is taken for real (Eureka's self-preservation: renewals under 85% of those expected
-//! stop expiries; Kubernetes' node lifecycle controller stops evictions in a fully disrupted
-//! zone). Meanwhile a sidecar that cannot connect to a held instance ejects it and retries the
+//! next heartbeat arrives. The hold ends when every held instance was heard from again, when
+//! the silent share falls back under the threshold (the held instances still silent then get
+//! the grace period of a directory start, 2 TTLs by default: their agents may be reconnecting
+//! to a directory that just caught up), or after at most `max_hold`, when the silence is taken
+//! for real (Eureka's self-preservation: renewals under 85% of those expected stop expiries;
+//! Kubernetes' node lifecycle controller stops evictions in a fully disrupted zone). Meanwhile a sidecar that cannot connect to a held instance ejects it and retries the
 //! request elsewhere, as for any instance failure.
 //!
 //! Fleets under `min_instances` are never held: there one dead host is a large share.
@@ -109,18 +110,14 @@ impl SelfPreservation {
         }
     }
 
-    pub fn settings(&self) -> &PreservationSettings {
-        &self.settings
-    }
-
     /// Lapsed instances whose withdrawal is held now.
     pub fn held(&self) -> usize {
         self.held.len()
     }
 
-    /// Whether withdrawals are held now.
+    /// Whether a hold is on (it ends at a later [`Self::decide`], even with nothing lapsing).
     pub fn holding(&self) -> bool {
-        !self.held.is_empty()
+        self.since.is_some() && !self.exhausted
     }
 
     /// Holds begun since the directory started.
@@ -134,21 +131,28 @@ impl SelfPreservation {
         self.held.retain(still_lapsed);
     }
 
-    /// Decides on the instances that lapsed at `now` and those already held; returns the ones
-    /// to withdraw now. `registered` counts every instance not withdrawn (held and `lapsed`
-    /// ones included); `silent_elsewhere` counts the registered ones, neither held nor lapsed,
-    /// last heard from before `now - silent_after` (called only when the fleet is large
-    /// enough to hold).
+    /// Decides on the instances that lapsed at `now` and those already held. `registered`
+    /// counts every instance not withdrawn (held and `lapsed` ones included);
+    /// `silent_elsewhere` counts the registered ones, neither held nor lapsed, last heard from
+    /// before `now - silent_after` (called only when the fleet is large enough to hold).
     pub fn decide(
         &mut self,
         now: Instant,
         lapsed: Vec<InstanceKey>,
         registered: usize,
         silent_elsewhere: impl FnOnce(Instant) -> usize,
-    ) -> Vec<InstanceKey> {
+    ) -> Verdict {
         self.held.extend(lapsed);
         if self.held.is_empty() {
-            return Vec::new();
+            if !self.exhausted {
+                if let Some(since) = self.since.take() {
+                    info!(
+                        held_for = ?now.saturating_duration_since(since),
+                        "self-preservation ended: every held instance was heard from again"
+                    );
+                }
+            }
+            return Verdict::default();
         }
         let s = self.settings;
         let eligible = s.threshold > 0.0 && registered >= s.min_instances.max(1);
@@ -160,16 +164,25 @@ impl SelfPreservation {
         };
         let share = silent as f64 / registered.max(1) as f64;
         if !eligible || share <= s.threshold {
-            self.exhausted = false;
-            if let Some(since) = self.since.take() {
-                info!(
-                    held_for = ?now.saturating_duration_since(since),
-                    withdrawn = self.held.len(),
-                    silent_percent = format!("{:.1}", share * 100.0),
-                    "self-preservation ended: the silent share is back under the threshold; withdrawing the held instances still silent"
-                );
-            }
-            return std::mem::take(&mut self.held);
+            let exhausted = std::mem::take(&mut self.exhausted);
+            return match self.since.take() {
+                Some(since) if !exhausted => {
+                    info!(
+                        held_for = ?now.saturating_duration_since(since),
+                        still_silent = self.held.len(),
+                        silent_percent = format!("{:.1}", share * 100.0),
+                        "self-preservation ended: the silent share is back under the threshold; the instances still silent have the grace period to be heard from"
+                    );
+                    Verdict {
+                        renew: std::mem::take(&mut self.held),
+                        ..Verdict::default()
+                    }
+                }
+                _ => Verdict {
+                    withdraw: std::mem::take(&mut self.held),
+                    ..Verdict::default()
+                },
+            };
         }
         let since = *self.since.get_or_insert_with(|| {
             self.holds += 1;
@@ -185,7 +198,7 @@ impl SelfPreservation {
         });
         let held_for = now.saturating_duration_since(since);
         if held_for < s.max_hold {
-            return Vec::new();
+            return Verdict::default();
         }
         if !self.exhausted {
             self.exhausted = true;
@@ -195,8 +208,23 @@ impl SelfPreservation {
                 "self-preservation: the longest hold is over; the silent instances are withdrawn, and those that lapse next too, until the silent share falls back under the threshold"
             );
         }
-        std::mem::take(&mut self.held)
+        Verdict {
+            withdraw: std::mem::take(&mut self.held),
+            ..Verdict::default()
+        }
     }
+}
+
+/// What to do with lapsed instances ([`SelfPreservation::decide`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct Verdict {
+    /// Withdraw them now.
+    pub withdraw: Vec<InstanceKey>,
+    /// Held until a hold that just ended: they get the directory's grace period from now, so
+    /// agents cut off by what held them (reconnecting after the directory caught up) have
+    /// time to be heard from, as after a directory start (SwarmKit's grace period after a
+    /// leader change).
+    pub renew: Vec<InstanceKey>,
 }
 
 #[cfg(test)]
@@ -220,12 +248,16 @@ mod tests {
         SelfPreservation::new(PreservationSettings::new(15, 50, INTERVAL, TTL))
     }
 
+    /// (withdrawn, renewed).
+    fn sizes(v: Verdict) -> (usize, usize) {
+        (v.withdraw.len(), v.renew.len())
+    }
+
     #[test]
     fn one_silent_instance_in_a_large_fleet_is_withdrawn_at_once() {
         let mut g = guard();
         let t0 = Instant::now();
-        let withdrawn = g.decide(t0, keys(1, "dead"), 1_000, |_| 3);
-        assert_eq!(withdrawn.len(), 1);
+        assert_eq!(sizes(g.decide(t0, keys(1, "dead"), 1_000, |_| 3)), (1, 0));
         assert!(!g.holding());
         assert_eq!(g.holds(), 0);
     }
@@ -234,10 +266,10 @@ mod tests {
     fn a_small_fleet_is_never_held() {
         let mut g = guard();
         let t0 = Instant::now();
-        let withdrawn = g.decide(t0, keys(10, "dead"), 20, |_| 10);
+        let verdict = g.decide(t0, keys(10, "dead"), 20, |_| 10);
         assert_eq!(
-            withdrawn.len(),
-            10,
+            sizes(verdict),
+            (10, 0),
             "half of 20 silent, but under 50 instances"
         );
         assert!(!g.holding());
@@ -246,8 +278,8 @@ mod tests {
     #[test]
     fn off_withdraws_everything_at_once() {
         let mut g = SelfPreservation::new(PreservationSettings::off());
-        let withdrawn = g.decide(Instant::now(), keys(900, "dead"), 1_000, |_| 100);
-        assert_eq!(withdrawn.len(), 900);
+        let verdict = g.decide(Instant::now(), keys(900, "dead"), 1_000, |_| 100);
+        assert_eq!(sizes(verdict), (900, 0));
     }
 
     #[test]
@@ -256,16 +288,16 @@ mod tests {
         let t0 = Instant::now();
         // 100 lapse now, 100 more are silent: 20% of 1,000.
         let mut asked = None;
-        let withdrawn = g.decide(t0, keys(100, "a"), 1_000, |before| {
+        let verdict = g.decide(t0, keys(100, "a"), 1_000, |before| {
             asked = Some(before);
             100
         });
-        assert!(withdrawn.is_empty());
+        assert_eq!(sizes(verdict), (0, 0));
         assert_eq!(asked, Some(t0 - Duration::from_millis(1500)));
         assert_eq!((g.held(), g.holds()), (100, 1));
         // More lapse: still held, still one hold.
-        let withdrawn = g.decide(t0 + INTERVAL, keys(100, "b"), 1_000, |_| 0);
-        assert!(withdrawn.is_empty());
+        let verdict = g.decide(t0 + INTERVAL, keys(100, "b"), 1_000, |_| 0);
+        assert_eq!(sizes(verdict), (0, 0));
         assert_eq!((g.held(), g.holds()), (200, 1));
         // The agents' heartbeats arrive: all but 5 of the held are heard from again.
         let mut n = 0;
@@ -273,37 +305,53 @@ mod tests {
             n += 1;
             n <= 5
         });
-        let withdrawn = g.decide(t0 + INTERVAL * 2, Vec::new(), 1_000, |_| 0);
+        let verdict = g.decide(t0 + INTERVAL * 2, Vec::new(), 1_000, |_| 0);
         assert_eq!(
-            withdrawn.len(),
-            5,
-            "the still silent ones go when the hold ends"
+            sizes(verdict),
+            (0, 5),
+            "the still silent get the grace period"
         );
         assert!(!g.holding());
-        // A later single death is withdrawn at once, and a new mass silence is a new hold.
-        assert_eq!(
-            g.decide(t0 + INTERVAL * 3, keys(1, "c"), 1_000, |_| 0)
-                .len(),
-            1
-        );
-        assert!(g
-            .decide(t0 + INTERVAL * 4, keys(300, "d"), 1_000, |_| 0)
-            .is_empty());
+        // A hold whose instances are all heard from again ends with nothing lapsing.
+        assert_eq!(sizes(g.decide(t0, keys(200, "e"), 1_000, |_| 0)), (0, 0));
+        assert!(g.holding());
+        g.retain(|_| false);
+        assert_eq!(sizes(g.decide(t0, Vec::new(), 1_000, |_| 0)), (0, 0));
+        assert!(!g.holding());
         assert_eq!(g.holds(), 2);
+        // A later single death is withdrawn at once, and a new mass silence is a new hold.
+        let verdict = g.decide(t0 + INTERVAL * 3, keys(1, "c"), 1_000, |_| 0);
+        assert_eq!(sizes(verdict), (1, 0));
+        let verdict = g.decide(t0 + INTERVAL * 4, keys(300, "d"), 1_000, |_| 0);
+        assert_eq!(sizes(verdict), (0, 0));
+        assert_eq!(g.holds(), 3);
     }
 
     #[test]
     fn a_hold_ends_after_the_longest_hold() {
         let mut g = guard();
         let t0 = Instant::now();
-        assert!(g.decide(t0, keys(500, "a"), 1_000, |_| 0).is_empty());
+        assert_eq!(sizes(g.decide(t0, keys(500, "a"), 1_000, |_| 0)), (0, 0));
         let just_before = t0 + TTL * MAX_HOLD_TTLS - Duration::from_millis(1);
-        assert!(g.decide(just_before, Vec::new(), 1_000, |_| 0).is_empty());
-        let withdrawn = g.decide(t0 + TTL * MAX_HOLD_TTLS, Vec::new(), 1_000, |_| 0);
-        assert_eq!(withdrawn.len(), 500);
+        assert_eq!(
+            sizes(g.decide(just_before, Vec::new(), 1_000, |_| 0)),
+            (0, 0)
+        );
+        let verdict = g.decide(t0 + TTL * MAX_HOLD_TTLS, Vec::new(), 1_000, |_| 0);
+        assert_eq!(sizes(verdict), (500, 0));
         // Still above the threshold: later lapses go at once, no new hold begins.
-        let withdrawn = g.decide(t0 + TTL * 11, keys(10, "b"), 500, |_| 200);
-        assert_eq!(withdrawn.len(), 10);
+        let verdict = g.decide(t0 + TTL * 11, keys(10, "b"), 500, |_| 200);
+        assert_eq!(sizes(verdict), (10, 0));
         assert_eq!(g.holds(), 1);
+        // Back under it: nothing renewed (the hold was over), and a new hold may begin.
+        assert_eq!(
+            sizes(g.decide(t0 + TTL * 12, keys(1, "c"), 500, |_| 0)),
+            (1, 0)
+        );
+        assert_eq!(
+            sizes(g.decide(t0 + TTL * 13, keys(100, "d"), 500, |_| 0)),
+            (0, 0)
+        );
+        assert_eq!(g.holds(), 2);
     }
 }

@@ -331,7 +331,8 @@ impl Registry {
     }
 
     /// Withdraws every instance whose TTL lapsed by `now`, unless self-preservation holds
-    /// them ([`crate::preservation`]: too many silent at once); returns the withdrawn keys.
+    /// them ([`crate::preservation`]: too many silent at once; those still silent when a hold
+    /// ends get the grace period a directory start gives); returns the withdrawn keys.
     pub fn expire(&self, now: Instant) -> Vec<InstanceKey> {
         let mut guard = self.lock();
         let inner = &mut *guard;
@@ -345,11 +346,15 @@ impl Registry {
         inner
             .preservation
             .retain(|key| !presence.contains(key) && owners.contains_key(key));
-        let expired = inner
+        let verdict = inner
             .preservation
             .decide(now, lapsed, owners.len(), |before| {
                 presence.silent_since(before)
             });
+        for key in &verdict.renew {
+            inner.presence.touch(key, now, self.settings.grace_period);
+        }
+        let expired = verdict.withdraw;
         inner.expired += expired.len() as u64;
         for key in &expired {
             info!(service = %key.service, version = %key.version, id = %key.id,
@@ -789,23 +794,33 @@ pub(crate) mod tests {
         ));
     }
 
-    #[test]
-    fn a_fleet_falling_silent_at_once_is_held_not_withdrawn() {
-        let t0 = Instant::now();
+    /// A registry with 60 `up` instances `i0`..`i59` of web/v1 registered at `t0`, instance
+    /// `i` by session `i`, and their keys: a fleet large enough for self-preservation.
+    fn fleet_of_60(t0: Instant) -> (Registry, Vec<InstanceKey>) {
         let r = registry(t0);
-        let keys: Vec<InstanceKey> = (0..60)
+        let keys = (0..60)
             .map(|i| {
                 let a = instance(&format!("i{i}"), InstanceState::Up);
                 r.register(i, a.clone(), t0).unwrap();
                 a.key()
             })
             .collect();
-        let beat = |range: std::ops::Range<usize>, at: Instant| {
-            for i in range {
-                r.heartbeat(i as u64, &keys[i], InstanceState::Up, at)
-                    .unwrap();
-            }
-        };
+        (r, keys)
+    }
+
+    /// Heartbeats at `at` from the instances of [`fleet_of_60`] in `range`.
+    fn beat(r: &Registry, keys: &[InstanceKey], range: std::ops::Range<usize>, at: Instant) {
+        for i in range {
+            r.heartbeat(i as u64, &keys[i], InstanceState::Up, at)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_fleet_falling_silent_at_once_is_held_not_withdrawn() {
+        let t0 = Instant::now();
+        let (r, keys) = fleet_of_60(t0);
+        let beat = |range: std::ops::Range<usize>, at: Instant| beat(&r, &keys, range, at);
         // One falls silent among 60: withdrawn at its TTL as ever.
         beat(1..60, t0 + HB * 2);
         assert_eq!(r.expire(t0 + HB * 3), vec![keys[0].clone()]);
@@ -844,6 +859,34 @@ pub(crate) mod tests {
         assert_eq!(r.expire(at).len(), 17);
         assert_eq!(r.table().len(), 41);
         assert_eq!(r.counts().expired, 18);
+    }
+
+    #[test]
+    fn instances_still_silent_when_a_hold_ends_get_the_grace_period() {
+        let t0 = Instant::now();
+        let (r, keys) = fleet_of_60(t0);
+        let beat = |range: std::ops::Range<usize>, at: Instant| beat(&r, &keys, range, at);
+        // 20 fall silent at once: held.
+        beat(20..60, t0 + HB * 2);
+        assert!(r.expire(t0 + HB * 3).is_empty());
+        assert_eq!(r.counts().held, 20);
+        // 15 are heard from again; the silent 5 (8%) are under the threshold: the hold ends
+        // and they get the grace period (6 s) instead of being withdrawn.
+        beat(5..60, t0 + HB * 3);
+        let ended = t0 + HB * 3 + Duration::from_millis(100);
+        assert!(r.expire(ended).is_empty());
+        assert_eq!((r.counts().held, r.table().len()), (0, 60));
+        for at in [5, 7, 9] {
+            beat(5..60, t0 + HB * at);
+        }
+        assert!(r
+            .expire(ended + HB * 6 - Duration::from_millis(1))
+            .is_empty());
+        // Still silent at its end: withdrawn, as any silent instance.
+        let mut withdrawn = r.expire(ended + HB * 6);
+        withdrawn.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(withdrawn, keys[..5].to_vec());
+        assert_eq!(r.counts().expired, 5);
     }
 
     #[test]
