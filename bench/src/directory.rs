@@ -1237,9 +1237,11 @@ fn report(all: &[Figures], args: &Args) -> String {
          because their TTL lapsed (its `/metrics`), none unless heartbeats fell behind; \
          each comes back at its agent's next registration (over its open connection, or \
          after a new handshake if that connection was lost). `holds`: times the directory's \
-         self-preservation began holding withdrawals in the window because more than 15% of \
-         the instances were silent at once (its `/metrics`); the instances it held are not \
-         counted as expired unless the hold outlasted 10 TTLs. `handshakes`: QUIC handshakes \
+         self-preservation began holding withdrawals in the window because more of the \
+         instances than its threshold (15% by default) were silent at once (its `/metrics`); \
+         an instance it held counts as expired only if it stayed silent past the hold (10 \
+         TTLs at most, then the grace period for those still silent when it ended). \
+         `handshakes`: QUIC handshakes \
          the directory completed in the window (its `/metrics`), none unless nodes \
          reconnected. `heartbeat`: the interval the \
          directory dictates (1 s, the default, is the interval of issue 5's targets); the \

@@ -116,8 +116,8 @@ pub struct Args {
 
     /// Hold withdrawals by TTL while more than PERCENT of the instances are silent at once
     /// (1.5 heartbeat intervals unheard): the directory or its network is then the likely
-    /// fault. A hold ends when the share falls back, or after 10 TTLs. 0 turns it off
-    /// [default: 15].
+    /// fault. A hold ends when the share falls back (the instances still silent then get the
+    /// grace period), or after 10 TTLs. 0 turns it off [default: 15].
     #[arg(long, env = "USHER_DIRECTORY_SELF_PRESERVATION", value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
     pub self_preservation: Option<u8>,
 
