@@ -207,28 +207,21 @@ async fn an_agent_whose_ttl_lapsed_registers_again_over_its_connection() {
             .await
             .unwrap()
     };
-    let up = || async {
-        admin_json(&dir_admin, "/v1/routes")
-            .await
-            .map(|r| instances_in(&r, "web", "up").len())
-            .unwrap_or(0)
-    };
     let before = handshakes().await;
-    m.agents[0].signal(Signal::SIGSTOP);
     // Resumed as soon as the TTL (3 heartbeats of 1 s) has withdrawn the instance, before the
     // connection's idle timeout (5 s) would close it.
-    let withdrawn = wait_until(
+    paused_until(
+        &m.agents[..1],
         Duration::from_secs(5),
         "the paused agent's instance to expire",
-        || async { up().await == 0 },
+        || async { web_up_in(&dir_admin).await == 0 },
     )
-    .await;
-    m.agents[0].signal(Signal::SIGCONT);
-    withdrawn.unwrap();
+    .await
+    .unwrap();
     wait_until(
         Duration::from_secs(5),
         "the agent to register again",
-        || async { up().await == 1 },
+        || async { web_up_in(&dir_admin).await == 1 },
     )
     .await
     .unwrap();
@@ -252,29 +245,24 @@ async fn a_fleet_falling_silent_at_once_is_held_and_one_dead_host_is_withdrawn()
         let admin = dir_admin.clone();
         async move { admin_metric(&admin, name).await.unwrap() }
     };
-    let up = || async {
-        admin_json(&dir_admin, "/v1/routes")
-            .await
-            .map(|r| instances_in(&r, "web", "up").len())
-            .unwrap_or(0)
-    };
-    for agent in &m.agents[..3] {
-        agent.signal(Signal::SIGSTOP);
-    }
+    let up_while_held = std::cell::Cell::new(0);
     // Their TTLs (3 heartbeats of 1 s) lapse within about 4 s; resumed at once after, before
     // their connections' idle timeout (5 s).
-    let held = wait_until(
+    paused_until(
+        &m.agents[..3],
         Duration::from_secs(6),
         "the paused agents' instances to be held",
-        || async { metric("usher_directory_withdrawals_held").await == 3.0 },
+        || async {
+            let held = metric("usher_directory_withdrawals_held").await == 3.0;
+            if held {
+                up_while_held.set(web_up_in(&dir_admin).await);
+            }
+            held
+        },
     )
-    .await;
-    let up_while_held = up().await;
-    for agent in &m.agents[..3] {
-        agent.signal(Signal::SIGCONT);
-    }
-    held.unwrap();
-    assert_eq!(up_while_held, 5, "held instances stay in the table");
+    .await
+    .unwrap();
+    assert_eq!(up_while_held.get(), 5, "held instances stay in the table");
     wait_until(
         Duration::from_secs(5),
         "the resumed agents to be heard from again",
@@ -287,25 +275,54 @@ async fn a_fleet_falling_silent_at_once_is_held_and_one_dead_host_is_withdrawn()
         metric("usher_directory_self_preservation_holds_total").await,
         1.0
     );
-    assert_eq!(up().await, 5);
+    assert_eq!(web_up_in(&dir_admin).await, 5);
     sidecar_serves_web(&m, 5, Duration::from_secs(5)).await;
 
     // One host alone: withdrawn at its TTL.
-    m.agents[4].signal(Signal::SIGSTOP);
-    let withdrawn = wait_until(
+    paused_until(
+        &m.agents[4..],
         Duration::from_secs(6),
         "the paused agent's instance to expire",
-        || async { up().await == 4 },
+        || async { web_up_in(&dir_admin).await == 4 },
     )
-    .await;
-    m.agents[4].signal(Signal::SIGCONT);
-    withdrawn.unwrap();
+    .await
+    .unwrap();
     assert_eq!(metric("usher_directory_instances_expired_total").await, 1.0);
     assert_eq!(
         metric("usher_directory_self_preservation_holds_total").await,
         1.0
     );
     sidecar_serves_web(&m, 5, Duration::from_secs(10)).await;
+}
+
+/// Instances of `web` up in the table at admin port `admin` (0 while it does not answer).
+async fn web_up_in(admin: &str) -> usize {
+    admin_json(admin, "/v1/routes")
+        .await
+        .map(|r| instances_in(&r, "web", "up").len())
+        .unwrap_or(0)
+}
+
+/// Pauses `agents` (SIGSTOP: a hung host) until `condition` holds or `within` passes, then
+/// resumes them (SIGCONT) either way; the wait's result.
+async fn paused_until<F, Fut>(
+    agents: &[Process],
+    within: Duration,
+    what: &str,
+    condition: F,
+) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for agent in agents {
+        agent.signal(Signal::SIGSTOP);
+    }
+    let waited = wait_until(within, what, condition).await;
+    for agent in agents {
+        agent.signal(Signal::SIGCONT);
+    }
+    waited
 }
 
 /// Waits up to `within` for the sidecar's table to hold `n` instances of `web` up, then a
@@ -328,12 +345,7 @@ async fn rejoined(m: &Running, n: usize, old_epoch: &serde_json::Value) {
     wait_until(
         Duration::from_secs(15),
         "agents to rejoin the restarted directory",
-        || async {
-            admin_json(&dir_admin, "/v1/routes")
-                .await
-                .map(|r| instances_in(&r, "web", "up").len() == n)
-                .unwrap_or(false)
-        },
+        || async { web_up_in(&dir_admin).await == n },
     )
     .await
     .unwrap();
