@@ -24,7 +24,8 @@
 //!
 //! `/v1/routes` answers `{"epoch","revision","in_grace_period","heartbeat_interval_ms",
 //! "ttl_ms","instances":[{"service","version","id","address","capacity","weight","state",
-//! "age_ms","last_heartbeat_ms_ago","labels"}]}`.
+//! "age_ms","last_heartbeat_ms_ago","withdrawal_held","labels"}]}`: `withdrawal_held` marks an
+//! instance whose TTL lapsed while self-preservation holds withdrawals.
 
 use std::sync::Arc;
 

@@ -26,24 +26,46 @@ struct Entry {
 /// since, the entry is filed again under the current deadline (about once per TTL per key,
 /// not once per heartbeat). Entries of removed keys are dropped when they come due, so the
 /// heap holds at most the live keys plus those removed within the last TTL.
+///
+/// A key that lapsed ([`Self::expire`]) is no longer tracked, but when it was last heard from
+/// is kept until it is heard from again or removed: self-preservation may hold its withdrawal
+/// (`crate::preservation`), and `GET /v1/routes` still shows its last heartbeat.
 #[derive(Debug, Default)]
 pub struct Presence {
     entries: HashMap<InstanceKey, Entry, FastHash>,
     heap: BinaryHeap<Reverse<(Instant, InstanceKey)>>,
+    /// Keys that lapsed and were neither heard from again nor removed since: when each was
+    /// last heard from.
+    lapsed: HashMap<InstanceKey, Instant, FastHash>,
 }
 
 impl Presence {
     /// Records that `key` was heard from at `now`; it expires at `now + ttl` unless heard
     /// from again.
     pub fn touch(&mut self, key: &InstanceKey, now: Instant, ttl: Duration) {
-        let deadline = now + ttl;
         if let Some(entry) = self.entries.get_mut(key) {
             entry.last_seen = now;
-            entry.deadline = deadline;
+            entry.deadline = now + ttl;
             return;
         }
+        self.lapsed.remove(key);
+        self.track(key, now, now + ttl);
+    }
+
+    /// Tracks a lapsed `key` again without its having been heard from: it expires at
+    /// `now + ttl` unless heard from by then, and keeps when it was last heard from (the
+    /// grace period after a hold of self-preservation). Does nothing to a tracked key.
+    pub fn renew(&mut self, key: &InstanceKey, now: Instant, ttl: Duration) {
+        if self.entries.contains_key(key) {
+            return;
+        }
+        let last_seen = self.lapsed.remove(key).unwrap_or(now);
+        self.track(key, last_seen, now + ttl);
+    }
+
+    fn track(&mut self, key: &InstanceKey, last_seen: Instant, deadline: Instant) {
         let entry = Entry {
-            last_seen: now,
+            last_seen,
             deadline,
             filed: deadline,
         };
@@ -51,14 +73,23 @@ impl Presence {
         self.heap.push(Reverse((deadline, key.clone())));
     }
 
-    /// Forgets `key` (deregistered); returns whether it was tracked.
+    /// Forgets `key` (deregistered or withdrawn); returns whether it was tracked.
     pub fn remove(&mut self, key: &InstanceKey) -> bool {
+        self.lapsed.remove(key);
         self.entries.remove(key).is_some()
     }
 
-    /// When `key` was last heard from.
+    /// When `key` was last heard from, tracked or lapsed.
     pub fn last_seen(&self, key: &InstanceKey) -> Option<Instant> {
-        self.entries.get(key).map(|e| e.last_seen)
+        self.entries
+            .get(key)
+            .map(|e| e.last_seen)
+            .or_else(|| self.lapsed.get(key).copied())
+    }
+
+    /// Whether `key` lapsed and was neither heard from again nor removed since.
+    pub fn is_lapsed(&self, key: &InstanceKey) -> bool {
+        self.lapsed.contains_key(key)
     }
 
     /// Whether `key` is tracked: registered and not lapsed (or heard from since it lapsed).
@@ -75,7 +106,8 @@ impl Presence {
             .count()
     }
 
-    /// Removes and returns every key whose deadline is at or before `now`.
+    /// Stops tracking and returns every key whose deadline is at or before `now` (each is
+    /// lapsed until heard from again or removed).
     pub fn expire(&mut self, now: Instant) -> Vec<InstanceKey> {
         let mut expired = Vec::new();
         while self
@@ -93,7 +125,9 @@ impl Presence {
                 continue; // an entry of an earlier registration of the same key
             }
             if entry.deadline <= now {
+                let last_seen = entry.last_seen;
                 self.entries.remove(&key);
+                self.lapsed.insert(key.clone(), last_seen);
                 expired.push(key);
             } else {
                 // Heard from since it was filed: file it again under its current deadline.
@@ -165,6 +199,40 @@ mod tests {
         assert_eq!(p.expire(t0 + TTL), vec![key("a")]);
         assert!(!p.contains(&key("a")), "a lapsed key is no longer tracked");
         assert_eq!(p.silent_since(t0 + Duration::from_secs(3)), 2);
+    }
+
+    #[test]
+    fn a_lapsed_key_keeps_when_it_was_last_heard_from_until_heard_again_or_removed() {
+        let t0 = Instant::now();
+        let mut p = Presence::default();
+        for id in ["a", "b", "c"] {
+            p.touch(&key(id), t0, TTL);
+        }
+        assert_eq!(p.expire(t0 + TTL).len(), 3);
+        for id in ["a", "b", "c"] {
+            assert!(p.is_lapsed(&key(id)) && !p.contains(&key(id)));
+            assert_eq!(p.last_seen(&key(id)), Some(t0));
+        }
+        // Heard from again: tracked, last heard now.
+        p.touch(&key("a"), t0 + TTL * 2, TTL);
+        assert!(!p.is_lapsed(&key("a")) && p.contains(&key("a")));
+        assert_eq!(p.last_seen(&key("a")), Some(t0 + TTL * 2));
+        // Renewed (a grace period): tracked again, still last heard at t0, expiring at the
+        // end of the grace period.
+        p.renew(&key("b"), t0 + TTL * 2, TTL * 2);
+        assert!(!p.is_lapsed(&key("b")) && p.contains(&key("b")));
+        assert_eq!(p.last_seen(&key("b")), Some(t0));
+        assert_eq!(p.silent_since(t0 + TTL), 1, "b is still silent");
+        assert_eq!(
+            p.expire(t0 + TTL * 4 - Duration::from_millis(1)),
+            vec![key("a")],
+            "a, heard from at 6 s, lapses at 9 s; b not before the end of its grace at 12 s"
+        );
+        assert_eq!(p.expire(t0 + TTL * 4), vec![key("b")]);
+        // Removed: forgotten.
+        assert!(!p.remove(&key("c")), "a lapsed key is not tracked");
+        assert!(!p.is_lapsed(&key("c")));
+        assert_eq!(p.last_seen(&key("c")), None);
     }
 
     #[test]

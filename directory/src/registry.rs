@@ -139,8 +139,11 @@ pub struct InstanceReport {
     pub state: &'static str,
     /// Milliseconds since the instance registered (its `started_at_ms`).
     pub age_ms: u64,
-    /// Milliseconds since its last heartbeat.
+    /// Milliseconds since its last heartbeat (also while its withdrawal is held).
     pub last_heartbeat_ms_ago: Option<u64>,
+    /// Its TTL lapsed and self-preservation holds its withdrawal ([`crate::preservation`]):
+    /// it stays in the table until its agent is heard from again or the hold ends.
+    pub withdrawal_held: bool,
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
@@ -352,7 +355,7 @@ impl Registry {
                 presence.silent_since(before)
             });
         for key in &verdict.renew {
-            inner.presence.touch(key, now, self.settings.grace_period);
+            inner.presence.renew(key, now, self.settings.grace_period);
         }
         let expired = verdict.withdraw;
         inner.expired += expired.len() as u64;
@@ -621,20 +624,24 @@ impl Registry {
             subscribers: inner.subscribers.clone(),
             instances: table
                 .instances()
-                .map(|i| InstanceReport {
-                    service: i.service.clone(),
-                    version: i.version.clone(),
-                    id: i.id.clone(),
-                    address: i.address,
-                    capacity: i.capacity,
-                    weight: i.weight,
-                    state: i.state.as_str(),
-                    age_ms: now_ms.saturating_sub(i.started_at_ms),
-                    last_heartbeat_ms_ago: inner
-                        .presence
-                        .last_seen(&i.key())
-                        .map(|seen| now.saturating_duration_since(seen).as_millis() as u64),
-                    labels: i.labels.clone(),
+                .map(|i| {
+                    let key = i.key();
+                    InstanceReport {
+                        service: i.service.clone(),
+                        version: i.version.clone(),
+                        id: i.id.clone(),
+                        address: i.address,
+                        capacity: i.capacity,
+                        weight: i.weight,
+                        state: i.state.as_str(),
+                        age_ms: now_ms.saturating_sub(i.started_at_ms),
+                        last_heartbeat_ms_ago: inner
+                            .presence
+                            .last_seen(&key)
+                            .map(|seen| now.saturating_duration_since(seen).as_millis() as u64),
+                        withdrawal_held: inner.presence.is_lapsed(&key),
+                        labels: i.labels.clone(),
+                    }
                 })
                 .collect(),
         }
@@ -833,6 +840,14 @@ pub(crate) mod tests {
             (counts.held, counts.preservation_holds, counts.expired),
             (20, 1, 1)
         );
+        // `GET /v1/routes` shows which are held, and when each was last heard from.
+        let report = r.report(t0 + HB * 5, 0);
+        let shown = |id: &str| {
+            let i = report.instances.iter().find(|i| i.id == id).unwrap();
+            (i.withdrawal_held, i.last_heartbeat_ms_ago)
+        };
+        assert_eq!(shown("i1"), (true, Some(3_000)));
+        assert_eq!(shown("i21"), (false, Some(1_000)));
         // A held instance's heartbeat is accepted: it never left.
         beat(1..3, t0 + HB * 5);
         r.deregister(3, &keys[3], t0 + HB * 5).unwrap();

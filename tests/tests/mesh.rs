@@ -245,7 +245,7 @@ async fn a_fleet_falling_silent_at_once_is_held_and_one_dead_host_is_withdrawn()
         let admin = dir_admin.clone();
         async move { admin_metric(&admin, name).await.unwrap() }
     };
-    let up_while_held = std::cell::Cell::new(0);
+    let seen_while_held = std::cell::Cell::new((0, 0));
     // Their TTLs (3 heartbeats of 1 s) lapse within about 4 s; resumed at once after, before
     // their connections' idle timeout (5 s).
     paused_until(
@@ -255,14 +255,22 @@ async fn a_fleet_falling_silent_at_once_is_held_and_one_dead_host_is_withdrawn()
         || async {
             let held = metric("usher_directory_withdrawals_held").await == 3.0;
             if held {
-                up_while_held.set(web_up_in(&dir_admin).await);
+                let routes = admin_json(&dir_admin, "/v1/routes").await.unwrap();
+                seen_while_held.set((
+                    instances_in(&routes, "web", "up").len(),
+                    shown_held(&routes),
+                ));
             }
             held
         },
     )
     .await
     .unwrap();
-    assert_eq!(up_while_held.get(), 5, "held instances stay in the table");
+    assert_eq!(
+        seen_while_held.get(),
+        (5, 3),
+        "held instances stay in the table, shown as held and silent for a TTL"
+    );
     wait_until(
         Duration::from_secs(5),
         "the resumed agents to be heard from again",
@@ -293,6 +301,23 @@ async fn a_fleet_falling_silent_at_once_is_held_and_one_dead_host_is_withdrawn()
         1.0
     );
     sidecar_serves_web(&m, 5, Duration::from_secs(10)).await;
+}
+
+/// Instances a directory's `GET /v1/routes` shows held by self-preservation, each last heard
+/// from at least a TTL (3 s) ago.
+fn shown_held(routes: &serde_json::Value) -> usize {
+    routes["instances"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter(|i| {
+            i["withdrawal_held"] == true
+                && i["last_heartbeat_ms_ago"]
+                    .as_u64()
+                    .is_some_and(|ms| ms >= 3_000)
+        })
+        .count()
 }
 
 /// Instances of `web` up in the table at admin port `admin` (0 while it does not answer).

@@ -110,7 +110,8 @@
         inFlight + " / " + count(i.capacity),
         count(i.weight),
         duration(i.age_ms),
-        typeof i.last_heartbeat_ms_ago === "number" ? duration(i.last_heartbeat_ms_ago) + " ago" : "—",
+        (typeof i.last_heartbeat_ms_ago === "number" ? duration(i.last_heartbeat_ms_ago) + " ago" : "—") +
+          (i.withdrawal_held ? " (TTL lapsed, withdrawal held)" : ""),
         labels,
       ];
     });
