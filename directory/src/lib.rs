@@ -37,6 +37,7 @@ pub mod config;
 pub mod dashboard;
 pub mod enrol;
 pub mod feed;
+pub mod huge_pages;
 pub mod load;
 pub mod metrics;
 pub mod pki;
@@ -158,6 +159,7 @@ pub async fn run_with_reloads(
             Err(e) => warn!(socket = name, error = %e, "cannot size the UDP socket buffers"),
         }
     }
+    huge_pages::advise();
     let endpoint = quinn::Endpoint::new(
         server::endpoint_config(&credentials.reset_secret),
         Some(server_config),

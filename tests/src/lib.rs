@@ -54,6 +54,38 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The environment `deploy/systemd/usher-directory.service` gives the directory (its
+/// `Environment=` lines), which the harness gives every directory it starts, so that tests and
+/// benchmarks run it as deployed.
+pub fn directory_unit_environment() -> Vec<(String, String)> {
+    unit_environment(include_str!("../../deploy/systemd/usher-directory.service"))
+}
+
+/// The variables a systemd unit's `Environment=` lines set: `NAME=value` assignments separated
+/// by spaces, each optionally in double quotes (without escapes, which the units here do not
+/// use).
+pub fn unit_environment(unit: &str) -> Vec<(String, String)> {
+    let mut vars = Vec::new();
+    for line in unit.lines() {
+        let Some(assignments) = line.trim().strip_prefix("Environment=") else {
+            continue;
+        };
+        let mut quoted = false;
+        for word in assignments.split(|c: char| {
+            if c == '"' {
+                quoted = !quoted;
+            }
+            c.is_whitespace() && !quoted
+        }) {
+            let word: String = word.chars().filter(|&c| c != '"').collect();
+            if let Some((name, value)) = word.split_once('=') {
+                vars.push((name.to_string(), value.to_string()));
+            }
+        }
+    }
+    vars
+}
+
 /// A free loopback TCP port for a child process to listen on.
 pub fn free_tcp_port() -> u16 {
     free_port(|port| TcpListener::bind(("127.0.0.1", port)).is_ok())
@@ -109,6 +141,18 @@ pub struct Process {
 impl Process {
     /// Starts `program args` with stdout and stderr appended to `<dir>/<name>.log`.
     pub fn start(name: &str, dir: &Path, program: &Path, args: &[String]) -> Result<Self> {
+        Self::start_with_env(name, dir, program, args, &[])
+    }
+
+    /// Starts `program args` as [`Process::start`] does, with the variables of `env` added to
+    /// its environment.
+    pub fn start_with_env(
+        name: &str,
+        dir: &Path,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -122,6 +166,7 @@ impl Process {
             .stderr(out)
             .env("USHER_LOG", "info,usher=debug")
             .env("USHER_LOG_TEXT", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .with_context(|| format!("start {}", program.display()))?;
         Ok(Self {
@@ -391,7 +436,13 @@ impl Mesh {
             heartbeat.into(),
         ];
         args.extend(extra.iter().cloned());
-        let process = Process::start(name, self.dir(), &bin("usher-directory"), &args)?;
+        let process = Process::start_with_env(
+            name,
+            self.dir(),
+            &bin("usher-directory"),
+            &args,
+            &directory_unit_environment(),
+        )?;
         let admin = d.admin();
         let token = d.state_dir.join("admin-token");
         wait_until(Duration::from_secs(20), "directory to serve", || {
@@ -825,4 +876,34 @@ drain_time = "1s"
 "#,
         bin("usher-test-server").display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_units_environment_lines_are_read_in_order() {
+        let unit = "[Service]\n\
+                    Environment=A=1 B=two\n\
+                    EnvironmentFile=-/etc/x.env\n\
+                    # Environment=C=commented\n\
+                    Environment=\"D=with space\" E=\n";
+        assert_eq!(
+            unit_environment(unit),
+            pairs(&[("A", "1"), ("B", "two"), ("D", "with space"), ("E", "")])
+        );
+    }
+
+    #[test]
+    fn the_directory_runs_as_its_unit_sets_it() {
+        assert!(directory_unit_environment()
+            .contains(&("GLIBC_TUNABLES".into(), "glibc.malloc.hugetlb=1".into())));
+    }
 }

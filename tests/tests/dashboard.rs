@@ -147,6 +147,21 @@ async fn model_of_the_live_data(node: &std::path::Path, admin: &str, script: &[u
     let web2 = row(&model["instances"], &["web", "v1", "web-2"]);
     assert_eq!(web2[9], "");
     assert_eq!(model["instances"].as_array().unwrap().len(), 3);
+    assert!(web1[8].as_str().unwrap().ends_with(" ago"), "{web1:?}");
+    // An instance whose withdrawal self-preservation holds says so beside its last heartbeat.
+    let mut held = routes.clone();
+    let mut web1_held = instance("web-1");
+    web1_held["withdrawal_held"] = Value::Bool(true);
+    held["instances"] = Value::Array(vec![web1_held]);
+    let held = dashboard_model(node, script, &services, &held, now_ms).unwrap();
+    let last_heartbeat = &row(&held["instances"], &["web", "v1", "web-1"])[8];
+    assert!(
+        last_heartbeat
+            .as_str()
+            .unwrap()
+            .ends_with(" ago (TTL lapsed, withdrawal held)"),
+        "{last_heartbeat}"
+    );
 
     // The instance list is read every 2 s at this size, every 20 s at 10,000 instances.
     assert_eq!(model["routesEveryMs"], 2000);
