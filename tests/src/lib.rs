@@ -145,7 +145,8 @@ impl Process {
     }
 
     /// Starts `program args` as [`Process::start`] does, with the variables of `env` added to
-    /// its environment.
+    /// its environment. glibc's tunables are not inherited from the harness (a benchmark may
+    /// set them for itself): a process gets those of `env` only, as its unit sets them.
     pub fn start_with_env(
         name: &str,
         dir: &Path,
@@ -166,6 +167,7 @@ impl Process {
             .stderr(out)
             .env("USHER_LOG", "info,usher=debug")
             .env("USHER_LOG_TEXT", "1")
+            .env_remove("GLIBC_TUNABLES")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .with_context(|| format!("start {}", program.display()))?;
@@ -898,6 +900,28 @@ mod tests {
         assert_eq!(
             unit_environment(unit),
             pairs(&[("A", "1"), ("B", "two"), ("D", "with space"), ("E", "")])
+        );
+    }
+
+    #[test]
+    fn a_process_gets_glibc_tunables_from_its_unit_not_from_the_harness() {
+        // The only test here that starts a process or reads the environment.
+        std::env::set_var("GLIBC_TUNABLES", "glibc.malloc.arena_max=1");
+        let dir = tempfile::tempdir().unwrap();
+        let program = Path::new("/usr/bin/env");
+        let mut plain = Process::start("plain", dir.path(), program, &[]).unwrap();
+        assert_eq!(plain.wait_exit(Duration::from_secs(10)), Some(0));
+        assert!(!plain.log().contains("GLIBC_TUNABLES"), "{}", plain.log());
+        let unit = [("GLIBC_TUNABLES".into(), "glibc.malloc.hugetlb=1".into())];
+        let mut deployed =
+            Process::start_with_env("unit", dir.path(), program, &[], &unit).unwrap();
+        assert_eq!(deployed.wait_exit(Duration::from_secs(10)), Some(0));
+        assert!(
+            deployed
+                .log()
+                .contains("GLIBC_TUNABLES=glibc.malloc.hugetlb=1\n"),
+            "{}",
+            deployed.log()
         );
     }
 
