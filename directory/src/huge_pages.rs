@@ -3,12 +3,13 @@
 //! At thousands of agents the directory's work is quinn's, per datagram, over hundreds of MB of
 //! connection state (about 43 KB per agent), and each datagram touches a cold connection, so
 //! translating its addresses through 4 KiB pages is part of the cost. Backing the heap with
-//! 2 MiB pages took 10–13% less CPU at 1,000 and 3,000 agents (docs/BENCHMARKS.md). Where the
-//! kernel's transparent huge pages are in `madvise` mode (as on this project's reference
-//! machine; distributions differ), glibc's allocator asks for them only when told to, with
-//! `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: `deploy/systemd/usher-directory.service` sets it,
-//! and the directory says at start when it runs without it where it would help. In `always`
-//! mode every process gets them; in `never` none does.
+//! 2 MiB pages took 10–16% less CPU (11% in the median) at 1,000 and 3,000 agents
+//! (docs/BENCHMARKS.md). Where the kernel's transparent huge pages are in `madvise` mode (as
+//! on this project's reference machine; distributions differ), glibc's allocator asks for them
+//! only when told to, with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`:
+//! `deploy/systemd/usher-directory.service` sets it, and the directory says at start when it
+//! runs without it where it would help. In `always` mode every process gets them; in `never`
+//! none does.
 
 use std::path::Path;
 
