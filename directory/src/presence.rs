@@ -52,15 +52,16 @@ impl Presence {
         self.track(key, now, now + ttl);
     }
 
-    /// Tracks a lapsed `key` again without its having been heard from: it expires at
-    /// `now + ttl` unless heard from by then, and keeps when it was last heard from (the
-    /// grace period after a hold of self-preservation). Does nothing to a tracked key.
-    pub fn renew(&mut self, key: &InstanceKey, now: Instant, ttl: Duration) {
-        if self.entries.contains_key(key) {
-            return;
+    /// Tracks every lapsed key again without its having been heard from: each expires at
+    /// `now + ttl` unless heard from by then, and keeps when it was last heard from (the grace
+    /// period after a hold of self-preservation). Returns how many.
+    pub fn renew_lapsed(&mut self, now: Instant, ttl: Duration) -> usize {
+        let lapsed = std::mem::take(&mut self.lapsed);
+        let renewed = lapsed.len();
+        for (key, last_seen) in lapsed {
+            self.track(&key, last_seen, now + ttl);
         }
-        let last_seen = self.lapsed.remove(key).unwrap_or(now);
-        self.track(key, last_seen, now + ttl);
+        renewed
     }
 
     fn track(&mut self, key: &InstanceKey, last_seen: Instant, deadline: Instant) {
@@ -90,6 +91,17 @@ impl Presence {
     /// Whether `key` lapsed and was neither heard from again nor removed since.
     pub fn is_lapsed(&self, key: &InstanceKey) -> bool {
         self.lapsed.contains_key(key)
+    }
+
+    /// How many keys lapsed and were neither heard from again nor removed since: the
+    /// instances whose withdrawal self-preservation holds (`crate::preservation`).
+    pub fn lapsed(&self) -> usize {
+        self.lapsed.len()
+    }
+
+    /// Forgets every lapsed key and returns them (they are being withdrawn), in no order.
+    pub fn take_lapsed(&mut self) -> Vec<InstanceKey> {
+        self.lapsed.drain().map(|(key, _)| key).collect()
     }
 
     /// Whether `key` is tracked: registered and not lapsed (or heard from since it lapsed).
@@ -213,14 +225,21 @@ mod tests {
             assert!(p.is_lapsed(&key(id)) && !p.contains(&key(id)));
             assert_eq!(p.last_seen(&key(id)), Some(t0));
         }
+        assert_eq!(p.lapsed(), 3);
         // Heard from again: tracked, last heard now.
         p.touch(&key("a"), t0 + TTL * 2, TTL);
         assert!(!p.is_lapsed(&key("a")) && p.contains(&key("a")));
         assert_eq!(p.last_seen(&key("a")), Some(t0 + TTL * 2));
+        // Removed: forgotten.
+        assert!(!p.remove(&key("c")), "a lapsed key is not tracked");
+        assert!(!p.is_lapsed(&key("c")));
+        assert_eq!(p.last_seen(&key("c")), None);
+        assert_eq!(p.lapsed(), 1);
         // Renewed (a grace period): tracked again, still last heard at t0, expiring at the
         // end of the grace period.
-        p.renew(&key("b"), t0 + TTL * 2, TTL * 2);
+        assert_eq!(p.renew_lapsed(t0 + TTL * 2, TTL * 2), 1);
         assert!(!p.is_lapsed(&key("b")) && p.contains(&key("b")));
+        assert_eq!((p.lapsed(), p.len()), (0, 2));
         assert_eq!(p.last_seen(&key("b")), Some(t0));
         assert_eq!(p.silent_since(t0 + TTL), 1, "b is still silent");
         assert_eq!(
@@ -229,10 +248,12 @@ mod tests {
             "a, heard from at 6 s, lapses at 9 s; b not before the end of its grace at 12 s"
         );
         assert_eq!(p.expire(t0 + TTL * 4), vec![key("b")]);
-        // Removed: forgotten.
-        assert!(!p.remove(&key("c")), "a lapsed key is not tracked");
-        assert!(!p.is_lapsed(&key("c")));
-        assert_eq!(p.last_seen(&key("c")), None);
+        // Taken (withdrawn): forgotten.
+        let mut taken = p.take_lapsed();
+        taken.sort();
+        assert_eq!(taken, vec![key("a"), key("b")]);
+        assert_eq!(p.lapsed(), 0);
+        assert_eq!(p.last_seen(&key("a")), None);
     }
 
     #[test]

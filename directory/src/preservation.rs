@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::{info, warn};
-use usher_shared::routes::InstanceKey;
 
 /// How long unheard an instance counts as silent: one and a half heartbeat intervals, so it
 /// missed a heartbeat (they come every interval, ±10%); its TTL lapses at three. Instances
@@ -84,12 +83,12 @@ impl PreservationSettings {
     }
 }
 
-/// The instances whose withdrawal is held, and since when.
+/// Whether a hold is on, and since when. The held instances themselves are the lapsed keys of
+/// [`crate::presence::Presence`]: a held instance heard from again, or withdrawn some other way
+/// (deregistered, registered by another session), leaves the hold by leaving that set.
 #[derive(Debug)]
 pub struct SelfPreservation {
     settings: PreservationSettings,
-    /// Lapsed instances not withdrawn yet.
-    held: Vec<InstanceKey>,
     /// When the current hold began, while the silent share is above the threshold (also after
     /// `max_hold`, when withdrawals go on regardless, until the share falls back).
     since: Option<Instant>,
@@ -103,16 +102,10 @@ impl SelfPreservation {
     pub fn new(settings: PreservationSettings) -> Self {
         Self {
             settings,
-            held: Vec::new(),
             since: None,
             exhausted: false,
             holds: 0,
         }
-    }
-
-    /// Lapsed instances whose withdrawal is held now.
-    pub fn held(&self) -> usize {
-        self.held.len()
     }
 
     /// Whether a hold is on (it ends at a later [`Self::decide`], even with nothing lapsing).
@@ -125,25 +118,19 @@ impl SelfPreservation {
         self.holds
     }
 
-    /// Keeps held only the instances `still_lapsed` says are: an instance heard from again, or
-    /// withdrawn some other way (deregistered, registered by another session), leaves the hold.
-    pub fn retain(&mut self, still_lapsed: impl FnMut(&InstanceKey) -> bool) {
-        self.held.retain(still_lapsed);
-    }
-
-    /// Decides on the instances that lapsed at `now` and those already held. `registered`
-    /// counts every instance not withdrawn (held and `lapsed` ones included);
-    /// `silent_elsewhere` counts the registered ones, neither held nor lapsed, last heard from
+    /// Decides, at `now`, on the `lapsed` instances: every instance whose TTL lapsed and that
+    /// was neither heard from again nor withdrawn since, those that lapsed just now and those
+    /// already held alike. `registered` counts every instance not withdrawn (the lapsed ones
+    /// included); `silent_elsewhere` counts the registered ones, not lapsed, last heard from
     /// before `now - silent_after` (called only when the fleet is large enough to hold).
     pub fn decide(
         &mut self,
         now: Instant,
-        lapsed: Vec<InstanceKey>,
+        lapsed: usize,
         registered: usize,
         silent_elsewhere: impl FnOnce(Instant) -> usize,
     ) -> Verdict {
-        self.held.extend(lapsed);
-        if self.held.is_empty() {
+        if lapsed == 0 {
             if !self.exhausted {
                 if let Some(since) = self.since.take() {
                     info!(
@@ -152,13 +139,13 @@ impl SelfPreservation {
                     );
                 }
             }
-            return Verdict::default();
+            return Verdict::Withdraw;
         }
         let s = self.settings;
         let eligible = s.threshold > 0.0 && registered >= s.min_instances.max(1);
         let silent = if eligible {
             let before = now.checked_sub(s.silent_after).unwrap_or(now);
-            self.held.len() + silent_elsewhere(before)
+            lapsed + silent_elsewhere(before)
         } else {
             0
         };
@@ -169,19 +156,13 @@ impl SelfPreservation {
                 Some(since) if !exhausted => {
                     info!(
                         held_for = ?now.saturating_duration_since(since),
-                        still_silent = self.held.len(),
+                        still_silent = lapsed,
                         silent_percent = format!("{:.1}", share * 100.0),
                         "self-preservation ended: the silent share is back under the threshold; the instances still silent have the grace period to be heard from"
                     );
-                    Verdict {
-                        renew: std::mem::take(&mut self.held),
-                        ..Verdict::default()
-                    }
+                    Verdict::Renew
                 }
-                _ => Verdict {
-                    withdraw: std::mem::take(&mut self.held),
-                    ..Verdict::default()
-                },
+                _ => Verdict::Withdraw,
             };
         }
         let since = *self.since.get_or_insert_with(|| {
@@ -198,33 +179,32 @@ impl SelfPreservation {
         });
         let held_for = now.saturating_duration_since(since);
         if held_for < s.max_hold {
-            return Verdict::default();
+            return Verdict::Hold;
         }
         if !self.exhausted {
             self.exhausted = true;
             warn!(
-                withdrawn = self.held.len(),
+                withdrawn = lapsed,
                 held_for = ?held_for,
                 "self-preservation: the longest hold is over; the silent instances are withdrawn, and those that lapse next too, until the silent share falls back under the threshold"
             );
         }
-        Verdict {
-            withdraw: std::mem::take(&mut self.held),
-            ..Verdict::default()
-        }
+        Verdict::Withdraw
     }
 }
 
-/// What to do with lapsed instances ([`SelfPreservation::decide`]).
-#[derive(Debug, Default, PartialEq)]
-pub struct Verdict {
+/// What to do with every lapsed instance ([`SelfPreservation::decide`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
     /// Withdraw them now.
-    pub withdraw: Vec<InstanceKey>,
-    /// Held until a hold that just ended: they get the directory's grace period from now, so
-    /// agents cut off by what held them (reconnecting after the directory caught up) have
-    /// time to be heard from, as after a directory start (SwarmKit's grace period after a
-    /// leader change).
-    pub renew: Vec<InstanceKey>,
+    Withdraw,
+    /// Hold their withdrawal: they stay in the table, lapsed, until a later decision or until
+    /// each is heard from again.
+    Hold,
+    /// A hold just ended: they get the directory's grace period from now, so agents cut off
+    /// by what held them (reconnecting after the directory caught up) have time to be heard
+    /// from, as after a directory start (SwarmKit's grace period after a leader change).
+    Renew,
 }
 
 #[cfg(test)]
@@ -234,30 +214,15 @@ mod tests {
     const INTERVAL: Duration = Duration::from_secs(1);
     const TTL: Duration = Duration::from_secs(3);
 
-    fn keys(n: usize, prefix: &str) -> Vec<InstanceKey> {
-        (0..n)
-            .map(|i| InstanceKey {
-                service: "svc".into(),
-                version: "v1".into(),
-                id: format!("{prefix}-{i}"),
-            })
-            .collect()
-    }
-
     fn guard() -> SelfPreservation {
         SelfPreservation::new(PreservationSettings::new(15, 50, INTERVAL, TTL))
-    }
-
-    /// (withdrawn, renewed).
-    fn sizes(v: Verdict) -> (usize, usize) {
-        (v.withdraw.len(), v.renew.len())
     }
 
     #[test]
     fn one_silent_instance_in_a_large_fleet_is_withdrawn_at_once() {
         let mut g = guard();
         let t0 = Instant::now();
-        assert_eq!(sizes(g.decide(t0, keys(1, "dead"), 1_000, |_| 3)), (1, 0));
+        assert_eq!(g.decide(t0, 1, 1_000, |_| 3), Verdict::Withdraw);
         assert!(!g.holding());
         assert_eq!(g.holds(), 0);
     }
@@ -265,11 +230,10 @@ mod tests {
     #[test]
     fn a_small_fleet_is_never_held() {
         let mut g = guard();
-        let t0 = Instant::now();
-        let verdict = g.decide(t0, keys(10, "dead"), 20, |_| 10);
+        let verdict = g.decide(Instant::now(), 10, 20, |_| 10);
         assert_eq!(
-            sizes(verdict),
-            (10, 0),
+            verdict,
+            Verdict::Withdraw,
             "half of 20 silent, but under 50 instances"
         );
         assert!(!g.holding());
@@ -278,8 +242,10 @@ mod tests {
     #[test]
     fn off_withdraws_everything_at_once() {
         let mut g = SelfPreservation::new(PreservationSettings::off());
-        let verdict = g.decide(Instant::now(), keys(900, "dead"), 1_000, |_| 100);
-        assert_eq!(sizes(verdict), (900, 0));
+        assert_eq!(
+            g.decide(Instant::now(), 900, 1_000, |_| 100),
+            Verdict::Withdraw
+        );
     }
 
     #[test]
@@ -288,42 +254,36 @@ mod tests {
         let t0 = Instant::now();
         // 100 lapse now, 100 more are silent: 20% of 1,000.
         let mut asked = None;
-        let verdict = g.decide(t0, keys(100, "a"), 1_000, |before| {
+        let verdict = g.decide(t0, 100, 1_000, |before| {
             asked = Some(before);
             100
         });
-        assert_eq!(sizes(verdict), (0, 0));
+        assert_eq!(verdict, Verdict::Hold);
         assert_eq!(asked, Some(t0 - Duration::from_millis(1500)));
-        assert_eq!((g.held(), g.holds()), (100, 1));
-        // More lapse: still held, still one hold.
-        let verdict = g.decide(t0 + INTERVAL, keys(100, "b"), 1_000, |_| 0);
-        assert_eq!(sizes(verdict), (0, 0));
-        assert_eq!((g.held(), g.holds()), (200, 1));
-        // The agents' heartbeats arrive: all but 5 of the held are heard from again.
-        let mut n = 0;
-        g.retain(|_| {
-            n += 1;
-            n <= 5
-        });
-        let verdict = g.decide(t0 + INTERVAL * 2, Vec::new(), 1_000, |_| 0);
-        assert_eq!(
-            sizes(verdict),
-            (0, 5),
-            "the still silent get the grace period"
-        );
+        assert_eq!(g.holds(), 1);
+        assert!(g.holding());
+        // 100 more lapse: still held, still one hold.
+        assert_eq!(g.decide(t0 + INTERVAL, 200, 1_000, |_| 0), Verdict::Hold);
+        assert_eq!(g.holds(), 1);
+        // The agents' heartbeats arrive: all but 5 of the held are heard from again, and
+        // the silent share is under the threshold: the still silent get the grace period.
+        assert_eq!(g.decide(t0 + INTERVAL * 2, 5, 1_000, |_| 0), Verdict::Renew);
         assert!(!g.holding());
         // A hold whose instances are all heard from again ends with nothing lapsing.
-        assert_eq!(sizes(g.decide(t0, keys(200, "e"), 1_000, |_| 0)), (0, 0));
+        assert_eq!(g.decide(t0, 200, 1_000, |_| 0), Verdict::Hold);
         assert!(g.holding());
-        g.retain(|_| false);
-        assert_eq!(sizes(g.decide(t0, Vec::new(), 1_000, |_| 0)), (0, 0));
+        assert_eq!(g.decide(t0, 0, 1_000, |_| 0), Verdict::Withdraw);
         assert!(!g.holding());
         assert_eq!(g.holds(), 2);
         // A later single death is withdrawn at once, and a new mass silence is a new hold.
-        let verdict = g.decide(t0 + INTERVAL * 3, keys(1, "c"), 1_000, |_| 0);
-        assert_eq!(sizes(verdict), (1, 0));
-        let verdict = g.decide(t0 + INTERVAL * 4, keys(300, "d"), 1_000, |_| 0);
-        assert_eq!(sizes(verdict), (0, 0));
+        assert_eq!(
+            g.decide(t0 + INTERVAL * 3, 1, 1_000, |_| 0),
+            Verdict::Withdraw
+        );
+        assert_eq!(
+            g.decide(t0 + INTERVAL * 4, 300, 1_000, |_| 0),
+            Verdict::Hold
+        );
         assert_eq!(g.holds(), 3);
     }
 
@@ -331,27 +291,20 @@ mod tests {
     fn a_hold_ends_after_the_longest_hold() {
         let mut g = guard();
         let t0 = Instant::now();
-        assert_eq!(sizes(g.decide(t0, keys(500, "a"), 1_000, |_| 0)), (0, 0));
+        assert_eq!(g.decide(t0, 500, 1_000, |_| 0), Verdict::Hold);
         let just_before = t0 + TTL * MAX_HOLD_TTLS - Duration::from_millis(1);
+        assert_eq!(g.decide(just_before, 500, 1_000, |_| 0), Verdict::Hold);
         assert_eq!(
-            sizes(g.decide(just_before, Vec::new(), 1_000, |_| 0)),
-            (0, 0)
+            g.decide(t0 + TTL * MAX_HOLD_TTLS, 500, 1_000, |_| 0),
+            Verdict::Withdraw
         );
-        let verdict = g.decide(t0 + TTL * MAX_HOLD_TTLS, Vec::new(), 1_000, |_| 0);
-        assert_eq!(sizes(verdict), (500, 0));
+        assert!(!g.holding());
         // Still above the threshold: later lapses go at once, no new hold begins.
-        let verdict = g.decide(t0 + TTL * 11, keys(10, "b"), 500, |_| 200);
-        assert_eq!(sizes(verdict), (10, 0));
+        assert_eq!(g.decide(t0 + TTL * 11, 10, 500, |_| 200), Verdict::Withdraw);
         assert_eq!(g.holds(), 1);
-        // Back under it: nothing renewed (the hold was over), and a new hold may begin.
-        assert_eq!(
-            sizes(g.decide(t0 + TTL * 12, keys(1, "c"), 500, |_| 0)),
-            (1, 0)
-        );
-        assert_eq!(
-            sizes(g.decide(t0 + TTL * 13, keys(100, "d"), 500, |_| 0)),
-            (0, 0)
-        );
+        // Back under it: withdrawn, not renewed (the hold was over), and a new hold may begin.
+        assert_eq!(g.decide(t0 + TTL * 12, 1, 500, |_| 0), Verdict::Withdraw);
+        assert_eq!(g.decide(t0 + TTL * 13, 100, 500, |_| 0), Verdict::Hold);
         assert_eq!(g.holds(), 2);
     }
 }

@@ -34,7 +34,7 @@ use crate::feed::{
 };
 use crate::load::LoadBoard;
 use crate::presence::Presence;
-use crate::preservation::{PreservationSettings, SelfPreservation};
+use crate::preservation::{PreservationSettings, SelfPreservation, Verdict};
 
 /// Changes the log remembers, so a sidecar that reconnects within this many changes gets only
 /// deltas (Baker: catch up, then updates).
@@ -339,32 +339,35 @@ impl Registry {
     pub fn expire(&self, now: Instant) -> Vec<InstanceKey> {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        let lapsed = inner.presence.expire(now);
-        if lapsed.is_empty() && !inner.preservation.holding() {
-            return lapsed;
+        if inner.presence.expire(now).is_empty() && !inner.preservation.holding() {
+            return Vec::new();
         }
-        // A held instance heard from again is tracked again; one deregistered or withdrawn
-        // meanwhile has no owner.
-        let (presence, owners) = (&inner.presence, &inner.owners);
-        inner
-            .preservation
-            .retain(|key| !presence.contains(key) && owners.contains_key(key));
+        // The lapsed instances are those that lapsed now and those held: a held instance
+        // heard from again, or withdrawn meanwhile, is no longer lapsed.
+        let (presence, registered) = (&inner.presence, inner.owners.len());
         let verdict = inner
             .preservation
-            .decide(now, lapsed, owners.len(), |before| {
+            .decide(now, presence.lapsed(), registered, |before| {
                 presence.silent_since(before)
             });
-        for key in &verdict.renew {
-            inner.presence.renew(key, now, self.settings.grace_period);
+        match verdict {
+            Verdict::Hold => Vec::new(),
+            Verdict::Renew => {
+                inner.presence.renew_lapsed(now, self.settings.grace_period);
+                Vec::new()
+            }
+            Verdict::Withdraw => {
+                let mut expired = inner.presence.take_lapsed();
+                expired.sort_unstable();
+                inner.expired += expired.len() as u64;
+                for key in &expired {
+                    info!(service = %key.service, version = %key.version, id = %key.id,
+                          ttl = ?self.settings.ttl, "instance TTL lapsed; withdrawn");
+                    self.withdraw(inner, key, now);
+                }
+                expired
+            }
         }
-        let expired = verdict.withdraw;
-        inner.expired += expired.len() as u64;
-        for key in &expired {
-            info!(service = %key.service, version = %key.version, id = %key.id,
-                  ttl = ?self.settings.ttl, "instance TTL lapsed; withdrawn");
-            self.withdraw(inner, key, now);
-        }
-        expired
     }
 
     fn withdraw(&self, inner: &mut Inner, key: &InstanceKey, now: Instant) {
@@ -471,7 +474,7 @@ impl Registry {
             published: inner.published,
             subscribers: inner.subscribers.clone(),
             expired: inner.expired,
-            held: inner.preservation.held() as u64,
+            held: inner.presence.lapsed() as u64,
             preservation_holds: inner.preservation.holds(),
         }
     }

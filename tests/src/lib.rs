@@ -633,12 +633,18 @@ pub async fn admin_metric(admin: &str, name: &str) -> Result<f64> {
         .with_context(|| format!("no {name} in the /metrics of {admin}"))
 }
 
-/// The instances in a `/v1/routes` document for `service` whose state is `state`, by id.
-pub fn instances_in(routes: &Value, service: &str, state: &str) -> Vec<String> {
-    let mut ids: Vec<String> = routes["instances"]
+/// The `instances` array of a `/v1/routes` document (the directory's or a sidecar's); empty
+/// when the document has none.
+pub fn instances(routes: &Value) -> &[Value] {
+    routes["instances"]
         .as_array()
         .map(|a| a.as_slice())
         .unwrap_or_default()
+}
+
+/// The instances in a `/v1/routes` document for `service` whose state is `state`, by id.
+pub fn instances_in(routes: &Value, service: &str, state: &str) -> Vec<String> {
+    let mut ids: Vec<String> = instances(routes)
         .iter()
         .filter(|i| i["service"] == service && i["state"] == state)
         .filter_map(|i| i["id"].as_str().map(String::from))

@@ -306,10 +306,7 @@ async fn a_fleet_falling_silent_at_once_is_held_and_one_dead_host_is_withdrawn()
 /// Instances a directory's `GET /v1/routes` shows held by self-preservation, each last heard
 /// from at least a TTL (3 s) ago.
 fn shown_held(routes: &serde_json::Value) -> usize {
-    routes["instances"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
+    usher_tests::instances(routes)
         .iter()
         .filter(|i| {
             i["withdrawal_held"] == true

@@ -35,10 +35,7 @@ struct Secured {
 
 /// The instances of a `/v1/routes` document as `service/version/id@address state`.
 fn routes_of(doc: &Value) -> BTreeSet<String> {
-    doc["instances"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
+    usher_tests::instances(doc)
         .iter()
         .map(|i| {
             format!(
