@@ -36,6 +36,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -44,11 +45,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_util::task::AbortOnDropHandle;
 use usher_agent::session::{self as agent_session, SessionContext};
 use usher_bench::docs;
 use usher_shared::backoff::Backoff;
-use usher_shared::codec::{write_frame, MAX_NODE_FRAME};
+use usher_shared::codec::{read_frame_owned, write_frame, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
 use usher_shared::enrolment::{self, Credentials, TlsFlags};
 use usher_shared::identity::NodeIdentity;
 use usher_shared::protocol::{
@@ -56,8 +56,8 @@ use usher_shared::protocol::{
 };
 use usher_shared::quic::Liveness;
 use usher_shared::routes::{Change, Instance, InstanceState};
-use usher_shared::session::{node_endpoint, open, recv_message, Session};
-use usher_sidecar::subscription::REPORT_INTERVAL;
+use usher_shared::session::{directory_message, node_endpoint, open, Session};
+use usher_sidecar::load_report::{LoadReporting, REPORT_INTERVAL};
 use usher_tests::{admin_json, admin_metric, wait_until, Mesh};
 
 /// The service every simulated instance belongs to.
@@ -791,54 +791,64 @@ fn endpoints(
 }
 
 /// What the `index`th of the simulated sidecars reports while busy: one request in flight on
-/// one of the `instances` (each sidecar on another, as a fleet's clients spread), and when in
-/// each [`REPORT_INTERVAL`] it reports, spread evenly over a thousand sidecars so that the
-/// fleet's reports arrive as a steady stream, as independent sidecars' do.
+/// one of the `instances` (each sidecar on another, as a fleet's clients spread), and when its
+/// first report is due, spread evenly over a [`REPORT_INTERVAL`] for a thousand sidecars so
+/// that the fleet's reports arrive as a steady stream, as independent sidecars' do.
 fn busy_sidecar(index: usize, instances: usize) -> BusySidecar {
     let id = format!("i-{:05}", index % instances.max(1));
     BusySidecar {
-        report: NodeMessage::LoadReport {
-            versions: vec![VersionLoad {
-                service: SERVICE.into(),
-                version: "v1".into(),
-                in_flight: 1,
-                queued: 0,
-                instances: vec![InstanceLoad { id, in_flight: 1 }],
-            }],
-        },
+        versions: vec![VersionLoad {
+            service: SERVICE.into(),
+            version: "v1".into(),
+            in_flight: 1,
+            queued: 0,
+            instances: vec![InstanceLoad { id, in_flight: 1 }],
+        }],
         offset: REPORT_INTERVAL.mul_f64((index % 1000) as f64 / 1000.0),
     }
 }
 
-/// A simulated sidecar's load report and its place in the reporting period.
+/// A simulated sidecar's load and its place in the reporting period.
 #[derive(Clone)]
 struct BusySidecar {
-    report: NodeMessage,
+    versions: Vec<VersionLoad>,
     offset: Duration,
 }
 
-/// Sends `load`'s report every [`REPORT_INTERVAL`] from `offset` on, as a sidecar with
-/// requests in flight does, until the stream fails; with no `load` (idle sidecars) sends
-/// nothing but holds the stream open (its end would end the subscription).
-async fn report_load(mut send: quinn::SendStream, load: Option<BusySidecar>) {
-    let Some(load) = load else {
-        return std::future::pending().await;
-    };
-    let start = tokio::time::Instant::now() + load.offset;
-    let mut tick = tokio::time::interval_at(start, REPORT_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if write_frame(&mut send, &load.report, MAX_NODE_FRAME)
-            .await
-            .is_err()
-        {
-            return;
+/// A busy simulated sidecar's reports: when each is due, by the real sidecar's rule
+/// ([`LoadReporting`]: every [`REPORT_INTERVAL`], early with a frame just read), and sent.
+struct Reporter {
+    load: BusySidecar,
+    reporting: LoadReporting,
+}
+
+impl Reporter {
+    fn new(load: BusySidecar) -> Self {
+        let reporting = LoadReporting::new(tokio::time::Instant::now() + load.offset);
+        Self { load, reporting }
+    }
+
+    /// Sends the period's report at `now`.
+    async fn report(&mut self, send: &mut quinn::SendStream, now: tokio::time::Instant) -> bool {
+        if !self.reporting.periodic(&self.load.versions, now) {
+            return true;
         }
+        let report = NodeMessage::LoadReport {
+            versions: self.load.versions.clone(),
+        };
+        write_frame(send, &report, MAX_NODE_FRAME).await.is_ok()
     }
 }
 
-/// One sidecar: subscribes, reports `load` (see [`report_load`]) and records, for every change
+/// Sleeps until `reporter`'s next report is due, or forever without one (an idle sidecar).
+async fn report_due(reporter: Option<&Reporter>) {
+    match reporter {
+        Some(r) => tokio::time::sleep_until(r.reporting.due_at()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One sidecar: subscribes, reports `load` (see [`Reporter`]) and records, for every change
 /// of a churned instance, the delay since the change was made; counts the silent instance's
 /// withdrawal. Like a real sidecar it subscribes again after its connection fails (a fleet
 /// starting at once overruns the directory's handshakes for a moment).
@@ -882,20 +892,39 @@ async fn subscribe(
         };
         let Session {
             connection,
-            send,
-            mut recv,
+            mut send,
+            recv,
             ..
         } = session;
-        let _reporter = AbortOnDropHandle::new(tokio::spawn(report_load(send, load.clone())));
+        // Like a real sidecar, one task reads the feed and reports the load.
+        let mut reporter = load.clone().map(Reporter::new);
+        let mut reader = pin!(read_frame_owned(recv, MAX_DIRECTORY_FRAME));
         loop {
-            let message = tokio::select! {
+            let frame = tokio::select! {
                 _ = stop.changed() => {
                     connection.close(0u32.into(), b"benchmark over");
                     break 'connect;
                 }
-                message = recv_message(&mut recv) => message,
+                _ = report_due(reporter.as_ref()) => {
+                    if let Some(r) = reporter.as_mut() {
+                        if !r.report(&mut send, tokio::time::Instant::now()).await {
+                            reporter = None; // the stream failed; the next read says why
+                        }
+                    }
+                    continue;
+                }
+                (recv, frame) = &mut reader => {
+                    reader.set(read_frame_owned(recv, MAX_DIRECTORY_FRAME));
+                    frame
+                }
             };
-            let batch = match message {
+            if let Some(r) = reporter.as_mut() {
+                let now = tokio::time::Instant::now();
+                if r.reporting.may_ride_along(now) && !r.report(&mut send, now).await {
+                    reporter = None;
+                }
+            }
+            let batch = match directory_message(frame) {
                 Ok(DirectoryMessage::Deltas { changes, .. }) => changes,
                 Ok(DirectoryMessage::SnapshotChunk { last, .. }) => {
                     if last {
@@ -1256,7 +1285,8 @@ fn report(all: &[Figures], args: &Args) -> String {
          in the window and in the setup before it; QUIC sends them again, and many mean that \
          side fell behind. Load reports: with `LOAD_REPORTS=busy` (the default) every simulated \
          sidecar reports one request in flight every second, as a sidecar serving traffic \
-         does, the reports spread evenly over the second; with `idle` they send none, as idle \
+         does and by its rule (up to 100 ms early, with a batch just read), the first reports \
+         spread evenly over the second; with `idle` they send none, as idle \
          sidecars do; `load reports/s` is what the directory recorded in the window (its \
          `usher_directory_load_reports_total`). Real sidecar: one `usher-sidecar` process \
          subscribed beside the simulated ones, following every change; its CPU and the bytes \

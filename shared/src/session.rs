@@ -49,7 +49,15 @@ impl SessionError {
 /// the [`Session`] apart to send and receive at once); `Closed` at end of stream, `Refused`
 /// for an error frame.
 pub async fn recv_message(recv: &mut quinn::RecvStream) -> Result<DirectoryMessage, SessionError> {
-    match read_frame(recv, MAX_DIRECTORY_FRAME).await? {
+    directory_message(read_frame(recv, MAX_DIRECTORY_FRAME).await)
+}
+
+/// What a frame read from the directory says: its message; `Closed` at end of stream,
+/// `Refused` for an error frame, `Frame` for a frame that could not be read.
+pub fn directory_message(
+    frame: Result<Option<DirectoryMessage>, FrameError>,
+) -> Result<DirectoryMessage, SessionError> {
+    match frame? {
         None => Err(SessionError::Closed),
         Some(DirectoryMessage::Error { code, message }) => {
             Err(SessionError::Refused(format!("{code:?}: {message}")))

@@ -10,7 +10,8 @@
 //!
 //! - [`config`]: flags (`USHER_SIDECAR_*`) and the validated [`Config`].
 //! - [`replica`]: the table snapshot, where it came from, `routes.json` persistence.
-//! - [`subscription`]: follow the directory forever (snapshot, deltas, reconnect).
+//! - [`subscription`]: follow the directory forever (snapshot, deltas, reconnect), reporting
+//!   load when [`load_report`] says.
 //! - [`route`]: which service version a request is for (pure).
 //! - [`reserver`]: per service version reservation, queueing and ejection (Waiter), over
 //!   [`slots`]: one version's instances, laid out so picking and deltas are O(1).
@@ -28,6 +29,7 @@ pub mod admin;
 pub mod config;
 pub mod http1;
 pub mod http2;
+pub mod load_report;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -12,21 +12,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use usher_shared::backoff::Backoff;
 use usher_shared::codec::{read_frame_owned, write_frame, MAX_DIRECTORY_FRAME, MAX_NODE_FRAME};
 use usher_shared::protocol::{DirectoryMessage, NodeMessage, Role, VersionLoad, FEED_FORMAT};
 use usher_shared::routes::{Change, DeltaError, Instance, RouteTable, ServiceVersion};
-use usher_shared::session::{open, Session, SessionError};
+use usher_shared::session::{directory_message, open, Session, SessionError};
 
+use crate::load_report::{LoadReporting, REPORT_INTERVAL};
 use crate::replica::{Replica, Source};
 
 /// Bound on connecting and saying hello.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How often the sidecar reports its load (the directory's autoscaler signal).
-pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Bound on writing one frame to the directory.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -105,7 +104,9 @@ pub async fn run(
 }
 
 /// Subscribes, applies what the directory sends and reports this sidecar's load (every
-/// [`REPORT_INTERVAL`], and at once on cold-start demand) until the session fails.
+/// [`REPORT_INTERVAL`] while busy, with a frame from the directory when one comes in the
+/// period's last [`crate::load_report::REPORT_EARLY`], and at once on cold-start demand) until
+/// the session fails.
 async fn follow(session: Session, replica: &Replica) -> LinkError {
     let Session { mut send, recv, .. } = session;
     let (epoch, revision) = replica.held();
@@ -124,67 +125,41 @@ async fn follow(session: Session, replica: &Replica) -> LinkError {
         return SessionError::from(e).into();
     }
     let mut reader = pin!(read_frame_owned(recv, MAX_DIRECTORY_FRAME));
-    let mut report = tokio::time::interval(REPORT_INTERVAL);
-    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reporting = LoadReporting::default();
+    let mut reporting = LoadReporting::new(Instant::now() + REPORT_INTERVAL);
     let mut snapshot = SnapshotBuilder::default();
     loop {
-        tokio::select! {
+        let report_due = tokio::select! {
             (recv, frame) = &mut reader => {
-                let message = match frame {
-                    Ok(Some(DirectoryMessage::Error { code, message })) => {
-                        return SessionError::Refused(format!("{code:?}: {message}")).into()
-                    }
-                    Ok(Some(message)) => message,
-                    Ok(None) => return SessionError::Closed.into(),
-                    Err(e) => return SessionError::from(e).into(),
+                let message = match directory_message(frame) {
+                    Ok(message) => message,
+                    Err(e) => return e.into(),
                 };
                 if let Err(e) = apply(message, replica, &mut snapshot) {
                     return e;
                 }
                 reader.set(read_frame_owned(recv, MAX_DIRECTORY_FRAME));
+                // The period's report, if nearly due, leaves with this frame's acknowledgement.
+                reporting.may_ride_along(Instant::now())
             }
-            _ = report.tick() => {
-                let versions = replica.reservers().loads();
-                if reporting.due(&versions) {
-                    if let Err(e) = send_load(&mut send, versions).await {
-                        return e;
-                    }
-                }
-            }
+            _ = tokio::time::sleep_until(reporting.due_at()) => true,
             _ = replica.reservers().demand() => {
                 debug!("a request waits for a version with no instance; reporting at once");
                 let versions = replica.reservers().loads();
-                reporting.due(&versions);
+                reporting.record(&versions);
+                if let Err(e) = send_load(&mut send, versions).await {
+                    return e;
+                }
+                false
+            }
+        };
+        if report_due {
+            let versions = replica.reservers().loads();
+            if reporting.periodic(&versions, Instant::now()) {
                 if let Err(e) = send_load(&mut send, versions).await {
                     return e;
                 }
             }
         }
-    }
-}
-
-/// Which periodic load reports are worth sending. A sidecar with requests in flight or queued
-/// reports every [`REPORT_INTERVAL`], and once more, empty, when it has none left, so the
-/// directory stops counting them at once rather than when the last report ages out. An idle
-/// sidecar sends nothing: the directory counts a sidecar without a current report as no load,
-/// so an empty report every second would only cost it a datagram in and, mostly, an ACK out
-/// per sidecar (1,600 to 2,000 datagrams a second for 1,000 sidecars in `bench/directory`).
-#[derive(Debug, Default)]
-struct LoadReporting {
-    /// The last report sent named some load (false before the first on this subscription:
-    /// the directory holds no report for it yet).
-    last_had_load: bool,
-}
-
-impl LoadReporting {
-    /// Whether a report of `versions` (the versions with load, as
-    /// [`crate::reserver::Reservers::loads`] gives them) is due, taking it as sent.
-    fn due(&mut self, versions: &[VersionLoad]) -> bool {
-        let has_load = !versions.is_empty();
-        let due = has_load || self.last_had_load;
-        self.last_had_load = has_load;
-        due
     }
 }
 
@@ -301,27 +276,6 @@ mod tests {
             started_at_ms: 5,
             labels: BTreeMap::new(),
         }
-    }
-
-    #[test]
-    fn load_is_reported_while_there_is_some_and_once_more_when_it_ends() {
-        let busy = vec![VersionLoad {
-            service: "web".into(),
-            version: "v1".into(),
-            in_flight: 1,
-            queued: 0,
-            instances: vec![],
-        }];
-        let mut reporting = LoadReporting::default();
-        let sent: Vec<bool> = [&[][..], &[], &busy, &busy, &[], &[], &busy, &[]]
-            .into_iter()
-            .map(|versions| reporting.due(versions))
-            .collect();
-        assert_eq!(
-            sent,
-            [false, false, true, true, true, false, true, true],
-            "idle: nothing; busy: every period; the first idle period after load: one empty report"
-        );
     }
 
     #[test]
