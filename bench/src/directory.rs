@@ -828,7 +828,8 @@ impl Reporter {
         Self { load, reporting }
     }
 
-    /// Sends the period's report at `now`.
+    /// Decides the period's report at `now` and sends it if it is worth sending; false when
+    /// the stream failed.
     async fn report(&mut self, send: &mut quinn::SendStream, now: tokio::time::Instant) -> bool {
         if !self.reporting.periodic(&self.load.versions, now) {
             return true;
@@ -918,6 +919,7 @@ async fn subscribe(
                     frame
                 }
             };
+            let arrived = Instant::now();
             if let Some(r) = reporter.as_mut() {
                 let now = tokio::time::Instant::now();
                 if r.reporting.may_ride_along(now) && !r.report(&mut send, now).await {
@@ -944,7 +946,6 @@ async fn subscribe(
                     continue 'connect;
                 }
             };
-            let arrived = Instant::now();
             let Ok(made) = changes.read() else {
                 break 'connect;
             };
