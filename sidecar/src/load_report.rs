@@ -27,7 +27,8 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How much before its time a periodic report may leave, to ride with the acknowledgement of a
 /// frame just read from the directory: one batch period of the directory (100 ms, SwarmKit), so
 /// that a table in flux always offers one. A report goes 0 to 100 ms early, and the next is due
-/// a period after the one before was due: one report a period, none more than a period apart.
+/// a period after the one before was due: one report a period, 0.9 to 1.1 s apart while the
+/// sidecar's thread keeps up.
 pub const REPORT_EARLY: Duration = Duration::from_millis(100);
 
 /// Which load reports are worth sending, and when the periodic one is due.
