@@ -105,7 +105,8 @@ impl Presence {
     }
 
     /// Whether `key` is tracked: registered and not lapsed (or heard from since it lapsed).
-    pub fn contains(&self, key: &InstanceKey) -> bool {
+    #[cfg(test)]
+    fn contains(&self, key: &InstanceKey) -> bool {
         self.entries.contains_key(key)
     }
 
