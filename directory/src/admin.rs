@@ -299,6 +299,7 @@ mod tests {
             epoch: 5,
             heartbeat_interval: interval,
             ttl: interval * 3,
+            silent_stream_timeout: interval * 6,
             grace_period: interval * 6,
             started: Instant::now(),
             preservation: PreservationSettings::off(),

@@ -272,10 +272,23 @@ impl Config {
     /// ask for less and get it): [`usher_shared::quic::IDLE_TIMEOUT`], or the TTL plus one
     /// heartbeat interval if that is longer. Agents send no keep-alives and advertise no idle
     /// timeout, so this must outlast the longest gap between their heartbeats (an interval
-    /// plus 10% jitter, plus the 3 s an agent waits for an acknowledgement it asked for); the
-    /// TTL withdraws a silent agent's instance before its connection times out.
+    /// plus 10% jitter, or the 3 s an agent waits for the reply to a registration, in which it
+    /// sends nothing); the TTL withdraws a silent agent's instance before its connection
+    /// times out.
     pub fn connection_idle_timeout(&self) -> Duration {
         usher_shared::quic::IDLE_TIMEOUT.max(self.ttl() + self.heartbeat_interval)
+    }
+
+    /// How long a registered agent's stream may stay silent before the directory drops it,
+    /// though its connection is open: two TTLs, and no less than
+    /// [`Config::connection_idle_timeout`]. Its instance was withdrawn after one TTL; this
+    /// frees the stream of an agent that keeps its connection alive but stopped
+    /// heartbeating. Never sooner than the connection's timeout, so a directory that was
+    /// paused or starved for less than that (its timers run before it reads the heartbeats
+    /// waiting in its socket) does not end every agent's conversation at a short heartbeat
+    /// interval (200 ms: two TTLs are 1.2 s).
+    pub fn silent_stream_timeout(&self) -> Duration {
+        (self.ttl() * 2).max(self.connection_idle_timeout())
     }
 
     /// When withdrawals by TTL are held ([`crate::preservation`]).
@@ -470,6 +483,23 @@ mod tests {
         assert_eq!((p.threshold, p.min_instances), (0.15, 50));
         assert_eq!(p.silent_after, Duration::from_millis(1500));
         assert_eq!(p.max_hold, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn an_agent_is_given_up_on_no_sooner_than_its_connection() {
+        let dir = Path::new("/nonexistent");
+        let at = |ms| Config::for_tests(dir, Duration::from_millis(ms));
+        // 1 s: TTL 3 s, connection 5 s (the floor), a silent stream two TTLs.
+        assert_eq!(at(1_000).connection_idle_timeout(), Duration::from_secs(5));
+        assert_eq!(at(1_000).silent_stream_timeout(), Duration::from_secs(6));
+        // 200 ms: two TTLs (1.2 s) would cut every conversation after a 1.2 s stall.
+        assert_eq!(at(200).silent_stream_timeout(), Duration::from_secs(5));
+        // 10 s: TTL 30 s, connection 40 s, stream 60 s.
+        assert_eq!(
+            at(10_000).connection_idle_timeout(),
+            Duration::from_secs(40)
+        );
+        assert_eq!(at(10_000).silent_stream_timeout(), Duration::from_secs(60));
     }
 
     #[test]

@@ -191,6 +191,7 @@ pub async fn run_with_reloads(
         epoch,
         heartbeat_interval: config.heartbeat_interval,
         ttl: config.ttl(),
+        silent_stream_timeout: config.silent_stream_timeout(),
         grace_period: config.grace_period,
         started: Instant::now(),
         preservation: config.preservation(),

@@ -38,8 +38,8 @@ pub(crate) async fn run(
 ) {
     let registered = Box::pin(register(&mut stream, session, peer, &registry, security)).await;
     if let Some(key) = registered {
-        let ttl = registry.settings().ttl;
-        heartbeats(stream, session, &key, &registry, ttl, shutdown).await
+        let silent_after = registry.settings().silent_stream_timeout;
+        heartbeats(stream, session, &key, &registry, silent_after, shutdown).await
     }
 }
 
@@ -96,19 +96,20 @@ async fn heartbeats(
     session: SessionId,
     key: &InstanceKey,
     registry: &Registry,
-    ttl: Duration,
+    silent_after: Duration,
     shutdown: CancellationToken,
 ) {
     loop {
-        // A silent agent's instance expires after one TTL; its stream is dropped after two.
+        // A silent agent's instance expires after one TTL; its stream is dropped after
+        // `silent_after` (`Config::silent_stream_timeout`).
         let frame = tokio::select! {
             _ = shutdown.cancelled() => return,
-            frame = tokio::time::timeout(ttl * 2, read_frame(&mut stream.recv, MAX_NODE_FRAME)) => frame,
+            frame = tokio::time::timeout(silent_after, read_frame(&mut stream.recv, MAX_NODE_FRAME)) => frame,
         };
         let frame = match frame {
             Ok(frame) => frame,
             Err(_) => {
-                debug!(after = ?ttl * 2, "agent silent; dropping its stream");
+                debug!(after = ?silent_after, "agent silent; dropping its stream");
                 return;
             }
         };

@@ -78,6 +78,8 @@ pub struct Settings {
     pub epoch: u64,
     pub heartbeat_interval: Duration,
     pub ttl: Duration,
+    /// When a registered agent's silent stream is dropped (`Config::silent_stream_timeout`).
+    pub silent_stream_timeout: Duration,
     pub grace_period: Duration,
     /// When this run started (the grace period counts from here).
     pub started: Instant,
@@ -721,6 +723,7 @@ pub(crate) mod tests {
             epoch: 42,
             heartbeat_interval: HB,
             ttl: HB * 3,
+            silent_stream_timeout: HB * 6,
             grace_period: HB * 6,
             started: t0,
             preservation: PreservationSettings::new(

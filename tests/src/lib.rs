@@ -412,10 +412,23 @@ impl Mesh {
     /// Starts the directory with a TOML file holding `toml` (for example `[[services]]`
     /// entries), as [`Mesh::start_directory`] does otherwise.
     pub async fn start_directory_with_config(&self, name: &str, toml: &str) -> Result<Process> {
+        self.start_directory_heartbeating_with_config(name, HEARTBEAT, toml)
+            .await
+    }
+
+    /// Starts the directory as [`Mesh::start_directory_with_config`] does, but dictating a
+    /// heartbeat every `interval` (the command line's `--heartbeat-interval`, which overrides
+    /// the file's).
+    pub async fn start_directory_heartbeating_with_config(
+        &self,
+        name: &str,
+        interval: &str,
+        toml: &str,
+    ) -> Result<Process> {
         let path = self.dir().join(format!("{name}.toml"));
         std::fs::write(&path, toml)?;
         let extra = ["--config".into(), path.display().to_string()];
-        self.start_directory_with(name, HEARTBEAT, &extra).await
+        self.start_directory_with(name, interval, &extra).await
     }
 
     async fn start_directory_with(

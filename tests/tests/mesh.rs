@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 use usher_shared::metrics::sample;
 use usher_tests::{
     admin_json, admin_metric, admin_metrics, http, instances_in, wait_for_up, wait_until, Load,
-    Mesh, Process,
+    Mesh, Process, HEARTBEAT,
 };
 
 /// A mesh with a directory, `n` agents of `web` (instances `web-1`..`web-n`) and one sidecar.
@@ -27,10 +27,21 @@ async fn mesh_with(n: usize) -> Running {
 
 /// As [`mesh_with`], the directory started with a TOML file holding `directory_toml`, if any.
 async fn mesh_configured(n: usize, directory_toml: Option<&str>) -> Running {
+    mesh_heartbeating(n, HEARTBEAT, directory_toml).await
+}
+
+/// [`mesh_configured`] with a directory that dictates a heartbeat every `interval`.
+async fn mesh_heartbeating(n: usize, interval: &str, directory_toml: Option<&str>) -> Running {
     let mesh = Mesh::new().unwrap();
     let directory = match directory_toml {
-        Some(toml) => mesh.start_directory_with_config("directory", toml).await,
-        None => mesh.start_directory("directory").await,
+        Some(toml) => {
+            mesh.start_directory_heartbeating_with_config("directory", interval, toml)
+                .await
+        }
+        None => {
+            mesh.start_directory_heartbeating("directory", interval)
+                .await
+        }
     }
     .unwrap();
     let agents = (1..=n)
@@ -271,13 +282,7 @@ async fn a_fleet_falling_silent_at_once_is_held_and_one_dead_host_is_withdrawn()
         (5, 3),
         "held instances stay in the table, shown as held and silent for a TTL"
     );
-    wait_until(
-        Duration::from_secs(5),
-        "the resumed agents to be heard from again",
-        || async { metric("usher_directory_withdrawals_held").await == 0.0 },
-    )
-    .await
-    .unwrap();
+    held_heard_again(&dir_admin).await;
     assert_eq!(metric("usher_directory_instances_expired_total").await, 0.0);
     assert_eq!(
         metric("usher_directory_self_preservation_holds_total").await,
@@ -301,6 +306,76 @@ async fn a_fleet_falling_silent_at_once_is_held_and_one_dead_host_is_withdrawn()
         1.0
     );
     sidecar_serves_web(&m, 5, Duration::from_secs(10)).await;
+}
+
+/// 3c. A directory paused past its agents' TTL (SIGSTOP: a starved or frozen host), but not
+///     past their connections' idle timeout (5 s), loses no conversation: self-preservation
+///     holds the instances, and every agent, which asked for an acknowledgement during the
+///     pause (every fifth heartbeat, one a second at a 200 ms interval), keeps heartbeating
+///     while it waits and gets it when the directory resumes, within its 5 s. (Agents that
+///     waited 3 s, in silence, all registered again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_paused_past_the_ttl_keeps_every_conversation() {
+    let toml = "self_preservation = 30\nself_preservation_min_instances = 5\n";
+    let m = mesh_heartbeating(5, "200ms", Some(toml)).await;
+    let dir_admin = m.mesh.directory.admin();
+    let metric = |name: &'static str| {
+        let admin = dir_admin.clone();
+        async move { admin_metric(&admin, name).await.unwrap() }
+    };
+    let registrations = || {
+        m.agents
+            .iter()
+            .map(|a| a.log().matches("registered with the directory").count())
+            .collect::<Vec<_>>()
+    };
+    let before = registrations();
+    assert_eq!(before, vec![1; 5], "each agent registered once");
+    let handshakes = metric("usher_directory_handshakes_completed_total").await;
+
+    m.directory.signal(Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(4_200)).await;
+    m.directory.signal(Signal::SIGCONT);
+    held_heard_again(&dir_admin).await;
+    assert_eq!(
+        metric("usher_directory_self_preservation_holds_total").await,
+        1.0,
+        "every TTL lapsed during the pause"
+    );
+    // Past every deadline of an acknowledgement asked for during the pause (5 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let logs: Vec<String> = m.agents.iter().map(|a| a.log()).collect();
+    for log in &logs {
+        assert!(
+            !log.contains("registering again") && !log.contains("lost the directory"),
+            "no conversation ended:\n{log}"
+        );
+    }
+    assert_eq!(registrations(), before, "no agent registered again");
+    assert_eq!(
+        metric("usher_directory_handshakes_completed_total").await,
+        handshakes
+    );
+    assert_eq!(metric("usher_directory_instances_expired_total").await, 0.0);
+    assert_eq!(web_up_in(&dir_admin).await, 5);
+    sidecar_serves_web(&m, 5, Duration::from_secs(5)).await;
+}
+
+/// Waits (5 s at most) until the directory at admin port `admin` holds no withdrawal: every
+/// instance self-preservation held was heard from again.
+async fn held_heard_again(admin: &str) {
+    wait_until(
+        Duration::from_secs(5),
+        "the held instances to be heard from again",
+        || async {
+            admin_metric(admin, "usher_directory_withdrawals_held")
+                .await
+                .unwrap()
+                == 0.0
+        },
+    )
+    .await
+    .unwrap();
 }
 
 /// Instances a directory's `GET /v1/routes` shows held by self-preservation, each last heard
