@@ -85,6 +85,7 @@ pub fn directory_message(data: &[u8]) {
         epoch: 7,
         heartbeat_interval: Duration::from_secs(1),
         ttl: Duration::from_secs(3),
+        silent_stream_timeout: Duration::from_secs(6),
         grace_period: Duration::ZERO,
         started: start,
         // Held withdrawals take over 50 instances; one session registers one.
