@@ -313,7 +313,8 @@ async fn a_fleet_falling_silent_at_once_is_held_and_one_dead_host_is_withdrawn()
 ///     holds the instances, and every agent, which asked for an acknowledgement during the
 ///     pause (every fifth heartbeat, one a second at a 200 ms interval), keeps heartbeating
 ///     while it waits and gets it when the directory resumes, within its 5 s. (Agents that
-///     waited 3 s, in silence, all registered again.)
+///     waited 3 s, in silence, all registered again; and a directory that dropped a stream
+///     silent for two TTLs, 1.2 s here, ended every conversation as it resumed.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_paused_past_the_ttl_keeps_every_conversation() {
     let toml = "self_preservation = 30\nself_preservation_min_instances = 5\n";
