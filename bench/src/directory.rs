@@ -136,6 +136,8 @@ struct Figures {
     hwm_mb: f64,
     changes: usize,
     deliveries: usize,
+    /// Changes read again at a sidecar after their first arrival, not in `deliveries`.
+    sent_again: usize,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
@@ -287,14 +289,74 @@ struct Return {
 /// Restarts per run, one after the other (each a sample).
 const RESTARTS: usize = 2;
 
-/// The latest change of each churned instance: when it was made and the state it set.
-type Changes = Arc<RwLock<HashMap<String, (Instant, InstanceState)>>>;
+/// The latest change of each churned instance, by instance id.
+type Changes = Arc<RwLock<HashMap<String, Made>>>;
+
+/// A change the generator made to a churned instance.
+#[derive(Debug, Clone, Copy)]
+struct Made {
+    /// When it was made.
+    at: Instant,
+    /// The state it set.
+    state: InstanceState,
+    /// The instance's place among the churned ones, `0..CHURNED`.
+    slot: usize,
+    /// The change's number in the window, from 1: a sidecar that reads the same change twice
+    /// (an instance withdrawn and registered again is sent again) counts it once.
+    number: u64,
+}
+
+/// The changes one sidecar has read: the number of the last one counted for each churned
+/// instance (0 for none), so each change's delay is counted once, at its first arrival.
+struct Arrivals {
+    last: Vec<u64>,
+}
+
+impl Default for Arrivals {
+    fn default() -> Self {
+        Self {
+            last: vec![0; CHURNED],
+        }
+    }
+}
+
+/// What an upsert of a churned instance is to the sidecar that reads it.
+#[derive(Debug, PartialEq, Eq)]
+enum Arrival {
+    /// The first arrival of the instance's latest change: its delay counts.
+    First,
+    /// That change again (its instance withdrawn and registered again).
+    Again,
+    /// Another state than the latest change's: an older change, or none of the generator's.
+    Other,
+}
+
+impl Arrivals {
+    /// What an upsert that sets `state` is, `change` being its instance's latest; records a
+    /// first arrival.
+    fn read(&mut self, change: &Made, state: InstanceState) -> Arrival {
+        match self.last.get_mut(change.slot) {
+            Some(last) if state == change.state => {
+                if *last < change.number {
+                    *last = change.number;
+                    Arrival::First
+                } else {
+                    Arrival::Again
+                }
+            }
+            _ => Arrival::Other,
+        }
+    }
+}
 
 /// What the simulated sidecars observe.
 #[derive(Default)]
 struct Observed {
-    /// Change-to-arrival delays, in microseconds, one per change per sidecar.
+    /// Change-to-arrival delays, in microseconds, one per change per sidecar: its first
+    /// arrival there ([`Arrivals`]).
     delays_us: Mutex<Vec<u64>>,
+    /// Changes a sidecar read again after their first arrival ([`Arrival::Again`]).
+    sent_again: AtomicUsize,
     /// Sidecars subscribed (their first table has arrived).
     subscribed: AtomicUsize,
     /// Subscriptions that failed and were made again.
@@ -536,17 +598,24 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(k)));
     while window_started.elapsed() < Duration::from_secs(seconds) {
         tick.tick().await;
-        let (id, state_tx) = &states[made % states.len()];
+        let slot = made % states.len();
+        let (id, state_tx) = &states[slot];
         let next = match *state_tx.borrow() {
             InstanceState::Up => InstanceState::Draining,
             _ => InstanceState::Up,
         };
+        made += 1;
+        let change = Made {
+            at: Instant::now(),
+            state: next,
+            slot,
+            number: made as u64,
+        };
         changes
             .write()
             .map_err(|_| anyhow::anyhow!("change log poisoned"))?
-            .insert(id.clone(), (Instant::now(), next));
+            .insert(id.clone(), change);
         let _ = state_tx.send(next);
-        made += 1;
     }
     if let Some(stall) = stall {
         stall.await.context("the stall task")?;
@@ -624,6 +693,7 @@ async fn run(n: usize, m: usize, heartbeat: Duration, args: &Args) -> Result<Mea
         hwm_mb,
         changes: made,
         deliveries: delays.len(),
+        sent_again: observed.sent_again.load(Ordering::Acquire),
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         max_ms: pct(1.0),
@@ -865,6 +935,8 @@ async fn subscribe(
     let mut counted = false;
     let mut silent_seen = false;
     let mut delays = Vec::new();
+    let mut arrivals = Arrivals::default();
+    let mut sent_again = 0usize;
     'connect: loop {
         let opened = async {
             let mut session = open(&endpoint, &addr, Role::Sidecar, "bench/sidecar").await?;
@@ -952,10 +1024,15 @@ async fn subscribe(
             for change in &batch {
                 match change {
                     Change::Upsert(i) => {
-                        if let Some((at, state)) = made.get(&i.id) {
-                            if *state == i.state {
-                                delays.push(arrived.duration_since(*at).as_micros() as u64);
+                        let Some(change) = made.get(&i.id) else {
+                            continue;
+                        };
+                        match arrivals.read(change, i.state) {
+                            Arrival::First => {
+                                delays.push(arrived.duration_since(change.at).as_micros() as u64)
                             }
+                            Arrival::Again => sent_again += 1,
+                            Arrival::Other => {}
                         }
                     }
                     Change::Remove(key)
@@ -974,6 +1051,7 @@ async fn subscribe(
     if let Ok(mut all) = observed.delays_us.lock() {
         all.extend(delays);
     }
+    observed.sent_again.fetch_add(sent_again, Ordering::AcqRel);
 }
 
 /// An agent that registers and heartbeats until told to go silent; then it keeps its
@@ -1125,7 +1203,7 @@ fn row(f: &Figures) -> String {
             format!("{:.2}", d.as_secs_f64())
         });
     format!(
-        "| {} ({} registered, {} expired, {} holds, {} handshakes) | {} ({} subscribed, {} again, {} load reports/s) | {} | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
+        "| {} ({} registered, {} expired, {} holds, {} handshakes) | {} ({} subscribed, {} again, {} load reports/s) | {} | {} | {:.2} | {:.2} | {}; dropped {} + {} (setup {} + {}) | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {}{} | {} | {:.3} | {:.2} | {:.1} | {:.0} |",
         fmt_int(f.instances),
         fmt_int(f.registered),
         fmt_int(f.expired as usize),
@@ -1151,6 +1229,10 @@ fn row(f: &Figures) -> String {
         f.max_ms,
         fmt_int(f.deliveries),
         fmt_int(f.changes * f.subscribed),
+        match f.sent_again {
+            0 => String::new(),
+            n => format!("; {} sent again", fmt_int(n)),
+        },
         silent,
         f.sidecar.cpu,
         f.sidecar.writes_mb_per_s,
@@ -1260,10 +1342,12 @@ fn report(all: &[Figures], args: &Args) -> String {
     }
     out.push_str(
         "\nPropagation: from the moment the generator tells an agent its instance changed to the \
-         moment each sidecar reads the batch holding it, one figure per change per sidecar \
-         (`deliveries` counts them against changes × sidecars subscribed when the window \
-         started; a sidecar whose connection failed subscribes again, as a real one does, and \
-         `again` counts those). `expired`: instances the directory withdrew in the window \
+         moment each sidecar reads the batch holding it, one figure per change per sidecar, \
+         the first time it reads it (`deliveries` counts them against changes × sidecars \
+         subscribed when the window started; a sidecar whose connection failed subscribes \
+         again, as a real one does, and `again` counts those; an instance withdrawn and \
+         registered again is sent again, and `sent again` counts the changes a sidecar so \
+         read twice, once each in `deliveries`). `expired`: instances the directory withdrew in the window \
          because their TTL lapsed (its `/metrics`), none unless heartbeats fell behind; \
          each comes back at its agent's next registration (over its open connection, or \
          after a new handshake if that connection was lost). `holds`: times the directory's \
@@ -1462,5 +1546,42 @@ mod tests {
         sender.send_to(&datagram, ("127.0.0.1", port)).unwrap();
         let dropped = before.until(DropCounters::read(port).unwrap());
         assert_eq!(dropped.directory, 1, "{dropped:?}");
+    }
+
+    /// A change counts at its first arrival only: sent again (its instance withdrawn and
+    /// registered again) it does not count twice, nor does an upsert of an older state.
+    #[test]
+    fn a_change_counts_once_per_sidecar() {
+        let change = |slot, number, state| Made {
+            at: Instant::now(),
+            state,
+            slot,
+            number,
+        };
+        let mut arrivals = Arrivals::default();
+        let first = change(7, 1, InstanceState::Draining);
+        assert_eq!(
+            arrivals.read(&first, InstanceState::Draining),
+            Arrival::First
+        );
+        assert_eq!(
+            arrivals.read(&first, InstanceState::Draining),
+            Arrival::Again
+        );
+        assert_eq!(arrivals.read(&first, InstanceState::Up), Arrival::Other);
+        // The instance's next change, and another instance's, count.
+        let next = change(7, 9, InstanceState::Up);
+        assert_eq!(arrivals.read(&next, InstanceState::Up), Arrival::First);
+        let other = change(8, 2, InstanceState::Up);
+        assert_eq!(arrivals.read(&other, InstanceState::Up), Arrival::First);
+        // Another sidecar counts its own arrivals.
+        let mut elsewhere = Arrivals::default();
+        assert_eq!(
+            elsewhere.read(&first, InstanceState::Draining),
+            Arrival::First
+        );
+        // A slot outside the churned instances is never counted (nor a panic).
+        let outside = change(CHURNED, 3, InstanceState::Up);
+        assert_eq!(arrivals.read(&outside, InstanceState::Up), Arrival::Other);
     }
 }
