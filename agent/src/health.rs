@@ -175,15 +175,30 @@ impl HealthTracker {
     }
 }
 
-/// How often a `starting` instance is checked (cold starts wait on its first pass).
+/// The wait before a `starting` instance's second check; each later wait doubles, up to
+/// [`STARTUP_PROBE_INTERVAL`].
+pub const STARTUP_FIRST_WAIT: Duration = Duration::from_millis(2);
+
+/// The longest wait between two checks of a `starting` instance (cold starts wait on its
+/// first pass).
 pub const STARTUP_PROBE_INTERVAL: Duration = Duration::from_millis(20);
 
-/// How long a `starting` instance is checked at [`STARTUP_PROBE_INTERVAL`].
+/// How long a `starting` instance is checked at most [`STARTUP_PROBE_INTERVAL`] apart.
 pub const STARTUP_PROBING: Duration = Duration::from_secs(10);
 
-/// Checks the instance at once, then every `interval` (every [`STARTUP_PROBE_INTERVAL`] while
-/// it is `starting`, for up to [`STARTUP_PROBING`]) until `shutdown` fires, publishing state
-/// changes on `state`. A `draining` state is never overwritten: once the agent drains, the
+/// The wait before a `starting` instance's check that follows `checks` checks: 2, 4, 8 and
+/// 16 ms, then [`STARTUP_PROBE_INTERVAL`] (20 ms), and never more than the configured
+/// `interval`. An instance that answers a few milliseconds after it was spawned (a cold
+/// start's whole baseline on loopback) is found up within about as long again, rather than
+/// at the next 20 ms tick; one that takes seconds is checked every 20 ms as before.
+pub fn startup_wait(checks: u32, interval: Duration) -> Duration {
+    let doubled = STARTUP_FIRST_WAIT.saturating_mul(1u32 << checks.saturating_sub(1).min(8));
+    doubled.min(STARTUP_PROBE_INTERVAL).min(interval)
+}
+
+/// Checks the instance at once, then every `interval` (while it is `starting`, for up to
+/// [`STARTUP_PROBING`], at the shorter waits of [`startup_wait`]) until `shutdown` fires,
+/// publishing state changes on `state`. A `draining` state is never overwritten: once the agent drains, the
 /// monitor stops.
 pub async fn monitor(
     spec: HealthSpec,
@@ -197,19 +212,19 @@ pub async fn monitor(
     let mut tracker = HealthTracker::new(thresholds);
     let mut failure_reported = false;
     let started = tokio::time::Instant::now();
-    let mut first = true;
+    let mut checks = 0u32;
     loop {
         // A starting instance is probed often, so a cold start is not held up by a whole
         // interval; after STARTUP_PROBING the normal interval applies.
-        let wait = if first {
+        let wait = if checks == 0 {
             Duration::ZERO
         } else if tracker.state() == InstanceState::Starting && started.elapsed() < STARTUP_PROBING
         {
-            interval.min(STARTUP_PROBE_INTERVAL)
+            startup_wait(checks, interval)
         } else {
             interval
         };
-        first = false;
+        checks = checks.saturating_add(1);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
@@ -397,6 +412,17 @@ mod tests {
         let closed = closed_port().await;
         assert!(check(&HealthSpec::Tcp, closed, T).await.is_err());
         check(&HealthSpec::None, closed, T).await.unwrap();
+    }
+
+    #[test]
+    fn a_starting_instance_is_checked_sooner_at_first() {
+        let ms = Duration::from_millis;
+        let waits: Vec<_> = (1..=7).map(|n| startup_wait(n, ms(1000))).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 20, 20, 20].map(ms));
+        assert_eq!(startup_wait(u32::MAX, ms(1000)), STARTUP_PROBE_INTERVAL);
+        // Never longer than the configured interval.
+        assert_eq!(startup_wait(3, ms(5)), ms(5));
+        assert_eq!(startup_wait(1, ms(1)), ms(1));
     }
 
     #[tokio::test]

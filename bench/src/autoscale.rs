@@ -168,8 +168,10 @@ async fn main() -> Result<()> {
     let burst_median = median(&mut bursts);
     let ideal = Duration::from_millis(BURST_MS * (BURST as u64).div_ceil(u64::from(BURST_MAX)));
 
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let report = format!(
-        "Cold start, median of {rounds} rounds (loopback, release build):\n\n\
+        "Measured {} on {cpus} CPUs (shared with whatever else runs). Cold start, median of \
+         {rounds} rounds (loopback, release build):\n\n\
          | | ms |\n|---|---|\n\
          | instance alone: spawn to first answer (baseline) | {:.1} |\n\
          | through usher: first request to response, service at zero | {:.1} |\n\
@@ -178,6 +180,7 @@ async fn main() -> Result<()> {
          Burst: {BURST} concurrent {BURST_MS} ms requests, service at zero, concurrency 1, at most \
          {BURST_MAX} instances; median of {} rounds: {:.0} ms, {:.2} × the {:.0} ms of {BURST_MAX} \
          warm instances. No request failed.\n",
+        docs::today(),
         ms(base_median),
         ms(cold_median),
         ms(cold_median.saturating_sub(base_median)),
