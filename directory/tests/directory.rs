@@ -693,6 +693,7 @@ async fn certificates_decide_what_a_node_may_do() {
 #[tokio::test]
 async fn a_certificate_due_for_renewal_is_renewed_with_itself() {
     use usher_shared::enrolment::{obtain, store, NodeTls, NODE_CERT_FILE};
+    use usher_shared::files::Durability;
     let dir = tempfile::tempdir().unwrap();
     let d = start(dir.path()).await;
     let node = dir.path().join("node");
@@ -708,7 +709,14 @@ async fn a_certificate_due_for_renewal_is_renewed_with_itself() {
             issued,
         )
         .unwrap();
-    store(&node, &old, &key.serialize_pem(), &d.authority.ca_pem).unwrap();
+    store(
+        &node,
+        &old,
+        &key.serialize_pem(),
+        &d.authority.ca_pem,
+        Durability::Durable,
+    )
+    .unwrap();
     let tls = NodeTls {
         identity: NodeIdentity::Sidecar,
         ca: None,

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::codec::{read_frame, write_frame, FrameError};
-use crate::files::write_atomic;
+use crate::files::{write_file, Durability};
 use crate::identity::{ca_fingerprint, inspect, CertInfo, JoinToken, NodeIdentity};
 use crate::join::{JoinRefusal, JoinRequest, JoinResponse, MAX_JOIN_FRAME};
 use crate::quic::{NodeCert, TlsError, SERVER_NAME};
@@ -349,7 +349,13 @@ async fn exchange(
     }
     let key_pem = key.serialize_pem();
     let cert = NodeCert::from_pem(cert_pem.as_bytes(), key_pem.as_bytes())?;
-    store(&tls.state_dir, &cert_pem, &key_pem, &ca_pem)?;
+    store(
+        &tls.state_dir,
+        &cert_pem,
+        &key_pem,
+        &ca_pem,
+        Durability::Durable,
+    )?;
     Ok(Credentials {
         ca_pem: ca_pem.into_bytes(),
         cert: Arc::new(cert),
@@ -360,17 +366,36 @@ async fn exchange(
 
 /// Writes `ca.pem`, `node-key.pem` (0600) and `node.pem` into `dir` (created if missing),
 /// each atomically; the certificate last, so a crash never pairs a new certificate with an
-/// old key. Errors name the file.
-pub fn store(dir: &Path, cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<(), EnrolError> {
+/// old key. `durability` says whether they must survive a crash of the host: a node's own
+/// enrolment must; the credentials the directory writes for an agent it is about to start
+/// need not (a crash takes the agent too, and its replacement gets new ones). Errors name the
+/// file.
+pub fn store(
+    dir: &Path,
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+    durability: Durability,
+) -> Result<(), EnrolError> {
     std::fs::create_dir_all(dir).map_err(|source| EnrolError::Read {
         path: dir.to_path_buf(),
         source,
     })?;
-    write_atomic(&dir.join(CA_FILE), ca_pem.as_bytes(), 0o644)?;
+    write_file(&dir.join(CA_FILE), ca_pem.as_bytes(), 0o644, durability)?;
     // The old certificate is unusable with the new key: move it away first.
     let _ = std::fs::remove_file(dir.join(NODE_CERT_FILE));
-    write_atomic(&dir.join(NODE_KEY_FILE), key_pem.as_bytes(), 0o600)?;
-    write_atomic(&dir.join(NODE_CERT_FILE), cert_pem.as_bytes(), 0o644)?;
+    write_file(
+        &dir.join(NODE_KEY_FILE),
+        key_pem.as_bytes(),
+        0o600,
+        durability,
+    )?;
+    write_file(
+        &dir.join(NODE_CERT_FILE),
+        cert_pem.as_bytes(),
+        0o644,
+        durability,
+    )?;
     Ok(())
 }
 
