@@ -198,8 +198,8 @@ pub fn startup_wait(checks: u32, interval: Duration) -> Duration {
 
 /// Checks the instance at once, then every `interval` (while it is `starting`, for up to
 /// [`STARTUP_PROBING`], at the shorter waits of [`startup_wait`]) until `shutdown` fires,
-/// publishing state changes on `state`. A `draining` state is never overwritten: once the agent drains, the
-/// monitor stops.
+/// publishing state changes on `state`. A `draining` state is never overwritten: once the
+/// agent drains, the monitor stops.
 pub async fn monitor(
     spec: HealthSpec,
     addr: SocketAddr,

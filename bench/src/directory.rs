@@ -1347,8 +1347,8 @@ fn report(all: &[Figures], args: &Args) -> String {
          subscribed when the window started; a sidecar whose connection failed subscribes \
          again, as a real one does, and `again` counts those; an instance withdrawn and \
          registered again is sent again, and `sent again` counts the changes a sidecar so \
-         read twice, once each in `deliveries`). `expired`: instances the directory withdrew in the window \
-         because their TTL lapsed (its `/metrics`), none unless heartbeats fell behind; \
+         read more than once, each counted once in `deliveries`). `expired`: instances the \
+         directory withdrew in the window because their TTL lapsed (its `/metrics`), none unless heartbeats fell behind; \
          each comes back at its agent's next registration (over its open connection, or \
          after a new handshake if that connection was lost). `holds`: times the directory's \
          self-preservation began holding withdrawals in the window because more of the \
