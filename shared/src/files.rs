@@ -24,8 +24,9 @@ pub enum Durability {
     /// the directory's tokens).
     Durable,
     /// No fsync: a file made for a process about to start, remade if lost with it (the
-    /// credentials the directory writes for an agent it starts). An fsync costs about 1 ms
-    /// on a virtual disk, and the writer's thread waits for it.
+    /// credentials the directory writes for an agent it starts). A durable write's two fsyncs
+    /// took about 0.8 ms on a virtual disk (`docs/BENCHMARKS.md`, Autoscaling), and the
+    /// writer's thread waits for them.
     Transient,
 }
 

@@ -44,8 +44,9 @@ impl AgentIdentity {
             .authority
             .issue_node(&identity, self.validity)
             .map_err(|e| e.to_string())?;
-        // Not fsynced: three fsyncs cost ~2.5 ms of a cold start on a virtual disk, on the
-        // directory's thread, for files the agent reads at once and a crash makes moot.
+        // Not fsynced: three durable writes (six fsyncs) cost ~2.5 ms of a cold start on a
+        // virtual disk, on the directory's thread, for files the agent reads at once and a
+        // crash makes moot.
         let transient = usher_shared::files::Durability::Transient;
         usher_shared::enrolment::store(dir, &cert, &key, &self.authority.ca_pem, transient)
             .map_err(|e| e.to_string())
